@@ -1,0 +1,168 @@
+"""Inference encoder with the X-ARES contract: waveform in, one embedding per 625 ms out."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import HOP, PATCH, SAMPLE_RATE, BestRQ2Config
+from .frontend import LogMel, num_time_patches
+from .inputs import check_wave
+from .tokens import wave_to_grid
+from .transformer import Transformer
+
+
+class BestRQ2Encoder(nn.Module):
+    """Frozen-use encoder: frontend + patch embedding + context ViT (no predictor, no head).
+
+    ``encoder(wave, lengths=None)``: float32 [B, T] at 16 kHz, any length -> frames [B, T', D].
+    Audio longer than ``config.max_seconds`` (10 s) is cut into 10 s chunks as the authors' X-ARES
+    adapter does (a tail under 1 s is zero-padded to 1 s and gives one frame); the chunks' frames
+    are joined in time. Each frame averages the 8 frequency patches of one 625 ms column.
+    With ``lengths``, every clip gets exactly the frames it would get alone; frames past a clip's
+    end are zero (see ``num_output_frames``).
+    """
+
+    sampling_rate = SAMPLE_RATE
+    hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE  # 625.0
+
+    def __init__(self, config: BestRQ2Config | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or BestRQ2Config()
+        self.frontend = LogMel()
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)
+        self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
+                                   cfg.encoder_drop_path)
+        self.eval()
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.encoder_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.weight.device
+
+    # ------------------------------------------------------------------ core
+    def tokens(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch grid of clips of at most ``max_seconds``: [B, 8 * W, D] (token f * W + t).
+
+        With ``lengths``, W is the longest clip's width and a shorter clip's padding columns are zero.
+        """
+        wave, lengths = check_wave(wave, lengths)
+        if wave.shape[1] > self.config.chunk_samples and (lengths is None or int(lengths.max()) > self.config.chunk_samples):
+            raise ValueError(f"tokens() takes clips of at most {self.config.max_seconds:g} s; "
+                             "call the encoder itself for frame embeddings of longer audio")
+        if lengths is not None:
+            wave = wave[:, : int(lengths.max())]
+        return self._tokens(wave.to(self.device), lengths)
+
+    def _tokens(self, wave: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=True)
+        x = self.patch_embed(grid.raw.to(self.patch_embed.weight.dtype))
+        x = x + grid.positions(self.config.encoder_dim, self.config.pos_layout).to(x.dtype)
+        out = self.encoder(x, grid.key_padding)
+        if grid.key_padding is not None:
+            out = out.masked_fill(grid.key_padding[..., None], 0.0)
+        return out
+
+    def _frames(self, wave: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Clips <= max_seconds -> frames [B, W_max, D] (mean over the 8 frequency patches)."""
+        tok = self._tokens(wave, lengths)
+        fp = self.config.freq_patches
+        return tok.unflatten(1, (fp, tok.shape[1] // fp)).mean(dim=1)
+
+    # --------------------------------------------------------------- public
+    def num_output_frames(self, num_samples: int) -> int:
+        """Frames the encoder gives a clip of ``num_samples`` samples."""
+        chunk, second = self.config.chunk_samples, self.sampling_rate
+        if num_samples <= chunk:
+            return num_time_patches(num_samples)
+        total = 0
+        for start in range(0, num_samples, chunk):
+            remaining = min(chunk, num_samples - start)
+            total += 1 if remaining < second else num_time_patches(remaining)
+        return total
+
+    @torch.no_grad()
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,
+                sample_rate: int | None = None, max_batch: int = 64) -> torch.Tensor:
+        wave, lengths = check_wave(wave, lengths, sample_rate)
+        wave = wave.to(self.device)
+        b, t = wave.shape
+        chunk = self.config.chunk_samples
+        lens = lengths.tolist() if lengths is not None else [t] * b
+        if max(lens) <= chunk and b <= max_batch:
+            return self._frames(wave[:, : max(lens)], lengths)
+        # cut every clip into <= 10 s pieces at its own length, run the pieces as padded batches
+        pieces: list[tuple[int, int, int, int]] = []  # (clip, start, samples fed, frames kept)
+        for i, n in enumerate(lens):
+            if n <= chunk:
+                pieces.append((i, 0, n, num_time_patches(n)))
+                continue
+            for start in range(0, n, chunk):
+                remaining = min(chunk, n - start)
+                if remaining < self.sampling_rate:  # X-ARES: pad a short tail to 1 s, keep 1 frame
+                    pieces.append((i, start, remaining, max(1, int(num_time_patches(self.sampling_rate) * remaining / self.sampling_rate))))
+                else:
+                    pieces.append((i, start, remaining, num_time_patches(remaining)))
+        outs: list[torch.Tensor] = []
+        for s in range(0, len(pieces), max_batch):
+            group = pieces[s: s + max_batch]
+            fed = [max(r, self.sampling_rate) if n > chunk else r
+                   for (i, _, r, _), n in ((p, lens[p[0]]) for p in group)]
+            batch = wave.new_zeros(len(group), max(fed))
+            for j, (i, start, r, _) in enumerate(group):
+                batch[j, :r] = wave[i, start: start + r]
+            outs.extend(self._frames(batch, torch.tensor(fed)).unbind(0))
+        per_clip: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for (i, _, _, keep), fr in zip(pieces, outs):
+            per_clip[i].append(fr[:keep])
+        joined = [torch.cat(p, dim=0) for p in per_clip]
+        out = wave.new_zeros(b, max(j.shape[0] for j in joined), self.output_dim)
+        for i, j in enumerate(joined):
+            out[i, : j.shape[0]] = j
+        return out
+
+    # ------------------------------------------------------------------- io
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (encoder weights only)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = d / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt", "bestrq2": "encoder"})
+        os.replace(tmp, d / "model.safetensors")
+        (d / "config.json").write_text(self.config.to_json())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "BestRQ2Encoder":
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name} not found: from_pretrained needs a directory written "
+                                        "by save_pretrained (or `bestrq2 export`)")
+        cfg = BestRQ2Config.from_dict(json.loads((d / "config.json").read_text()))
+        enc = cls(cfg)
+        state = load_file(str(d / "model.safetensors"), device="cpu")
+        missing, unexpected = enc.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{d}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return enc.to(map_location).eval()
+
+    @classmethod
+    def from_official(cls, path, allow_pickle: bool = False, **config_fields) -> "BestRQ2Encoder":
+        """The authors' Lightning ``.ckpt`` or its ``.safetensors`` copy -> encoder (pos_layout 'official')."""
+        from .official import load_official
+
+        return load_official(cls, path, allow_pickle=allow_pickle, **config_fields)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,61 @@
+"""Checks on audio handed to the models: clear ``ValueError``s instead of crashes deep inside."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import HOP, PATCH, SAMPLE_RATE
+
+MIN_SAMPLES = (PATCH - 1) * HOP  # 9375 samples (0.586 s): the shortest audio that gives one patch column
+
+
+def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a waveform batch.
+
+    wave: float tensor [B, T] (or [B, 1, T], the authors' layout) of samples in [-1, 1] at 16 kHz.
+    lengths: optional int [B], the true sample count of each clip (the rest is padding).
+    Returns (wave [B, T] float32, lengths int64 [B] or None).
+    """
+    if isinstance(wave, np.ndarray):
+        wave = torch.from_numpy(wave)
+    if not isinstance(wave, torch.Tensor):
+        raise ValueError(f"wave must be a torch.Tensor or numpy array, got {type(wave).__name__}")
+    if sample_rate is not None and int(sample_rate) != SAMPLE_RATE:
+        raise ValueError(f"audio is at {sample_rate} Hz; bestrq2 models take {SAMPLE_RATE} Hz mono. "
+                         "Resample first (for example scipy.signal.resample_poly).")
+    if not (wave.is_floating_point()):
+        raise ValueError(f"wave has dtype {wave.dtype}: integer PCM is not accepted. Convert to float "
+                         "in [-1, 1] first (int16: divide by 32768).")
+    if wave.dim() == 3:
+        if wave.shape[1] != 1:
+            raise ValueError(f"wave [B, C, T] must be mono (C = 1), got {wave.shape[1]} channels; mix down first")
+        wave = wave[:, 0]
+    if wave.dim() != 2:
+        raise ValueError(f"wave must be [B, T] (or [B, 1, T]), got shape {list(wave.shape)}")
+    b, t = wave.shape
+    if b == 0 or t == 0:
+        raise ValueError(f"wave is empty (shape {list(wave.shape)})")
+    wave = wave.float()
+    finite = torch.isfinite(wave)
+    if not bool(finite.all()):
+        bad = (~finite).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"wave holds NaN or inf samples (clips {bad})")
+    peak = float(wave.abs().max())
+    if peak > 2.0:
+        raise ValueError(f"wave peaks at {peak:.1f}: samples must lie in [-1, 1]; this looks like "
+                         "unscaled integer PCM (int16: divide by 32768)")
+    if lengths is None:
+        if t < MIN_SAMPLES:
+            raise ValueError(f"audio of {t} samples is shorter than one patch ({MIN_SAMPLES} samples, "
+                             f"{MIN_SAMPLES / SAMPLE_RATE:.3f} s at {SAMPLE_RATE} Hz)")
+        return wave, None
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.dim() != 1 or lengths.shape[0] != b:
+        raise ValueError(f"lengths must be an integer tensor of shape [{b}], got {lengths.dtype} {list(lengths.shape)}")
+    lengths = lengths.to(torch.int64).cpu()
+    if bool((lengths > t).any()):
+        raise ValueError(f"lengths {lengths.tolist()} exceed the padded length {t}")
+    if bool((lengths < MIN_SAMPLES).any()):
+        short = (lengths < MIN_SAMPLES).nonzero().flatten().tolist()
+        raise ValueError(f"clips {short} are shorter than one patch ({MIN_SAMPLES} samples)")
+    return wave, lengths

@@ -1,0 +1,172 @@
+"""BEST-RQ-2: a context encoder on visible patches, a predictor that fills the masked slots, a
+head that predicts each masked patch's frozen random-projection code.
+
+Also the paper's one-stage baseline BEST-RQ (ViT) (``config.one_stage``): all tokens into the
+encoder with masked patch embeddings replaced by a mask token, head on the encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import BestRQ2Config
+from .frontend import LogMel
+from .inputs import check_wave
+from .masking import check_mask, mask_to_indices, sample_mask
+from .positions import positions_for
+from .quantizer import RandomProjectionQuantizer
+from .tokens import wave_to_grid
+from .transformer import Transformer
+
+IGNORE = -100
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor  # [] mean cross-entropy over masked targets (mean over codebooks)
+    logits: torch.Tensor  # [B, M, C, K] at the masked positions (ascending token order)
+    targets: torch.Tensor  # int64 [B, M, C]; -100 where a patch lies wholly in padding
+    mask: torch.Tensor  # bool [B, N], True = masked
+    mask_idx: torch.Tensor  # int64 [B, M]
+    accuracy: torch.Tensor  # [] top-1 accuracy over the counted targets (no grad)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], idx [B, M] -> x[b, idx[b]]: [B, M, D]."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor) -> torch.Tensor:
+    """Place ctx [B, M, D] at ctx_idx and fill [B, N - M, D] at fill_idx -> [B, N, D]."""
+    b, m, d = ctx.shape
+    n = m + fill_idx.shape[1]
+    out = ctx.new_zeros(b, n, d)
+    out = out.scatter(1, ctx_idx[..., None].expand(-1, -1, d), ctx)
+    return out.scatter(1, fill_idx[..., None].expand(-1, -1, d), fill.to(out.dtype))
+
+
+class BestRQ2(nn.Module):
+    """The pretraining module. ``forward(wave, lengths=None, mask=None) -> PretrainOutput``."""
+
+    def __init__(self, config: BestRQ2Config | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or BestRQ2Config()
+        self.frontend = LogMel()
+        self.quantizer = RandomProjectionQuantizer(cfg.patch_dim, cfg.codebook_dim, cfg.codebook_size,
+                                                   cfg.num_codebooks, seed=cfg.seed)
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)  # = Conv2d(1, D, 16, stride 16)
+        self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
+                                   cfg.encoder_drop_path)
+        if cfg.one_stage:
+            head_dim = cfg.encoder_dim
+            self.predictor_input_proj = None
+            self.predictor = None
+        else:
+            head_dim = cfg.predictor_dim
+            self.predictor_input_proj = nn.Linear(cfg.encoder_dim, cfg.predictor_dim)
+            self.predictor = Transformer(cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_heads,
+                                         cfg.mlp_ratio, cfg.predictor_drop_path)
+        self.mask_token = nn.Parameter(torch.zeros(head_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(head_dim, cfg.num_codebooks * cfg.codebook_size)
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def targets(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes of every patch: int64 [B, N, num_codebooks]."""
+        wave, lengths = check_wave(wave, lengths)
+        grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=False)
+        return self.quantizer(grid.raw)
+
+    def _pos(self, token_idx: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+        return positions_for(token_idx, width, dim, self.config.pos_layout).to(self.head.weight.device)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> PretrainOutput:
+        """wave float32 [B, T] at 16 kHz; lengths int [B] (true samples) or None;
+        mask bool [N] or [B, N] (True = masked) to fix the step, else drawn (``config.mask_mode``)."""
+        cfg = self.config
+        wave, lengths = check_wave(wave, lengths)
+        wave = wave.to(self.head.weight.device)
+        # the paper's code analyses padding as audio; lengths only mark which targets are padding
+        grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=False)
+        b, n = grid.raw.shape[:2]
+        if mask is None:
+            mask = sample_mask(b, n, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
+                               generator=generator, device=wave.device)
+        mask = check_mask(mask.to(wave.device), b, n)
+        mask_idx, keep_idx = mask_to_indices(mask)
+
+        with torch.no_grad():
+            targets = gather_tokens(self.quantizer(grid.raw), mask_idx)  # [B, M, C]
+            if grid.target_padding is not None and not cfg.loss_on_padding:
+                pad = torch.gather(grid.target_padding, 1, mask_idx)
+                targets = targets.masked_fill(pad[..., None], IGNORE)
+
+        tokens = self.patch_embed(grid.raw)  # [B, N, De]
+        if cfg.one_stage:
+            h = self._one_stage(tokens, mask, grid.width)
+        else:
+            h = self._two_stage(tokens, mask_idx, keep_idx, grid.width)
+        logits = self.head(h).unflatten(-1, (cfg.num_codebooks, cfg.codebook_size))  # [B, M, C, K]
+        loss, acc = masked_code_loss(logits, targets)
+        return PretrainOutput(loss, logits, targets, mask, mask_idx, acc)
+
+    def _two_stage(self, tokens, mask_idx, keep_idx, width):
+        cfg = self.config
+        visible = gather_tokens(tokens, keep_idx) + self._pos(keep_idx, width, cfg.encoder_dim)
+        context = self.encoder(visible)  # [B, N - M, De]
+        ctx = self.predictor_input_proj(context)
+        fill = self.mask_token + self._pos(mask_idx, width, cfg.predictor_dim)  # [B, M, Dp]
+        pred_in = scatter_tokens(ctx, keep_idx, fill, mask_idx)  # grid order; no position on context
+        pred = self.predictor(pred_in)
+        return gather_tokens(pred, mask_idx)
+
+    def _one_stage(self, tokens, mask, width):
+        cfg = self.config
+        idx = torch.arange(tokens.shape[1], device=tokens.device)
+        x = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        x = x + self._pos(idx, width, cfg.encoder_dim)
+        out = self.encoder(x)
+        return out[mask].reshape(x.shape[0], -1, x.shape[-1])
+
+    # ---------------------------------------------------------------- export
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the inference encoder keeps: patch_embed.* and encoder.*."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("patch_embed.", "encoder."))}
+
+    def to_encoder(self):
+        from .encoder import BestRQ2Encoder
+
+        enc = BestRQ2Encoder(self.config)
+        enc.load_state_dict(self.encoder_state_dict())
+        return enc.to(self.head.weight.device)
+
+    @classmethod
+    def from_official(cls, path, allow_pickle: bool = False, **config_fields) -> "BestRQ2":
+        """The authors' Lightning ``.ckpt`` (or its ``.safetensors`` copy) -> BestRQ2, pos_layout 'official'."""
+        from .official import load_official
+
+        return load_official(cls, path, allow_pickle=allow_pickle, **config_fields)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def masked_code_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, M, C, K], targets [B, M, C] (IGNORE skipped) -> (mean over codebooks of each
+    codebook's mean CE, top-1 accuracy). A batch with no counted target gives loss 0 with a grad."""
+    c, k = logits.shape[-2:]
+    flat_logits = logits.reshape(-1, c, k).float()
+    flat_t = targets.reshape(-1, c)
+    valid = flat_t != IGNORE
+    if not bool(valid.any()):
+        return logits.sum() * 0.0, torch.zeros((), device=logits.device)
+    losses = [F.cross_entropy(flat_logits[:, i], flat_t[:, i], ignore_index=IGNORE) for i in range(c)]
+    with torch.no_grad():
+        acc = ((flat_logits.argmax(-1) == flat_t) & valid).sum() / valid.sum()
+    return torch.stack(losses).mean(), acc

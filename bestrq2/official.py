@@ -1,0 +1,123 @@
+"""Read weights saved by the authors' code (``BestRQ2Module`` / ``BestRQModule`` state dicts).
+
+A Lightning ``.ckpt`` is a pickle: it is read with ``torch.load(weights_only=True)`` only. If that
+refuses the file we stop and point at the ``.safetensors`` copy; full unpickling happens only with
+the explicit ``allow_pickle=True`` opt-in (run it only on files you trust).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import BestRQ2Config
+from .frontend import mel_filterbank
+
+# authors' key prefix -> ours (everything else keeps its name: encoder.*, predictor.*, mask_token)
+_RENAMES = [
+    ("patch_embed.patch_embed.proj.", "patch_embed."),
+    ("rq_proj.", "head."),
+    ("output_proj.", "head."),
+]
+_DROPPED = ("spectrogram.", "encoder.pos_embed", "predictor.pos_embed")
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # the safe unpickler refused something in the file
+        if not allow_pickle:
+            raise ValueError(
+                f"{path}: torch.load(weights_only=True) refused this checkpoint ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}). A .ckpt is a pickle and can run code when loaded. "
+                "Use its .safetensors copy, or pass allow_pickle=True (CLI: --allow-pickle) only for "
+                "a file you trust.") from err
+        warnings.warn(f"unpickling {path} with weights_only=False (allow_pickle=True)")
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or a Lightning checkpoint holding one)")
+    return obj
+
+
+def infer_config_fields(sd: dict[str, torch.Tensor]) -> dict:
+    """Sizes that the tensors themselves reveal (widths, depths, codebook shape, one/two stage)."""
+    def depth(prefix: str) -> int:
+        ids = {int(m.group(1)) for k in sd if (m := re.match(rf"{prefix}\.blocks\.(\d+)\.", k))}
+        return max(ids) + 1 if ids else 0
+
+    fields: dict = {}
+    if "patch_embed.patch_embed.proj.weight" not in sd:
+        raise ValueError("not an official BEST-RQ(-2) state dict: patch_embed.patch_embed.proj.weight is missing")
+    fields["encoder_dim"] = sd["patch_embed.patch_embed.proj.weight"].shape[0]
+    fields["encoder_depth"] = depth("encoder")
+    pd = depth("predictor")
+    fields["one_stage"] = pd == 0
+    if pd:
+        fields["predictor_depth"] = pd
+        fields["predictor_dim"] = sd["predictor.norm.weight"].shape[0]
+    if "quantizer.CB" in sd:
+        fields["codebook_size"], fields["codebook_dim"] = sd["quantizer.CB"].shape
+    return fields
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], cfg: BestRQ2Config) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys to ours and reshape where our layout differs."""
+    if "spectrogram.mel_spec.mel_scale.fb" in sd:  # a model trained on another frontend would embed garbage
+        if not torch.allclose(sd["spectrogram.mel_spec.mel_scale.fb"].float(), mel_filterbank(), atol=1e-6):
+            raise ValueError("the checkpoint's mel filterbank differs from the paper's; this frontend cannot run it")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith(_DROPPED):
+            continue
+        for old, new in _RENAMES:
+            if k.startswith(old):
+                k = new + k[len(old):]
+        if k == "patch_embed.weight":
+            v = v.reshape(v.shape[0], -1)  # Conv2d [D, 1, 16, 16] -> Linear [D, 256] (same order)
+        elif k == "mask_token":
+            v = v.reshape(-1)
+        elif k == "quantizer.P":
+            k, v = "quantizer.projection", v[None]
+        elif k == "quantizer.CB":
+            k, v = "quantizer.codebooks", v[None]
+        out[k] = v.float()
+    return out
+
+
+def load_official(cls, path, allow_pickle: bool = False, **config_fields):
+    """Build ``cls`` (BestRQ2 or BestRQ2Encoder) from the authors' weights.
+
+    Sizes come from the tensors; pass what they cannot tell (``encoder_heads``, ``predictor_heads``)
+    as keyword fields. Heads default to width // 64 (ViT-B: 12).
+    """
+    sd = read_state_dict(path, allow_pickle)
+    fields = infer_config_fields(sd)
+    fields.setdefault("encoder_heads", max(1, fields["encoder_dim"] // 64))
+    if not fields["one_stage"]:
+        fields.setdefault("predictor_heads", max(1, fields["predictor_dim"] // 64))
+    fields["pos_layout"] = "official"
+    fields.update(config_fields)
+    cfg = BestRQ2Config(**fields)
+    model = cls(cfg)
+    state = convert_state_dict(sd, cfg)
+    wanted = model.state_dict()
+    if not hasattr(model, "head"):  # the inference encoder keeps patch_embed.* and encoder.* only
+        state = {k: v for k, v in state.items() if k in wanted}
+    elif cfg.one_stage:  # a two-stage file read as the one-stage baseline (as the fixtures' BEST-RQ (ViT))
+        state = {k: v for k, v in state.items() if not k.startswith(("predictor.", "predictor_input_proj."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit (missing {missing[:6]}, unexpected {unexpected[:6]}); "
+                         "check the config fields you passed")
+    return model.eval()
