@@ -152,7 +152,10 @@ class BestRQ2Encoder(nn.Module):
         cfg = BestRQ2Config.from_dict(json.loads((d / "config.json").read_text()))
         enc = cls(cfg)
         state = load_file(str(d / "model.safetensors"), device="cpu")
-        missing, unexpected = enc.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = enc.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"{d}: weights do not fit config.json: {str(err)[:400]}") from err
         if missing or unexpected:
             raise ValueError(f"{d}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return enc.to(map_location).eval()

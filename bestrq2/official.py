@@ -116,7 +116,10 @@ def load_official(cls, path, allow_pickle: bool = False, **config_fields):
         state = {k: v for k, v in state.items() if k in wanted}
     elif cfg.one_stage:  # a two-stage file read as the one-stage baseline (as the fixtures' BEST-RQ (ViT))
         state = {k: v for k, v in state.items() if not k.startswith(("predictor.", "predictor_input_proj."))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{path}: weights do not fit the config: {str(err)[:400]}") from err
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit (missing {missing[:6]}, unexpected {unexpected[:6]}); "
                          "check the config fields you passed")

@@ -1,0 +1,41 @@
+"""Test setup. TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here,
+before the package is imported; the Triton paths then run on the CPU under the interpreter."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_seed(request):
+    torch.set_num_threads(2)
+    # a fresh seed per test (from its name), so inputs differ between tests yet reruns repeat
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
+
+
+@pytest.fixture(scope="session")
+def fixtures():
+    from safetensors.torch import load_file
+
+    return {
+        "dir": FIXTURES,
+        "inputs": load_file(str(FIXTURES / "inputs.safetensors")),
+        "rq2": load_file(str(FIXTURES / "outputs_best_rq2.safetensors")),
+        "rq_vit": load_file(str(FIXTURES / "outputs_best_rq_vit.safetensors")),
+        "weights": FIXTURES / "weights_best_rq2.safetensors",
+    }
+
+
+def wave_of(fx, name: str) -> torch.Tensor:
+    return fx["inputs"][f"{name}.waveform_int16"].float()[:, 0] / 32768.0
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-30))

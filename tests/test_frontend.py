@@ -1,0 +1,82 @@
+"""Frontend against independent references: a numpy mel filterbank and a numpy STFT."""
+import numpy as np
+import pytest
+import torch
+
+from bestrq2.frontend import (LogMel, mel_filterbank, num_frames, num_time_patches, patchify, patchify_unfold,
+                              truncate_to_patches)
+
+
+def numpy_htk_filterbank(n_freqs=1025, n_mels=128, sr=16000, fmin=0.0, fmax=8000.0):
+    """HTK triangles written from the formula in float64: edges equally spaced in mel."""
+    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
+    hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
+    edges = hz(np.linspace(mel(fmin), mel(fmax), n_mels + 2))
+    freqs = np.linspace(0, sr / 2, n_freqs)
+    fb = np.zeros((n_freqs, n_mels))
+    for m in range(n_mels):
+        lo, c, hi = edges[m], edges[m + 1], edges[m + 2]
+        rise = (freqs - lo) / (c - lo)
+        fall = (hi - freqs) / (hi - c)
+        fb[:, m] = np.maximum(0, np.minimum(rise, fall))
+    return fb
+
+
+def test_filterbank_matches_formula():
+    ours = mel_filterbank().double().numpy()
+    ref = numpy_htk_filterbank()
+    assert ours.shape == (1025, 128)
+    np.testing.assert_allclose(ours, ref, atol=3e-5)  # float32 construction (as torchaudio) vs float64
+    assert (ours >= 0).all() and ours.max() <= 1.0 + 1e-6
+
+
+def numpy_logmel(x: np.ndarray) -> np.ndarray:
+    """Reflect-pad by n_fft/2, periodic Hann frames every 625 samples, rFFT, window-normalised power."""
+    n_fft, hop = 2048, 625
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    xp = np.pad(x, n_fft // 2, mode="reflect")
+    n_frames = 1 + len(x) // hop
+    frames = np.stack([xp[i * hop: i * hop + n_fft] * win for i in range(n_frames)])
+    spec = np.fft.rfft(frames, axis=1) / np.sqrt((win ** 2).sum())
+    mel = (np.abs(spec) ** 2) @ numpy_htk_filterbank()
+    return 10 * np.log10(np.maximum(mel, 1e-10)).T
+
+
+@pytest.mark.parametrize("n", [9375, 16000, 37_501])
+def test_logmel_matches_numpy(n):
+    x = torch.randn(2, n) * 0.1
+    ours = LogMel()(x)
+    assert ours.shape == (2, 128, num_frames(n))
+    for b in range(2):
+        ref = numpy_logmel(x[b].double().numpy())
+        # float32 STFT vs float64: compare in dB where the power is well above the clamp
+        np.testing.assert_allclose(ours[b].numpy(), ref, atol=2e-3, rtol=0)
+
+
+def test_silence_is_minus_100_db():
+    assert torch.equal(LogMel()(torch.zeros(1, 16000)), torch.full((1, 128, 26), -100.0))
+
+
+def test_batched_on_any_batch_size_equals_single():
+    x = torch.randn(3, 20000) * 0.2
+    full = LogMel()(x)
+    for b in range(3):
+        torch.testing.assert_close(LogMel()(x[b: b + 1]), full[b: b + 1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("w", [1, 5, 16, 23])
+def test_patchify_official_order(w):
+    spec = torch.randn(2, 128, 16 * w + 7)
+    cut = truncate_to_patches(spec)
+    assert cut.shape[-1] == 16 * w
+    p = patchify(cut)
+    assert p.shape == (2, 8 * w, 256)
+    torch.testing.assert_close(p, patchify_unfold(cut), rtol=0, atol=0)
+    f, t, df, dt = 3, w - 1, 5, 11
+    assert p[1, f * w + t, df * 16 + dt] == cut[1, 16 * f + df, 16 * t + dt]
+
+
+def test_frame_counts():
+    assert num_frames(160000) == 257 and num_time_patches(160000) == 16
+    assert num_time_patches(9375) == 1 and num_time_patches(9374) == 0
+    assert num_time_patches(59200) == 5
