@@ -142,7 +142,8 @@ class BestRQ2(nn.Module):
     def to_encoder(self):
         from .encoder import BestRQ2Encoder
 
-        enc = BestRQ2Encoder(self.config)
+        with torch.random.fork_rng(devices=[]):  # building it must not move the training run's RNG
+            enc = BestRQ2Encoder(self.config)
         enc.load_state_dict(self.encoder_state_dict())
         return enc.to(self.head.weight.device)
 

@@ -96,7 +96,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False) -> dict:
+def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
+             stop_after: int | None = None) -> dict:
+    """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
+    many steps with a checkpoint, as an interruption would. Returns the losses of this call."""
     tc.validate()
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,8 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     source = make_source(tc)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(StepBatches(source, tc.batch_size), range(start, tc.steps)),
-        batch_size=None, num_workers=tc.num_workers, prefetch_factor=4 if tc.num_workers else None)
+        batch_size=None, num_workers=tc.num_workers, prefetch_factor=4 if tc.num_workers else None,
+        generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_path, {
@@ -163,7 +167,7 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
             dt, t_last = now - t_last, now
             cps = tc.batch_size / dt
             mfu = flops / dt / peak if peak else float("nan")
-            loss = float(res.loss)
+            loss = res.loss.item()
             losses.append(loss)
             writer.writerow([step + 1, f"{loss:.6f}", f"{float(res.accuracy):.4f}",
                              f"{sched.get_last_lr()[0]:.3e}", f"{cps:.2f}", f"{mfu:.4f}"])
@@ -172,10 +176,13 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
                 post["mfu"] = f"{100 * mfu:.1f}%"
             bar.set_postfix(post)
             bar.update(1)
+            if stop_after is not None and len(losses) >= stop_after:
+                break
             if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 log_f.flush()
                 checkpoint(step + 1)
-        checkpoint(tc.steps)
+        log_f.flush()
+        checkpoint(start + len(losses))
     except KeyboardInterrupt:
         bar.write("interrupted: saving a checkpoint")
         checkpoint(start + len(losses))

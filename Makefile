@@ -1,0 +1,15 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
+PY ?= python3
+
+.PHONY: install demo test
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	bestrq2 pretrain --preset tiny --steps 300 --batch-size 8 --out runs/demo
+	bestrq2 synth runs/demo/example.wav --seconds 12.5
+	bestrq2 embed runs/demo/example.wav --model runs/demo/encoder --out runs/demo/example_frames.npy
+
+test: install
+	$(PY) -m pytest -q tests
