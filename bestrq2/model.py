@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .config import BestRQ2Config
 from .frontend import LogMel
 from .inputs import check_wave
+from .kernels import gather_tokens, rpq_codes, scatter_tokens
 from .masking import check_mask, mask_to_indices, sample_mask
 from .positions import positions_for
 from .quantizer import RandomProjectionQuantizer
@@ -32,20 +33,6 @@ class PretrainOutput:
     mask: torch.Tensor  # bool [B, N], True = masked
     mask_idx: torch.Tensor  # int64 [B, M]
     accuracy: torch.Tensor  # [] top-1 accuracy over the counted targets (no grad)
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], idx [B, M] -> x[b, idx[b]]: [B, M, D]."""
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor) -> torch.Tensor:
-    """Place ctx [B, M, D] at ctx_idx and fill [B, N - M, D] at fill_idx -> [B, N, D]."""
-    b, m, d = ctx.shape
-    n = m + fill_idx.shape[1]
-    out = ctx.new_zeros(b, n, d)
-    out = out.scatter(1, ctx_idx[..., None].expand(-1, -1, d), ctx)
-    return out.scatter(1, fill_idx[..., None].expand(-1, -1, d), fill.to(out.dtype))
 
 
 class BestRQ2(nn.Module):
@@ -79,10 +66,13 @@ class BestRQ2(nn.Module):
         """Codes of every patch: int64 [B, N, num_codebooks]."""
         wave, lengths = check_wave(wave, lengths)
         grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=False)
-        return self.quantizer(grid.raw)
+        q = self.quantizer
+        return rpq_codes(grid.spec, q.projection, q.codebooks).reshape(wave.shape[0], grid.num_tokens, -1)
 
-    def _pos(self, token_idx: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-        return positions_for(token_idx, width, dim, self.config.pos_layout).to(self.head.weight.device)
+    def _pos_table(self, num_tokens: int, width: int, dim: int) -> torch.Tensor:
+        """Sincos rows of the N grid slots, [N, dim] (the pretraining grid is the same for every clip)."""
+        idx = torch.arange(num_tokens, device=self.head.weight.device)
+        return positions_for(idx, width, dim, self.config.pos_layout)
 
     # ---------------------------------------------------------------- forward
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,
@@ -101,15 +91,16 @@ class BestRQ2(nn.Module):
         mask = check_mask(mask.to(wave.device), b, n)
         mask_idx, keep_idx = mask_to_indices(mask)
 
-        with torch.no_grad():
-            targets = gather_tokens(self.quantizer(grid.raw), mask_idx)  # [B, M, C]
+        with torch.no_grad():  # codes of the masked patches only, read straight from the spectrogram
+            q = self.quantizer
+            targets = rpq_codes(grid.spec, q.projection, q.codebooks, index=mask_idx).reshape(b, -1, q.num_codebooks)
             if grid.target_padding is not None and not cfg.loss_on_padding:
                 pad = torch.gather(grid.target_padding, 1, mask_idx)
                 targets = targets.masked_fill(pad[..., None], IGNORE)
 
         tokens = self.patch_embed(grid.raw)  # [B, N, De]
         if cfg.one_stage:
-            h = self._one_stage(tokens, mask, grid.width)
+            h = self._one_stage(tokens, mask, mask_idx, grid.width)
         else:
             h = self._two_stage(tokens, mask_idx, keep_idx, grid.width)
         logits = self.head(h).unflatten(-1, (cfg.num_codebooks, cfg.codebook_size))  # [B, M, C, K]
@@ -118,21 +109,20 @@ class BestRQ2(nn.Module):
 
     def _two_stage(self, tokens, mask_idx, keep_idx, width):
         cfg = self.config
-        visible = gather_tokens(tokens, keep_idx) + self._pos(keep_idx, width, cfg.encoder_dim)
+        n = tokens.shape[1]
+        visible = gather_tokens(tokens, keep_idx, self._pos_table(n, width, cfg.encoder_dim))
         context = self.encoder(visible)  # [B, N - M, De]
         ctx = self.predictor_input_proj(context)
-        fill = self.mask_token + self._pos(mask_idx, width, cfg.predictor_dim)  # [B, M, Dp]
-        pred_in = scatter_tokens(ctx, keep_idx, fill, mask_idx)  # grid order; no position on context
+        # grid order: context at its slots (no position added), mask token + position elsewhere
+        pred_in = scatter_tokens(ctx, keep_idx, self.mask_token, mask_idx, self._pos_table(n, width, cfg.predictor_dim))
         pred = self.predictor(pred_in)
         return gather_tokens(pred, mask_idx)
 
-    def _one_stage(self, tokens, mask, width):
+    def _one_stage(self, tokens, mask, mask_idx, width):
         cfg = self.config
-        idx = torch.arange(tokens.shape[1], device=tokens.device)
         x = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
-        x = x + self._pos(idx, width, cfg.encoder_dim)
-        out = self.encoder(x)
-        return out[mask].reshape(x.shape[0], -1, x.shape[-1])
+        x = x + self._pos_table(tokens.shape[1], width, cfg.encoder_dim)
+        return gather_tokens(self.encoder(x), mask_idx)
 
     # ---------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:

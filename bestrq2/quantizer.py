@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import rpq_codes
-from .kernels.rpq_codes import rpq_codes_ref, rpq_scores_ref  # noqa: F401  (re-exported)
+from .kernels import rpq_codes_ref, rpq_scores_ref  # noqa: F401  (re-exported)
 
 
 class RandomProjectionQuantizer(torch.nn.Module):

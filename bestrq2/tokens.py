@@ -21,6 +21,7 @@ class PatchGrid:
     width: int  # W_max
     key_padding: torch.Tensor | None  # bool [B, N], True = padding column; None when no clip is padded
     target_padding: torch.Tensor | None = None  # bool [B, N]: patch lies wholly in padding (loss mask)
+    spec: torch.Tensor | None = None  # [B, 128, 16 W] the log-mel the patches come from (pretraining path)
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +53,7 @@ def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | N
         spec = truncate_to_patches(frontend(wave))
         w = spec.shape[-1] // PATCH
         widths = torch.full((b,), w, dtype=torch.int64)
-        return PatchGrid(patchify(spec), widths, w, None)
+        return PatchGrid(patchify(spec), widths, w, None, None, spec)
     widths = torch.tensor([num_time_patches(int(n)) for n in lengths], dtype=torch.int64)
     w_max = num_time_patches(t)
     fp = frontend.fb.shape[1] // PATCH
@@ -74,7 +75,7 @@ def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | N
         first_sample = torch.arange(w_layout)[None, :] * PATCH * HOP - N_FFT // 2
         pad_cols = (first_sample >= lengths[:, None]).repeat(1, fp).to(wave.device)
         widths = torch.full((b,), w_layout, dtype=torch.int64)  # the grid stays the padded one
-        return PatchGrid(patchify(spec), widths, w_layout, None, pad_cols if bool(pad_cols.any()) else None)
+        return PatchGrid(patchify(spec), widths, w_layout, None, pad_cols if bool(pad_cols.any()) else None, spec)
     key_padding = pad_cols.repeat(1, fp).to(wave.device)  # [B, 8 * W_max], f-major like the tokens
     key_padding = key_padding if bool(key_padding.any()) else None
     return PatchGrid(raw, widths, w_layout, key_padding, key_padding)

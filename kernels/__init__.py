@@ -1,14 +1,14 @@
 """Fast paths of bestrq2, importable as ``bestrq2.kernels`` (this folder is installed under the
 ``bestrq2`` namespace; nothing installs a top-level ``kernels``).
 
-Each op lives in its own file next to its plain-PyTorch reference ``<op>_ref``.
+Each op lives in its own file next to its plain-PyTorch reference ``<op>_ref``. ``BESTRQ2_KERNELS``
+(auto | triton | reference) picks the implementation; auto runs Triton on CUDA tensors. The Triton
+ops are registered with ``torch.library`` (``bestrq2::*``) so torch.compile traces through them.
 """
-from .rpq_codes import rpq_codes_ref, rpq_scores_ref
+from ._dispatch import backend
+from .gather_tokens import gather_tokens, gather_tokens_ref
+from .rpq_codes import rpq_codes, rpq_codes_ref, rpq_scores_ref, spec_patches
+from .scatter_tokens import scatter_tokens, scatter_tokens_ref
 
-
-def rpq_codes(patches, projection, codebooks):
-    """Codes [M, C] of raw patches [M, 256]. Currently the reference op on every device."""
-    return rpq_codes_ref(patches, projection, codebooks)
-
-
-__all__ = ["rpq_codes", "rpq_codes_ref", "rpq_scores_ref"]
+__all__ = ["backend", "gather_tokens", "gather_tokens_ref", "rpq_codes", "rpq_codes_ref", "rpq_scores_ref",
+           "scatter_tokens", "scatter_tokens_ref", "spec_patches"]

@@ -1,25 +1,183 @@
-"""Random-projection quantizer codes: argmax cosine of projected patches over a codebook.
+"""Fused random-projection quantizer: codes of 16 x 16 log-mel patches without the score matrix.
 
-``rpq_codes_ref`` is the plain-PyTorch reference that materialises the [M, K] score matrix.
+``rpq_codes(x, projection, codebooks, index=None) -> int64 [M, C]``
+
+- x: raw patches [M, 256], or a log-mel batch [B, F, T] (F a multiple of 16; T cut to a multiple
+  of 16) read in place, patches in the official order (token n = f * W + t, value df * 16 + dt);
+  with ``index`` int [B, m] only those tokens are read and M = B * m, else M = B * N.
+- projection [C, 256, d]; codebooks [C, K, d] with unit rows.
+- For each patch and codebook: z = normalize(x @ P_c), code = argmax_k <z, CB_c[k]>; ties go to the
+  lowest index, as torch.argmax.
+
+The kernel streams codebook tiles and keeps a running max and argmax per row, so memory is
+O(M * C) and nothing of size M x K is written. Loads any float dtype and computes in float32
+(IEEE, not TF32: a code flips where two cosines differ by less than TF32's ~1e-3 error).
+Forward only (targets carry no gradient).
+
+Work per call: reads M * 256 input values, C * (256 d + K d) weights; 2 M C (256 d + K d) FLOPs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+
+PATCH = 16
 
 
-def rpq_codes_ref(patches: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch quantizer that materialises the [M, K] score matrix.
-
-    patches [..., 256] float; projection [C, 256, d]; codebooks [C, K, d] unit rows
-    -> int64 codes [..., C]. Computed in float32; ties resolve to the lowest index (torch.argmax).
-    """
-    return rpq_scores_ref(patches, projection, codebooks).argmax(dim=-1)
-
-
+# --------------------------------------------------------------------------------------- reference
 def rpq_scores_ref(patches: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Cosine of every patch with every code: [..., C, K] float32."""
+    """Cosine of every patch with every code: patches [..., 256] -> [..., C, K] float32."""
     x = patches.float()
     proj = torch.einsum("...i,cid->...cd", x, projection.float())
     proj = F.normalize(proj, dim=-1)
     return torch.einsum("...cd,ckd->...ck", proj, codebooks.float())
+
+
+def spec_patches(spec: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-mel [B, F, T] -> patches [B, N or m, 256] in the official order (an unfold copy)."""
+    b, fbins, t = spec.shape
+    w = t // PATCH
+    x = spec[..., : w * PATCH].reshape(b, fbins // PATCH, PATCH, w, PATCH).permute(0, 1, 3, 2, 4)
+    x = x.reshape(b, (fbins // PATCH) * w, PATCH * PATCH)
+    if index is not None:
+        x = torch.gather(x, 1, index.long()[..., None].expand(-1, -1, x.shape[-1]))
+    return x
+
+
+def rpq_codes_ref(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: materialises the [M, C, K] score matrix. Same contract as ``rpq_codes``."""
+    patches = spec_patches(x, index) if x.dim() == 3 else x
+    return rpq_scores_ref(patches.reshape(-1, patches.shape[-1]), projection, codebooks).argmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _rpq_codes_fwd_kernel(
+    x_ptr, stride_xb, stride_xr, stride_xc,  # spec [B, F, T] strides, or raw [M, 256] as (0, row, col)
+    idx_ptr, m_per_clip, num_tokens, width,
+    p_ptr, cb_ptr, out_ptr,
+    M, K, C, D,
+    FROM_SPEC: tl.constexpr, HAS_INDEX: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    j = tl.arange(0, 256)
+    if FROM_SPEC:
+        if HAS_INDEX:
+            b = rows // m_per_clip
+            n = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            b = rows // num_tokens
+            n = rows % num_tokens
+        f = n // width
+        t = n % width
+        fr = f[:, None] * 16 + (j // 16)[None, :]  # mel bin
+        tc = t[:, None] * 16 + (j % 16)[None, :]  # frame
+        offs = b.to(tl.int64)[:, None] * stride_xb + fr.to(tl.int64) * stride_xr + tc.to(tl.int64) * stride_xc
+    else:
+        offs = rows.to(tl.int64)[:, None] * stride_xr + j[None, :] * stride_xc
+    x = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, 256]
+
+    dd = tl.arange(0, D_PAD)
+    dmask = dd < D
+    p = tl.load(p_ptr + c * 256 * D + j[:, None] * D + dd[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
+    z = tl.dot(x, p, input_precision="ieee")  # [BLOCK_M, D_PAD]
+    norm = tl.sqrt(tl.sum(z * z, axis=1))
+    z = z / tl.maximum(norm, 1e-12)[:, None]  # F.normalize
+
+    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    arg = tl.zeros((BLOCK_M,), tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + kk) < K
+        cb = tl.load(cb_ptr + c * K * D + (k0 + kk)[:, None] * D + dd[None, :],
+                     mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, D_PAD]
+        s = tl.dot(z, tl.trans(cb), input_precision="ieee")  # [BLOCK_M, BLOCK_K]
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        tile_max = tl.max(s, axis=1)
+        tile_arg = tl.argmax(s, axis=1).to(tl.int64) + k0  # first index on ties
+        upd = tile_max > best  # strict: an earlier tile keeps a tie
+        best = tl.where(upd, tile_max, best)
+        arg = tl.where(upd, tile_arg, arg)
+    tl.store(out_ptr + rows.to(tl.int64) * C + c, arg, mask=rmask)
+
+
+@triton_op("bestrq2::rpq_codes", mutates_args={})
+def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
+                  index: torch.Tensor | None) -> torch.Tensor:
+    c, k, d = codebooks.shape
+    from_spec = x.dim() == 3
+    if from_spec:
+        b, fbins, t = x.shape
+        width = t // PATCH
+        num_tokens = (fbins // PATCH) * width
+        m_per_clip = index.shape[1] if index is not None else num_tokens
+        m = b * m_per_clip
+        strides = (x.stride(0), x.stride(1), x.stride(2))
+    else:
+        m, width, num_tokens, m_per_clip = x.shape[0], 1, 1, 1
+        strides = (0, x.stride(0), x.stride(1))
+    out = torch.empty(m, c, dtype=torch.int64, device=x.device)
+    idx = index.reshape(-1) if index is not None else out  # unused pointer when there is no index
+    if interpreting():  # few, large blocks: each interpreted loop step costs milliseconds
+        block_m, block_k = block_for(m, 256), block_for(k, 2048)
+    else:
+        block_m, block_k = 64, 128
+    grid = (triton.cdiv(m, block_m), c)
+    wrap_triton(_rpq_codes_fwd_kernel)[grid](
+        x, *strides, idx, m_per_clip, num_tokens, width,
+        projection, codebooks, out, m, k, c, d,
+        FROM_SPEC=from_spec, HAS_INDEX=index is not None,
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------- public op
+def _validate(x, projection, codebooks, index) -> None:
+    check_tensor("x", x, dims=(2, 3), floating=True)
+    check_tensor("projection", projection, dims=(3,), floating=True)
+    check_tensor("codebooks", codebooks, dims=(3,), floating=True)
+    same_device(x=x, projection=projection, codebooks=codebooks, index=index)
+    c, k, d = codebooks.shape
+    need(projection.shape == (c, 256, d),
+         f"projection must be [C, 256, d] = [{c}, 256, {d}] to match codebooks {list(codebooks.shape)}, "
+         f"got {list(projection.shape)}")
+    need(k >= 1 and d >= 1, f"codebooks must be non-empty, got {list(codebooks.shape)}")
+    need(projection.is_contiguous() and codebooks.is_contiguous(), "projection and codebooks must be contiguous")
+    if x.dim() == 2:
+        need(x.shape[1] == 256, f"raw patches must be [M, 256], got {list(x.shape)}")
+        need(index is None, "index selects tokens of a log-mel batch [B, F, T]; with raw patches select rows first")
+    else:
+        need(x.shape[1] % PATCH == 0 and x.shape[1] > 0,
+             f"log-mel batch [B, F, T] needs F a multiple of {PATCH}, got {list(x.shape)}")
+        need(x.shape[2] >= PATCH, f"log-mel batch needs at least {PATCH} frames, got {x.shape[2]}")
+    if index is not None:
+        check_tensor("index", index, dims=(2,), integer=True)
+        need(index.shape[0] == x.shape[0], f"index must be [B, m] with B = {x.shape[0]}, got {list(index.shape)}")
+        if checking() and index.numel():
+            n = (x.shape[1] // PATCH) * (x.shape[2] // PATCH)
+            lo, hi = int(index.min()), int(index.max())
+            need(lo >= 0 and hi < n, f"index values must lie in [0, {n}), got [{lo}, {hi}]")
+
+
+def rpq_codes(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
+              index: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 codes [M, C]; see the module docstring. Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
+    _validate(x, projection, codebooks, index)
+    if index is not None and index.shape[1] == 0:
+        return torch.empty(0, codebooks.shape[0], dtype=torch.int64, device=x.device)
+    if not use_triton(x):
+        return rpq_codes_ref(x, projection, codebooks, index)
+    if index is not None:
+        index = index.contiguous()
+    return _rpq_codes_op(x, projection, codebooks, index)

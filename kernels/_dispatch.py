@@ -1,0 +1,71 @@
+"""Which implementation runs: ``BESTRQ2_KERNELS=triton|reference|auto`` (default auto).
+
+auto: the Triton path on CUDA tensors, the plain-PyTorch reference elsewhere. ``triton`` forces the
+Triton path on any device (on CPU it needs ``TRITON_INTERPRET=1`` set before the kernels are defined,
+as the tests do). The variable is read at each call, so tests can switch it with monkeypatch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+CHOICES = ("auto", "triton", "reference")
+
+
+def backend() -> str:
+    v = os.environ.get("BESTRQ2_KERNELS", "auto").strip().lower() or "auto"
+    if v not in CHOICES:
+        raise ValueError(f"BESTRQ2_KERNELS must be one of {CHOICES}, got {v!r}")
+    return v
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton path should run for these inputs."""
+    b = backend()
+    if b == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if b == "auto":
+        return on_cuda
+    if not on_cuda and not interpreting():
+        raise ValueError("BESTRQ2_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                         "(set before bestrq2 is imported)")
+    return True
+
+
+def checking() -> bool:
+    """Data-dependent checks (index ranges) need a device sync; skip them while torch.compile traces."""
+    return not torch.compiler.is_compiling()
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(name: str, t, *, dims: tuple[int, ...], floating: bool | None = None,
+                 integer: bool = False) -> None:
+    need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    need(t.dim() in dims, f"{name} must have {' or '.join(map(str, dims))} dims, got shape {list(t.shape)}")
+    if floating:
+        need(t.dtype in (torch.float32, torch.float16, torch.bfloat16),
+             f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if integer:
+        need(t.dtype in (torch.int32, torch.int64), f"{name} must be int32 or int64, got {t.dtype}")
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    need(len(set(devs.values())) <= 1, f"tensors on different devices: {devs}")
+
+
+def block_for(n: int, cap: int) -> int:
+    """Power-of-two block >= 16, covering n up to cap."""
+    import triton
+
+    return max(16, min(cap, triton.next_power_of_2(max(1, n))))

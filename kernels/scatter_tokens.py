@@ -1,0 +1,143 @@
+"""The predictor's input in one pass: context tokens at their slots, mask token + position elsewhere.
+
+``scatter_tokens(ctx, ctx_idx, fill, fill_idx, fill_pos) -> [B, N, D]``
+out[b, ctx_idx[b, i]] = ctx[b, i]; out[b, fill_idx[b, j]] = fill + fill_pos[fill_idx[b, j]].
+
+- ctx [B, M, D]; ctx_idx int [B, M]; fill [D] (the mask token); fill_idx int [B, N - M];
+  fill_pos [N, D]. Each row of cat(ctx_idx, fill_idx) must be a permutation of 0..N-1.
+- Forward writes every output element once through an inverse map (no zero fill, no atomics).
+- Backward: grad_ctx is a gather of the output grad; grad_fill_pos[n] sums the fill slots over b
+  in a fixed order; grad_fill = grad_fill_pos summed over n. Deterministic, float32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from .gather_tokens import _gather_fwd, inverse_index
+
+
+def scatter_tokens_ref(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor,
+                       fill_pos: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: two scatters into a zero tensor."""
+    b, m, d = ctx.shape
+    n = m + fill_idx.shape[1]
+    fills = fill + fill_pos[fill_idx.long()]  # [B, N - M, D]
+    dtype = torch.promote_types(ctx.dtype, fills.dtype)
+    out = torch.zeros(b, n, d, dtype=dtype, device=ctx.device)
+    out = out.scatter(1, ctx_idx.long()[..., None].expand(-1, -1, d), ctx.to(dtype))
+    return out.scatter(1, fill_idx.long()[..., None].expand(-1, -1, d), fills.to(dtype))
+
+
+@triton.jit
+def _scatter_tokens_fwd_kernel(ctx_ptr, inv_ptr, fill_ptr, pos_ptr, out_ptr, R, M, N, D,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, n)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    dmask = d < D
+    mask = rmask[:, None] & dmask[None, :]
+    b = (rows // N).to(tl.int64)
+    n = (rows % N).to(tl.int64)
+    i = tl.load(inv_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    is_ctx = i >= 0
+    c = tl.load(ctx_ptr + (b * M + i)[:, None] * D + d[None, :], mask=mask & is_ctx[:, None], other=0.0)
+    f = tl.load(fill_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :] + \
+        tl.load(pos_ptr + n[:, None] * D + d[None, :], mask=mask & ~is_ctx[:, None], other=0.0).to(tl.float32)
+    v = tl.where(is_ctx[:, None], c.to(tl.float32), f)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scatter_tokens_bwd_pos_kernel(gout_ptr, inv_ptr, gpos_ptr, B, N, D,
+                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    nmask = n < N
+    mask = nmask[:, None] & (d < D)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for b in range(B):
+        i = tl.load(inv_ptr + b * N + n, mask=nmask, other=0)
+        is_fill = i < 0
+        g = tl.load(gout_ptr + (b * N + n.to(tl.int64))[:, None] * D + d[None, :], mask=mask & is_fill[:, None], other=0.0)
+        acc += g.to(tl.float32)
+    tl.store(gpos_ptr + n.to(tl.int64)[:, None] * D + d[None, :], acc, mask=mask)
+
+
+def _blocks(rows: int, d: int) -> tuple[int, int]:
+    if interpreting():
+        return block_for(rows, 512), block_for(d, 1024)
+    return 32, min(128, block_for(d, 128))
+
+
+@triton_op("bestrq2::scatter_tokens_fwd", mutates_args={})
+def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_pos: torch.Tensor) -> torch.Tensor:
+    b, m, d = ctx.shape
+    n = inv.shape[1]
+    dtype = torch.promote_types(ctx.dtype, torch.promote_types(fill.dtype, fill_pos.dtype))
+    out = torch.empty(b, n, d, dtype=dtype, device=ctx.device)
+    br, bd = _blocks(b * n, d)
+    wrap_triton(_scatter_tokens_fwd_kernel)[(triton.cdiv(b * n, br), triton.cdiv(d, bd))](
+        ctx, inv, fill, fill_pos, out, b * n, m, n, d, BLOCK_R=br, BLOCK_D=bd)
+    return out
+
+
+@triton_op("bestrq2::scatter_tokens_bwd_pos", mutates_args={})
+def _scatter_bwd_pos(grad: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    b, n, d = grad.shape
+    gpos = torch.empty(n, d, dtype=torch.float32, device=grad.device)
+    bn, bd = _blocks(n, d)
+    wrap_triton(_scatter_tokens_bwd_pos_kernel)[(triton.cdiv(n, bn), triton.cdiv(d, bd))](
+        grad, inv, gpos, b, n, d, BLOCK_N=bn, BLOCK_D=bd)
+    return gpos
+
+
+def _setup(ctx, inputs, output):
+    c, inv, fill, fill_pos = inputs
+    ctx.save_for_backward(inv)
+    ctx.ctx_dtype, ctx.fill_dtype, ctx.pos_dtype, ctx.m = c.dtype, fill.dtype, fill_pos.dtype, c.shape[1]
+
+
+def _backward(ctx, grad):
+    (inv,) = ctx.saved_tensors
+    grad = grad.contiguous()
+    b, n, _ = grad.shape
+    # ctx_idx from the inverse map: the slots holding context token i, in order
+    ctx_idx = torch.sort(torch.where(inv >= 0, inv, ctx.m), dim=1).indices[:, : ctx.m].to(torch.int32)
+    g_ctx = _gather_fwd(grad, ctx_idx, None).to(ctx.ctx_dtype)
+    g_pos = _scatter_bwd_pos(grad, inv)
+    return g_ctx, None, g_pos.sum(0).to(ctx.fill_dtype), g_pos.to(ctx.pos_dtype)
+
+
+_scatter_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor,
+                   fill_pos: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] predictor input; Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
+    check_tensor("ctx", ctx, dims=(3,), floating=True)
+    check_tensor("ctx_idx", ctx_idx, dims=(2,), integer=True)
+    check_tensor("fill", fill, dims=(1,), floating=True)
+    check_tensor("fill_idx", fill_idx, dims=(2,), integer=True)
+    check_tensor("fill_pos", fill_pos, dims=(2,), floating=True)
+    b, m, d = ctx.shape
+    n = m + fill_idx.shape[1]
+    need(ctx_idx.shape == (b, m), f"ctx_idx must be [B, M] = {[b, m]}, got {list(ctx_idx.shape)}")
+    need(fill_idx.shape[0] == b, f"fill_idx must be [B, N - M] with B = {b}, got {list(fill_idx.shape)}")
+    need(fill.shape == (d,), f"fill must be [D] = [{d}], got {list(fill.shape)}")
+    need(fill_pos.shape == (n, d), f"fill_pos must be [N, D] = {[n, d]}, got {list(fill_pos.shape)}")
+    same_device(ctx=ctx, ctx_idx=ctx_idx, fill=fill, fill_idx=fill_idx, fill_pos=fill_pos)
+    if checking():
+        allidx = torch.cat([ctx_idx.long(), fill_idx.long()], dim=1)
+        if allidx.numel():
+            lo, hi = int(allidx.min()), int(allidx.max())
+            need(lo >= 0 and hi < n, f"ctx_idx/fill_idx values must lie in [0, {n}), got [{lo}, {hi}]")
+        need(bool((allidx.sort(dim=1).values == torch.arange(n, device=allidx.device)).all()),
+             "each row of cat(ctx_idx, fill_idx) must be a permutation of 0..N-1")
+    if not use_triton(ctx):
+        return scatter_tokens_ref(ctx, ctx_idx, fill, fill_idx, fill_pos)
+    inv = inverse_index(ctx_idx, n)
+    return _scatter_fwd(ctx.contiguous(), inv, fill.contiguous(), fill_pos.contiguous())
