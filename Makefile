@@ -12,4 +12,4 @@ demo: install
 	bestrq2 embed runs/demo/example.wav --model runs/demo/encoder --out runs/demo/example_frames.npy
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q

@@ -115,6 +115,20 @@ def _backward(ctx, grad):
     return gx, None, (gpos if ctx.pos_dtype is not None else None)
 
 
+@_gather_fwd.register_fake
+def _gather_fwd_fake(x, idx, pos):  # shapes only: tracing never launches a kernel (also under the interpreter)
+    dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
+    return x.new_empty(x.shape[0], idx.shape[1], x.shape[2], dtype=dtype)
+
+
+@_gather_bwd.register_fake
+def _gather_bwd_fake(grad, inv, x_dtype, pos_dtype):
+    b, m, d = grad.shape
+    n = inv.shape[1]
+    return (grad.new_empty(b, n, d, dtype=x_dtype),
+            grad.new_empty(n if pos_dtype is not None else 0, d, dtype=pos_dtype or torch.float32))
+
+
 _gather_fwd.register_autograd(_backward, setup_context=_setup)
 
 

@@ -142,6 +142,16 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
     return out
 
 
+@_rpq_codes_op.register_fake
+def _rpq_codes_fake(x, projection, codebooks, index):
+    if x.dim() == 3:
+        n = (x.shape[1] // PATCH) * (x.shape[2] // PATCH)
+        m = x.shape[0] * (index.shape[1] if index is not None else n)
+    else:
+        m = x.shape[0]
+    return x.new_empty(m, codebooks.shape[0], dtype=torch.int64)
+
+
 # ------------------------------------------------------------------------------------- public op
 def _validate(x, projection, codebooks, index) -> None:
     check_tensor("x", x, dims=(2, 3), floating=True)

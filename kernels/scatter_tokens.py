@@ -112,6 +112,17 @@ def _backward(ctx, grad):
     return g_ctx, None, g_pos.sum(0).to(ctx.fill_dtype), g_pos.to(ctx.pos_dtype)
 
 
+@_scatter_fwd.register_fake
+def _scatter_fwd_fake(ctx, inv, fill, fill_pos):
+    dtype = torch.promote_types(ctx.dtype, torch.promote_types(fill.dtype, fill_pos.dtype))
+    return ctx.new_empty(ctx.shape[0], inv.shape[1], ctx.shape[2], dtype=dtype)
+
+
+@_scatter_bwd_pos.register_fake
+def _scatter_bwd_pos_fake(grad, inv):
+    return grad.new_empty(grad.shape[1], grad.shape[2], dtype=torch.float32)
+
+
 _scatter_fwd.register_autograd(_backward, setup_context=_setup)
 
 

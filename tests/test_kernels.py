@@ -1,0 +1,312 @@
+"""Triton kernels (under TRITON_INTERPRET=1 on CPU) against their references.
+
+Tolerances: codes by score (chosen cosine within 1e-5 of the best; exact index where the best two
+differ by more than 1e-5); gather/scatter forward are copies and adds done in float32, so exact
+against the reference; gradients: grad_x exact, position/fill grads (sums over the batch in another
+order) within 1e-5 relative in float32. bf16/fp16 storage: inputs are rounded once, then the kernel
+and the reference compute on the same values.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bestrq2 import BestRQ2, BestRQ2Config
+from bestrq2.kernels import (gather_tokens, gather_tokens_ref, rpq_codes, rpq_codes_ref, rpq_scores_ref,
+                             scatter_tokens, scatter_tokens_ref, spec_patches)
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("BESTRQ2_KERNELS", "triton")
+
+
+def quantizer(c, k, d=16):
+    return torch.randn(c, 256, d) * 0.09, F.normalize(torch.randn(c, k, d), dim=-1)
+
+
+def check_codes(codes, patches, p, cb):
+    scores = rpq_scores_ref(patches, p, cb)  # [M, C, K]
+    assert codes.dtype == torch.int64 and codes.shape == scores.shape[:2]
+    chosen = scores.gather(-1, codes[..., None])[..., 0]
+    top2 = scores.topk(2, dim=-1).values
+    assert bool(((top2[..., 0] - chosen).abs() <= 1e-5).all())
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-5
+    assert torch.equal(codes[clear], scores.argmax(-1)[clear])
+
+
+# ------------------------------------------------------------------------------------- rpq_codes
+@pytest.mark.parametrize("c,k", [(1, 8192), (4, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rpq_from_spectrogram_all_tokens(triton_path, c, k, dtype):
+    spec = (torch.randn(2, 128, 16 * 5 + 3) * 20 - 40).to(dtype)  # T not a multiple of 16
+    p, cb = quantizer(c, k)
+    codes = rpq_codes(spec, p, cb)
+    assert codes.shape == (2 * 40, c)
+    check_codes(codes, spec_patches(spec.float()).reshape(-1, 256), p, cb)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample", "one", "all"])
+def test_rpq_masked_tokens_only(triton_path, mode):
+    b, n = 3, 8 * 7
+    spec = torch.randn(b, 128, 16 * 7) * 15 - 30
+    if mode == "shared":
+        idx = torch.randperm(n)[:23].sort().values.expand(b, -1)
+    elif mode == "per_sample":
+        idx = torch.stack([torch.randperm(n)[:23] for _ in range(b)])
+    elif mode == "one":
+        idx = torch.randint(0, n, (b, 1))
+    else:
+        idx = torch.arange(n).expand(b, -1)
+    p, cb = quantizer(2, 333)
+    codes = rpq_codes(spec, p, cb, idx.to(torch.int32))
+    patches = spec_patches(spec, idx).reshape(-1, 256)
+    check_codes(codes, patches, p, cb)
+    check_codes(rpq_codes_ref(spec, p, cb, idx), patches, p, cb)
+
+
+@pytest.mark.parametrize("m", [1, 77, 300])
+def test_rpq_raw_patches_and_single_clip(triton_path, m):
+    x = torch.randn(m, 256) * 10
+    p, cb = quantizer(1, 1537, d=12)  # d below the 16-wide dot tile: padded with zeros in the kernel
+    check_codes(rpq_codes(x, p, cb), x, p, cb)
+    spec = torch.randn(1, 128, 16) * 10  # B = 1, one time patch
+    check_codes(rpq_codes(spec, p, cb), spec_patches(spec).reshape(-1, 256), p, cb)
+
+
+def test_rpq_ties_go_to_lowest_index(triton_path):
+    p, cb = quantizer(1, 700)
+    cb[0, 650] = cb[0, 3]  # exact duplicates, in different codebook tiles
+    cb[0, 4] = cb[0, 3]
+    x = torch.randn(40, 256)
+    z = F.normalize(x @ p[0], dim=-1)
+    cb[0, 3] = z[0]  # row 0's best code is 3 (= 4 = 650 after the copy below)
+    cb[0, 4] = z[0]
+    cb[0, 650] = z[0]
+    codes = rpq_codes(x, p, cb)
+    assert codes[0, 0] == 3
+    assert torch.equal(codes, rpq_codes_ref(x, p, cb))
+
+
+def test_rpq_zero_patch_and_silence(triton_path):
+    p, cb = quantizer(1, 64)
+    spec = torch.full((1, 128, 32), -100.0)
+    spec[..., 16:] = 0.0  # an all-zero patch column: cosine 0 everywhere -> code 0, as torch.argmax
+    codes = rpq_codes(spec, p, cb)
+    assert torch.equal(codes, rpq_codes_ref(spec, p, cb))
+
+
+def test_rpq_validation(triton_path):
+    p, cb = quantizer(1, 64)
+    spec = torch.randn(2, 128, 32)
+    with pytest.raises(ValueError, match=r"index values must lie in \[0, 16\)"):
+        rpq_codes(spec, p, cb, torch.tensor([[0, 16], [1, 2]]))
+    with pytest.raises(ValueError, match="index must be"):
+        rpq_codes(spec, p, cb, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        rpq_codes(spec, p, cb, torch.tensor([[0.0], [1.0]]))
+    with pytest.raises(ValueError, match="projection must be"):
+        rpq_codes(spec, p[:, :100], cb)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        rpq_codes(torch.randn(2, 100, 32), p, cb)
+    with pytest.raises(ValueError, match="256"):
+        rpq_codes(torch.randn(5, 255), p, cb)
+    with pytest.raises(ValueError, match="float32"):
+        rpq_codes(spec.to(torch.float64), p, cb)
+    with pytest.raises(ValueError, match="contiguous"):
+        rpq_codes(spec, p, cb.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def low_precision_ok(kernel: torch.Tensor, torch_lp: torch.Tensor, exact: torch.Tensor) -> bool:
+    """The standard for low precision: relative error vs float32 at most 2x PyTorch's own in that dtype
+    (whose bound is the unit roundoff u = eps / 2). Rounding to bf16/fp16 under the CPU interpreter
+    truncates where CUDA rounds to nearest: < 2u against <= u."""
+    u = torch.finfo(kernel.dtype).eps / 2
+    nz = exact.abs() > 1e-6
+    rel_k = ((kernel.float() - exact).abs()[nz] / exact.abs()[nz]).max()
+    rel_t = ((torch_lp.float() - exact).abs()[nz] / exact.abs()[nz]).max()
+    return bool(rel_t <= u * 1.0001 and rel_k <= 2 * max(float(rel_t), u))
+
+
+# ------------------------------------------------------------------------------------ gather
+SHAPES = [(1, 8, 16, 1), (3, 40, 24, 17), (2, 128, 192, 128), (4, 56, 33, 29)]
+
+
+def perm_rows(b, n, m):
+    return torch.stack([torch.randperm(n)[:m] for _ in range(b)])
+
+
+@pytest.mark.parametrize("b,n,d,m", SHAPES)
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_gather_forward_backward(triton_path, b, n, d, m, with_pos):
+    x = torch.randn(b, n, d, requires_grad=True)
+    pos = torch.randn(n, d, requires_grad=True) if with_pos else None
+    idx = perm_rows(b, n, m)
+    out, ref = gather_tokens(x, idx, pos), gather_tokens_ref(x, idx, pos)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    inputs = (x, pos) if with_pos else (x,)
+    ga, gr = torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)
+    torch.testing.assert_close(ga[0], gr[0], rtol=0, atol=0)
+    if with_pos:
+        torch.testing.assert_close(ga[1], gr[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gather_low_precision_storage(triton_path, dtype):
+    x = torch.randn(3, 40, 24).to(dtype).requires_grad_()
+    pos = torch.randn(40, 24).requires_grad_()
+    idx = perm_rows(3, 40, 11)
+    out, ref = gather_tokens(x, idx, pos), gather_tokens_ref(x, idx, pos)
+    assert out.dtype == ref.dtype == torch.float32  # x + pos promotes, as in PyTorch
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    ga, gr = torch.autograd.grad(out, (x, pos), g), torch.autograd.grad(ref, (x, pos), g)
+    assert ga[0].dtype == dtype
+    # the low-precision grad is a rounding of a float32 value: error vs float32 at most 2x PyTorch's own
+    x32 = x.detach().float().requires_grad_()
+    exact = torch.autograd.grad(gather_tokens_ref(x32, idx, pos), x32, g)[0]
+    assert low_precision_ok(ga[0], gr[0], exact)
+    torch.testing.assert_close(ga[1], gr[1], rtol=1e-5, atol=1e-6)
+    xo = gather_tokens(x, idx)
+    assert xo.dtype == dtype and torch.equal(xo, gather_tokens_ref(x, idx))
+
+
+def test_gather_backward_deterministic(triton_path):
+    x = torch.randn(8, 64, 48, requires_grad=True)
+    pos = torch.randn(64, 48, requires_grad=True)
+    idx = torch.randperm(64)[:30].expand(8, -1)  # a shared mask: every clip hits the same positions
+    g = torch.randn(8, 30, 48)
+    first = torch.autograd.grad(gather_tokens(x, idx, pos), (x, pos), g)
+    second = torch.autograd.grad(gather_tokens(x, idx, pos), (x, pos), g)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_gather_validation(triton_path):
+    x = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
+        gather_tokens(x, torch.tensor([[0, 10], [1, 2]]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
+        gather_tokens(x, torch.tensor([[0, -1], [1, 2]]))
+    with pytest.raises(ValueError, match="unique"):
+        gather_tokens(x, torch.tensor([[3, 3], [1, 2]]))
+    with pytest.raises(ValueError, match="pos must be"):
+        gather_tokens(x, torch.tensor([[0], [1]]), torch.randn(9, 4))
+    with pytest.raises(ValueError, match="idx must be"):
+        gather_tokens(x, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="3 dims"):
+        gather_tokens(x[0], torch.tensor([[0]]))
+
+
+# ----------------------------------------------------------------------------------- scatter
+def split_rows(b, n, m, shared=False):
+    perm = torch.randperm(n).expand(b, -1) if shared else torch.stack([torch.randperm(n) for _ in range(b)])
+    ctx_idx, fill_idx = perm[:, :m].sort(dim=1).values, perm[:, m:].sort(dim=1).values
+    return ctx_idx.contiguous(), fill_idx.contiguous()
+
+
+@pytest.mark.parametrize("b,n,d,m", [(1, 8, 16, 1), (3, 40, 24, 17), (2, 128, 64, 127), (4, 56, 33, 29)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_scatter_forward_backward(triton_path, b, n, d, m, shared):
+    ctx = torch.randn(b, m, d, requires_grad=True)
+    fill = torch.randn(d, requires_grad=True)
+    pos = torch.randn(n, d, requires_grad=True)
+    ci, fi = split_rows(b, n, m, shared)
+    out, ref = scatter_tokens(ctx, ci, fill, fi, pos), scatter_tokens_ref(ctx, ci, fill, fi, pos)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    ga, gr = torch.autograd.grad(out, (ctx, fill, pos), g), torch.autograd.grad(ref, (ctx, fill, pos), g)
+    torch.testing.assert_close(ga[0], gr[0], rtol=0, atol=0)
+    torch.testing.assert_close(ga[1], gr[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga[2], gr[2], rtol=1e-5, atol=1e-6)
+
+
+def test_scatter_low_precision_and_determinism(triton_path):
+    ctx = torch.randn(3, 20, 24).to(torch.bfloat16).requires_grad_()
+    fill = torch.randn(24).requires_grad_()
+    pos = torch.randn(48, 24).requires_grad_()
+    ci, fi = split_rows(3, 48, 20)
+    out, ref = scatter_tokens(ctx, ci, fill, fi, pos), scatter_tokens_ref(ctx, ci, fill, fi, pos)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    ga = torch.autograd.grad(scatter_tokens(ctx, ci, fill, fi, pos), (ctx, fill, pos), g)
+    gb = torch.autograd.grad(scatter_tokens(ctx, ci, fill, fi, pos), (ctx, fill, pos), g)
+    gr = torch.autograd.grad(ref, (ctx, fill, pos), g)
+    assert ga[0].dtype == torch.bfloat16 and all(torch.equal(a, b) for a, b in zip(ga, gb))
+    exact = torch.gather(g, 1, ci[..., None].expand(-1, -1, 24))  # grad of ctx in float32
+    assert low_precision_ok(ga[0], gr[0], exact)
+    torch.testing.assert_close(ga[2], gr[2], rtol=1e-5, atol=1e-6)
+
+
+def test_scatter_validation(triton_path):
+    ctx, fill, pos = torch.randn(2, 3, 4), torch.randn(4), torch.randn(6, 4)
+    ci, fi = split_rows(2, 6, 3)
+    bad = fi.clone()
+    bad[0, 0] = ci[0, 0]
+    with pytest.raises(ValueError, match="permutation"):
+        scatter_tokens(ctx, ci, fill, bad, pos)
+    with pytest.raises(ValueError, match=r"lie in \[0, 6\)"):
+        scatter_tokens(ctx, ci, fill, fi + 10, pos)
+    with pytest.raises(ValueError, match="fill must be"):
+        scatter_tokens(ctx, ci, torch.randn(5), fi, pos)
+    with pytest.raises(ValueError, match="fill_pos must be"):
+        scatter_tokens(ctx, ci, fill, fi, torch.randn(7, 4))
+
+
+# ------------------------------------------------------------------------------ dispatch, model
+def test_backend_variable(monkeypatch):
+    from bestrq2.kernels import backend
+
+    monkeypatch.setenv("BESTRQ2_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="BESTRQ2_KERNELS"):
+        backend()
+    monkeypatch.setenv("BESTRQ2_KERNELS", "reference")
+    assert backend() == "reference"
+
+
+def test_ops_trace_without_graph_breaks(triton_path):
+    """Dynamo sees the registered bestrq2:: ops as single nodes: one frame, fullgraph, same numbers.
+    (aot/inductor compilation of the Triton kernels needs a GPU: the interpreter cannot run them
+    on fake tensors; the GPU suite covers it.)"""
+    import torch._dynamo.testing
+
+    b, n, d, m = 2, 32, 8, 9
+    x = torch.randn(b, n, d, requires_grad=True)
+    pos, fill = torch.randn(n, d), torch.randn(d)
+    ci, fi = split_rows(b, n, m)
+    spec = torch.randn(b, 128, 64)
+    p, cb = quantizer(1, 100)
+
+    def f(x):
+        y = scatter_tokens(gather_tokens(x, ci, pos) * 2, ci, fill, fi, pos)
+        return y.square().sum(), rpq_codes(spec, p, cb, fi)
+
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    (la, ca), (lb, cb_) = compiled(x), f(x)
+    assert counter.frame_count == 1
+    assert la.item() == lb.item() and torch.equal(ca, cb_)
+    torch.testing.assert_close(torch.autograd.grad(la, x)[0], torch.autograd.grad(lb, x)[0])
+
+
+@pytest.mark.parametrize("one_stage", [False, True])
+@pytest.mark.parametrize("mask_mode", ["shared", "per_sample"])
+def test_training_step_same_with_triton_and_reference(monkeypatch, one_stage, mask_mode):
+    cfg = BestRQ2Config.preset("tiny", encoder_depth=2, predictor_depth=1, one_stage=one_stage,
+                               mask_mode=mask_mode, num_codebooks=2, codebook_size=1024)
+    model = BestRQ2(cfg)
+    wave = torch.randn(3, 40_000) * 0.1
+    mask = model(wave).mask  # one draw, used by both paths
+    results = {}
+    for path in ("reference", "triton"):
+        monkeypatch.setenv("BESTRQ2_KERNELS", path)
+        model.zero_grad()
+        torch.manual_seed(123)  # the same drop-path draws on both paths
+        out = model(wave, mask=mask)
+        out.loss.backward()
+        results[path] = (out.loss.detach(), out.targets, {k: p.grad.clone() for k, p in model.named_parameters()})
+    (la, ta, ga), (lb, tb, gb) = results["reference"], results["triton"]
+    assert torch.equal(ta, tb)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6, msg=k)
