@@ -52,6 +52,7 @@ class BestRQ2Config:
     # variants
     one_stage: bool = False  # True: the paper's BEST-RQ (ViT) baseline, no predictor
     pos_layout: str = "grid"  # "grid": each (f, t) cell its own sincos row; "official": authors' quirk
+    fused_head: bool = True  # head + cross-entropy in row chunks (kernels.linear_cross_entropy)
     loss_on_padding: bool = False  # True restores the paper's code: fully padded patches are targets too
     seed: int = 0  # seed of the frozen quantizer (and of weight init when built through the CLI)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, saved with the config

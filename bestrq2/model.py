@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .config import BestRQ2Config
 from .frontend import LogMel
 from .inputs import check_wave
-from .kernels import gather_tokens, rpq_codes, scatter_tokens
+from .kernels import gather_tokens, linear_cross_entropy, rpq_codes, scatter_tokens
 from .masking import check_mask, mask_to_indices, sample_mask
 from .positions import positions_for
 from .quantizer import RandomProjectionQuantizer
@@ -28,11 +28,19 @@ IGNORE = -100
 @dataclass
 class PretrainOutput:
     loss: torch.Tensor  # [] mean cross-entropy over masked targets (mean over codebooks)
-    logits: torch.Tensor  # [B, M, C, K] at the masked positions (ascending token order)
     targets: torch.Tensor  # int64 [B, M, C]; -100 where a patch lies wholly in padding
     mask: torch.Tensor  # bool [B, N], True = masked
     mask_idx: torch.Tensor  # int64 [B, M]
     accuracy: torch.Tensor  # [] top-1 accuracy over the counted targets (no grad)
+    hidden: torch.Tensor  # [B, M, D] the head's input at the masked positions
+    head: nn.Linear
+    num_codebooks: int
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, M, C, K] at the masked positions (ascending token order). Computed on demand: the fused
+        head never materialises them during training."""
+        return self.head(self.hidden).unflatten(-1, (self.num_codebooks, -1))
 
 
 class BestRQ2(nn.Module):
@@ -103,9 +111,26 @@ class BestRQ2(nn.Module):
             h = self._one_stage(tokens, mask, mask_idx, grid.width)
         else:
             h = self._two_stage(tokens, mask_idx, keep_idx, grid.width)
-        logits = self.head(h).unflatten(-1, (cfg.num_codebooks, cfg.codebook_size))  # [B, M, C, K]
-        loss, acc = masked_code_loss(logits, targets)
-        return PretrainOutput(loss, logits, targets, mask, mask_idx, acc)
+        loss, acc = self._head_loss(h, targets, check_empty=grid.target_padding is not None)
+        return PretrainOutput(loss, targets, mask, mask_idx, acc, h, self.head, cfg.num_codebooks)
+
+    def _head_loss(self, h: torch.Tensor, targets: torch.Tensor, check_empty: bool):
+        cfg = self.config
+        if check_empty and not bool((targets != IGNORE).any()):  # a batch of padding only
+            return h.sum() * 0.0 + self.head.weight.sum() * 0.0, torch.zeros((), device=h.device)
+        if not cfg.fused_head:
+            return masked_code_loss(self.head(h).unflatten(-1, (cfg.num_codebooks, cfg.codebook_size)), targets)
+        w, b = self.head.weight, self.head.bias
+        if h.is_cuda and torch.is_autocast_enabled("cuda"):  # what nn.Linear would run in under autocast
+            dt = torch.get_autocast_dtype("cuda")
+            h, w, b = h.to(dt), w.to(dt), b.to(dt)
+        else:
+            h = h.to(w.dtype)
+        c, d = cfg.num_codebooks, h.shape[-1]
+        with torch.autocast(h.device.type, enabled=False):
+            loss, acc = linear_cross_entropy(h.reshape(-1, d), w.view(c, -1, d), b.view(c, -1),
+                                             targets.reshape(-1, c), IGNORE)
+        return loss, acc.mean()
 
     def _two_stage(self, tokens, mask_idx, keep_idx, width):
         cfg = self.config

@@ -7,8 +7,10 @@ ops are registered with ``torch.library`` (``bestrq2::*``) so torch.compile trac
 """
 from ._dispatch import backend
 from .gather_tokens import gather_tokens, gather_tokens_ref
+from .linear_cross_entropy import choose_chunk, linear_cross_entropy, linear_cross_entropy_ref
 from .rpq_codes import rpq_codes, rpq_codes_ref, rpq_scores_ref, spec_patches
 from .scatter_tokens import scatter_tokens, scatter_tokens_ref
 
-__all__ = ["backend", "gather_tokens", "gather_tokens_ref", "rpq_codes", "rpq_codes_ref", "rpq_scores_ref",
+__all__ = ["backend", "choose_chunk", "gather_tokens", "gather_tokens_ref", "linear_cross_entropy",
+           "linear_cross_entropy_ref", "rpq_codes", "rpq_codes_ref", "rpq_scores_ref",
            "scatter_tokens", "scatter_tokens_ref", "spec_patches"]

@@ -1,0 +1,188 @@
+"""Prediction head + cross-entropy that never holds all the logits.
+
+``linear_cross_entropy(h, weight, bias, targets, ignore_index=-100) -> (loss, accuracy)``
+
+- h [M, D]; weight [C, K, D]; bias [C, K] or None; targets int [M, C] (ignore_index skipped).
+- loss: mean over codebooks of each codebook's mean cross-entropy over its non-ignored rows
+  (= mean_c F.cross_entropy(h @ W_c^T + b_c, targets[:, c])); accuracy: float32 [C] top-1 accuracy
+  per codebook (no grad).
+
+How: rows are processed in chunks. Per chunk and codebook, the logits come from one matmul (cuBLAS),
+a Triton kernel computes each row's log-sum-exp (online, over K tiles), loss and argmax, and
+overwrites the logits in place with d loss / d logits; then two more matmuls give the chunk's
+contribution to grad_h and grad_W. Gradients are computed during the forward (the loss is a scalar:
+the backward only scales them). grad_W and grad_b accumulate in float32 across chunks whatever the
+input dtype; each chunk's product is rounded once to the input dtype before that accumulation.
+
+Chunk rule (``choose_chunk``): rows = min(M, ceil(M / 8), budget // (K * itemsize)), at least 64,
+with budget = 64 MiB (on CUDA: min(256 MiB, free memory / 8)). The live extra memory is one chunk of
+logits (<= budget, <= 1/8 of the full logits) plus grad_h [M, D] and float32 grad_W [C, K, D].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+
+IGNORE = -100
+
+
+def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor, ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused: full logits [M, C, K], then F.cross_entropy per codebook."""
+    logits = torch.einsum("md,ckd->mck", h, weight)
+    if bias is not None:
+        logits = logits + bias
+    c = weight.shape[0]
+    t = targets.long()
+    losses = [F.cross_entropy(logits[:, i], t[:, i], ignore_index=ignore_index) for i in range(c)]
+    with torch.no_grad():
+        valid = t != ignore_index
+        hit = (logits.argmax(-1) == t) & valid
+        acc = hit.sum(0).float() / valid.sum(0).clamp_min(1).float()
+    return torch.stack(losses).mean(), acc
+
+
+def choose_chunk(m: int, k: int, itemsize: int, device: torch.device) -> int:
+    budget = 64 << 20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(256 << 20, free // 8)
+    by_mem = max(64, budget // max(1, k * itemsize))
+    by_share = max(64, math.ceil(m / 8))
+    return int(max(1, min(m, by_mem, by_share)))
+
+
+@triton.jit
+def _ce_rows_kernel(logits_ptr, stride_row, targets_ptr, stride_t, loss_ptr, hit_ptr, K, scale_ptr, ignore_index,
+                    BLOCK_K: tl.constexpr):
+    """One row: lse, loss, argmax hit; then logits <- (softmax - onehot) * scale (0 for ignored rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row * stride_t).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    run_max = tl.full((), float("-inf"), tl.float32)
+    run_sum = tl.zeros((), tl.float32)
+    best_idx = tl.zeros((), tl.int64)
+    x_target = tl.zeros((), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + kk) < K
+        x = tl.load(base + k0 + kk, mask=kmask, other=float("-inf")).to(tl.float32)
+        tile_max = tl.max(x, axis=0)
+        tile_arg = tl.argmax(x, axis=0).to(tl.int64) + k0
+        best_idx = tl.where(tile_max > run_max, tile_arg, best_idx)
+        new_max = tl.maximum(run_max, tile_max)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        run_max = new_max
+        x_target += tl.sum(tl.where((k0 + kk) == target, x, 0.0), axis=0)
+    lse = run_max + tl.log(run_sum)
+    valid = target != ignore_index
+    tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
+    tl.store(hit_ptr + row, (valid & (best_idx == target)).to(tl.int32))
+    row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + kk) < K
+        x = tl.load(base + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where((k0 + kk) == target, 1.0, 0.0)
+        tl.store(base + k0 + kk, (g * row_scale).to(logits_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton_op("bestrq2::ce_rows_", mutates_args={"logits"})
+def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, k = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    hit = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    block = block_for(k, 65536 if interpreting() else 4096)
+    wrap_triton(_ce_rows_kernel)[(rows,)](logits, logits.stride(0), targets, targets.stride(0), loss, hit, k,
+                                          scale, ignore_index, BLOCK_K=block)
+    return loss, hit
+
+
+@_ce_rows.register_fake
+def _ce_rows_fake(logits, targets, scale, ignore_index):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.int32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index, chunk):
+        m, d = h.shape
+        c, k, _ = weight.shape
+        t = targets.long()
+        valid = t != ignore_index  # [M, C]
+        n_valid = valid.sum(0)  # [C]
+        grad_h = torch.zeros(m, d, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(c, k, d, dtype=torch.float32, device=h.device)
+        grad_b = torch.zeros(c, k, dtype=torch.float32, device=h.device) if bias is not None else None
+        loss_sum = torch.zeros(c, dtype=torch.float32, device=h.device)
+        hits = torch.zeros(c, dtype=torch.float32, device=h.device)
+        # d loss / d logit scale: mean over each codebook's valid rows, then over codebooks. A tensor,
+        # so nothing syncs with the host (a codebook with no valid row gives nan, as F.cross_entropy)
+        scales = 1.0 / (n_valid.float() * c)
+        for ci in range(c):
+            w = weight[ci]
+            for r0 in range(0, m, chunk):
+                hc = h[r0: r0 + chunk]
+                logits = hc @ w.T if bias is None else torch.addmm(bias[ci], hc, w.T)
+                tc = t[r0: r0 + chunk, ci].contiguous()
+                loss_rows, hit_rows = _ce_rows(logits, tc, scales[ci: ci + 1], ignore_index)  # logits now hold the grad
+                loss_sum[ci] += loss_rows.sum()
+                hits[ci] += hit_rows.sum()
+                grad_h[r0: r0 + chunk] += (logits @ w).float()
+                grad_w[ci] += (logits.T @ hc).float()
+                if grad_b is not None:
+                    grad_b[ci] += logits.float().sum(0)
+        per_cb = loss_sum / n_valid.float()
+        loss = per_cb.mean()
+        acc = hits / n_valid.clamp_min(1).float()
+        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_h.new_empty(0))
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(acc)
+        return loss, acc
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_acc):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        hd, wd, bd = ctx.dtypes
+        gh = (grad_h * grad_loss).to(hd) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_loss).to(wd) if ctx.needs_input_grad[1] else None
+        gb = (grad_b * grad_loss).to(bd) if bd is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         ignore_index: int = IGNORE, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy [C]); fused on CUDA, the unfused reference on CPU (``BESTRQ2_KERNELS``)."""
+    check_tensor("h", h, dims=(2,), floating=True)
+    check_tensor("weight", weight, dims=(3,), floating=True)
+    check_tensor("targets", targets, dims=(2,), integer=True)
+    m, d = h.shape
+    c, k, dw = weight.shape
+    need(dw == d, f"weight must be [C, K, D] with D = {d} (h is {list(h.shape)}), got {list(weight.shape)}")
+    need(weight.dtype == h.dtype, f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}")
+    need(targets.shape == (m, c), f"targets must be [M, C] = {[m, c]}, got {list(targets.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dims=(2,), floating=True)
+        need(bias.shape == (c, k), f"bias must be [C, K] = {[c, k]}, got {list(bias.shape)}")
+    same_device(h=h, weight=weight, bias=bias, targets=targets)
+    need(m >= 1, "h has no rows")
+    if checking():
+        t = targets.long()
+        bad = (t != ignore_index) & ((t < 0) | (t >= k))
+        need(not bool(bad.any()), f"targets must lie in [0, {k}) or equal ignore_index={ignore_index}; "
+                                  f"got {t[bad][:5].tolist()}")
+    if not use_triton(h):
+        return linear_cross_entropy_ref(h, weight, bias, targets, ignore_index)
+    if chunk is None:
+        chunk = choose_chunk(m, k, h.element_size(), h.device)
+    need(chunk >= 1, f"chunk must be >= 1, got {chunk}")
+    return _LinearCrossEntropy.apply(h.contiguous(), weight.contiguous(),
+                                     None if bias is None else bias.contiguous(), targets, ignore_index, chunk)
