@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._rounding import round_to_bf16_rtne
 from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
 
 IGNORE = -100
@@ -61,7 +62,7 @@ def choose_chunk(m: int, k: int, itemsize: int, device: torch.device) -> int:
 
 @triton.jit
 def _ce_rows_kernel(logits_ptr, stride_row, targets_ptr, stride_t, loss_ptr, hit_ptr, K, scale_ptr, ignore_index,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr):
     """One row: lse, loss, argmax hit; then logits <- (softmax - onehot) * scale (0 for ignored rows)."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -89,8 +90,10 @@ def _ce_rows_kernel(logits_ptr, stride_row, targets_ptr, stride_t, loss_ptr, hit
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + kk) < K
         x = tl.load(base + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where((k0 + kk) == target, 1.0, 0.0)
-        tl.store(base + k0 + kk, (g * row_scale).to(logits_ptr.dtype.element_ty), mask=kmask)
+        g = (tl.exp(x - lse) - tl.where((k0 + kk) == target, 1.0, 0.0)) * row_scale
+        if IS_BF16:
+            g = round_to_bf16_rtne(g)
+        tl.store(base + k0 + kk, g.to(logits_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton_op("bestrq2::ce_rows_", mutates_args={"logits"})
@@ -101,7 +104,8 @@ def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, i
     hit = torch.empty(rows, dtype=torch.int32, device=logits.device)
     block = block_for(k, 65536 if interpreting() else 4096)
     wrap_triton(_ce_rows_kernel)[(rows,)](logits, logits.stride(0), targets, targets.stride(0), loss, hit, k,
-                                          scale, ignore_index, BLOCK_K=block)
+                                          scale, ignore_index, BLOCK_K=block,
+                                          IS_BF16=logits.dtype == torch.bfloat16)
     return loss, hit
 
 

@@ -74,16 +74,19 @@ def test_rpq_raw_patches_and_single_clip(triton_path, m):
 
 
 def test_rpq_ties_go_to_lowest_index(triton_path):
-    p, cb = quantizer(1, 700)
-    cb[0, 650] = cb[0, 3]  # exact duplicates, in different codebook tiles
-    cb[0, 4] = cb[0, 3]
-    x = torch.randn(40, 256)
-    z = F.normalize(x @ p[0], dim=-1)
-    cb[0, 3] = z[0]  # row 0's best code is 3 (= 4 = 650 after the copy below)
-    cb[0, 4] = z[0]
-    cb[0, 650] = z[0]
+    """Exact ties: z = e_0 exactly (one projection column), and codes 3, 4 and 650 equal e_0, so their
+    cosines are exactly 1.0 while every other code scores below. torch.argmax picks 3; so must we,
+    even though 650 lies in a later codebook tile on the GPU."""
+    p = torch.zeros(1, 256, 16)
+    p[0, :, 0] = torch.rand(256) + 0.1
+    cb = F.normalize(torch.randn(1, 700, 16), dim=-1)
+    e0 = torch.zeros(16)
+    e0[0] = 1.0
+    for k in (3, 4, 650):
+        cb[0, k] = e0
+    x = torch.rand(40, 256) + 0.1  # positive: x @ p[:, 0] > 0
     codes = rpq_codes(x, p, cb)
-    assert codes[0, 0] == 3
+    assert bool((codes[:, 0] == 3).all())
     assert torch.equal(codes, rpq_codes_ref(x, p, cb))
 
 
