@@ -14,6 +14,7 @@ PATCH = 16
 REFERENCE_TIME_PATCHES = 16  # a 10 s clip gives 16 time patches: the 8 x 16 grid
 
 MASK_MODES = ("shared", "per_sample")
+ATTENTION = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")
 POS_LAYOUTS = ("grid", "official")
 
 
@@ -49,6 +50,8 @@ class BestRQ2Config:
     mask_ratio_min: float = 0.4
     mask_ratio_max: float = 0.6
     mask_mode: str = "shared"  # "shared" (paper) | "per_sample"
+    mask_equal_counts: bool = True  # per_sample only: False draws each clip's own ratio (ragged batches)
+    attention: str = "auto"  # auto | flash_attn | fa4 | sdpa | math | triton (env BESTRQ2_ATTENTION wins)
     # variants
     one_stage: bool = False  # True: the paper's BEST-RQ (ViT) baseline, no predictor
     pos_layout: str = "grid"  # "grid": each (f, t) cell its own sincos row; "official": authors' quirk
@@ -83,6 +86,9 @@ class BestRQ2Config:
         need(0.0 <= self.mask_ratio_min <= self.mask_ratio_max < 1.0,
              f"need 0 <= mask_ratio_min <= mask_ratio_max < 1 (got {self.mask_ratio_min}, {self.mask_ratio_max})")
         need(self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES} (got {self.mask_mode!r})")
+        need(self.attention in ATTENTION, f"attention must be one of {ATTENTION} (got {self.attention!r})")
+        need(self.mask_equal_counts or self.mask_mode == "per_sample",
+             "mask_equal_counts=False needs mask_mode='per_sample' (a shared mask has one count)")
         need(self.pos_layout in POS_LAYOUTS, f"pos_layout must be one of {POS_LAYOUTS} (got {self.pos_layout!r})")
         need(0.0 <= self.encoder_drop_path < 1.0 and 0.0 <= self.predictor_drop_path < 1.0,
              "drop path rates must lie in [0, 1)")

@@ -35,7 +35,7 @@ class BestRQ2Encoder(nn.Module):
         self.frontend = LogMel()
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)
         self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
-                                   cfg.encoder_drop_path)
+                                   cfg.encoder_drop_path, cfg.attention)
         self.eval()
 
     @property

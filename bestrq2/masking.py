@@ -19,9 +19,16 @@ def mask_count(num_tokens: int, ratio: float) -> int:
 
 def sample_mask(batch: int, num_tokens: int, ratio_range: tuple[float, float] = (0.4, 0.6),
                 mode: str = "shared", generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """bool [batch, num_tokens], True = masked."""
+                device: torch.device | str = "cpu", equal_counts: bool = True) -> torch.Tensor:
+    """bool [batch, num_tokens], True = masked. ``equal_counts=False`` (per_sample only): every clip
+    draws its own ratio, so counts differ (a ragged batch)."""
     lo, hi = ratio_range
+    if mode == "per_sample" and not equal_counts:
+        r = lo + (hi - lo) * torch.rand(batch, generator=generator)
+        k = torch.tensor([mask_count(num_tokens, float(x)) for x in r])
+        order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)
+        rank = order.argsort(dim=1)  # rank[b, n]: where token n falls in clip b's random order
+        return (rank < k[:, None]).to(device)
     r = lo + (hi - lo) * torch.rand((), generator=generator).item()
     k = mask_count(num_tokens, r)
     if mode == "shared":
@@ -37,8 +44,9 @@ def sample_mask(batch: int, num_tokens: int, ratio_range: tuple[float, float] = 
     raise ValueError(f"mask mode must be 'shared' or 'per_sample', got {mode!r}")
 
 
-def check_mask(mask: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
-    """Accept bool [N] or [B, N]; return bool [B, N] with an equal count >= 1 per row."""
+def check_mask(mask: torch.Tensor, batch: int, num_tokens: int, equal_counts: bool = True) -> torch.Tensor:
+    """Accept bool [N] or [B, N]; return bool [B, N] with a count in [1, N - 1] per row (equal across
+    rows unless ``equal_counts`` is False)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError("mask must be a bool tensor (True = masked)")
     if mask.dim() == 1:
@@ -46,15 +54,17 @@ def check_mask(mask: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
     if mask.dim() != 2 or mask.shape != (batch, num_tokens):
         raise ValueError(f"mask must have shape [{num_tokens}] or [{batch}, {num_tokens}], got {list(mask.shape)}")
     counts = mask.sum(dim=1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError(f"every clip needs the same number of masked tokens, got {counts.tolist()}")
-    if int(counts[0]) < 1 or int(counts[0]) >= num_tokens:
-        raise ValueError(f"mask must hide between 1 and N - 1 = {num_tokens - 1} tokens, got {int(counts[0])}")
+    if equal_counts and bool((counts != counts[0]).any()):
+        raise ValueError(f"every clip needs the same number of masked tokens, got {counts.tolist()} "
+                         "(set mask_equal_counts=False with mask_mode='per_sample' for ragged masks)")
+    if bool((counts < 1).any()) or bool((counts >= num_tokens).any()):
+        raise ValueError(f"mask must hide between 1 and N - 1 = {num_tokens - 1} tokens per clip, "
+                         f"got {counts.tolist()}")
     return mask
 
 
 def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [B, N] -> (masked idx [B, M], visible idx [B, N - M]), each ascending.
+    """bool [B, N] with equal counts -> (masked idx [B, M], visible idx [B, N - M]), each ascending.
 
     A stable argsort of the mask puts visible positions first, then masked, each in order.
     """
@@ -62,3 +72,20 @@ def mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = int(mask[0].sum())
     order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
     return order[:, n - m:], order[:, : n - m]
+
+
+def ragged_indices(mask: torch.Tensor):
+    """bool [B, N] with unequal counts -> padded index sets.
+
+    Returns (mask_idx [B, M_max], mask_valid [B, M_max], keep_idx [B, V_max], keep_pad [B, V_max],
+    rest [B, N - V_max]). Row b's real masked (visible) tokens come first, ascending; the tail of a
+    shorter row is filled with other tokens of that row (so indices stay unique) flagged invalid/pad.
+    """
+    n = mask.shape[1]
+    counts = mask.sum(1)
+    m_max, v_max = int(counts.max()), int(n - counts.min())
+    keep_order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices  # visible first
+    mask_order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # masked first
+    mask_idx, keep_idx = mask_order[:, :m_max], keep_order[:, :v_max]
+    return (mask_idx, torch.gather(mask, 1, mask_idx), keep_idx, torch.gather(mask, 1, keep_idx),
+            keep_order[:, v_max:])

@@ -16,7 +16,7 @@ from .config import BestRQ2Config
 from .frontend import LogMel
 from .inputs import check_wave
 from .kernels import gather_tokens, linear_cross_entropy, rpq_codes, scatter_tokens
-from .masking import check_mask, mask_to_indices, sample_mask
+from .masking import check_mask, mask_to_indices, ragged_indices, sample_mask
 from .positions import positions_for
 from .quantizer import RandomProjectionQuantizer
 from .tokens import wave_to_grid
@@ -54,7 +54,7 @@ class BestRQ2(nn.Module):
                                                    cfg.num_codebooks, seed=cfg.seed)
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)  # = Conv2d(1, D, 16, stride 16)
         self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
-                                   cfg.encoder_drop_path)
+                                   cfg.encoder_drop_path, cfg.attention)
         if cfg.one_stage:
             head_dim = cfg.encoder_dim
             self.predictor_input_proj = None
@@ -63,7 +63,7 @@ class BestRQ2(nn.Module):
             head_dim = cfg.predictor_dim
             self.predictor_input_proj = nn.Linear(cfg.encoder_dim, cfg.predictor_dim)
             self.predictor = Transformer(cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_heads,
-                                         cfg.mlp_ratio, cfg.predictor_drop_path)
+                                         cfg.mlp_ratio, cfg.predictor_drop_path, cfg.attention)
         self.mask_token = nn.Parameter(torch.zeros(head_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(head_dim, cfg.num_codebooks * cfg.codebook_size)
@@ -95,9 +95,15 @@ class BestRQ2(nn.Module):
         b, n = grid.raw.shape[:2]
         if mask is None:
             mask = sample_mask(b, n, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
-                               generator=generator, device=wave.device)
-        mask = check_mask(mask.to(wave.device), b, n)
-        mask_idx, keep_idx = mask_to_indices(mask)
+                               generator=generator, device=wave.device, equal_counts=cfg.mask_equal_counts)
+        mask = check_mask(mask.to(wave.device), b, n, equal_counts=cfg.mask_equal_counts)
+        counts = mask.sum(1)
+        ragged = bool((counts != counts[0]).any())
+        if ragged:  # unequal counts: padded index sets, padding flagged
+            mask_idx, mask_valid, keep_idx, keep_pad, rest = ragged_indices(mask)
+        else:
+            mask_idx, keep_idx = mask_to_indices(mask)
+            mask_valid, keep_pad, rest = None, None, mask_idx
 
         with torch.no_grad():  # codes of the masked patches only, read straight from the spectrogram
             q = self.quantizer
@@ -105,13 +111,15 @@ class BestRQ2(nn.Module):
             if grid.target_padding is not None and not cfg.loss_on_padding:
                 pad = torch.gather(grid.target_padding, 1, mask_idx)
                 targets = targets.masked_fill(pad[..., None], IGNORE)
+            if mask_valid is not None:
+                targets = targets.masked_fill(~mask_valid[..., None], IGNORE)
 
         tokens = self.patch_embed(grid.raw)  # [B, N, De]
         if cfg.one_stage:
             h = self._one_stage(tokens, mask, mask_idx, grid.width)
         else:
-            h = self._two_stage(tokens, mask_idx, keep_idx, grid.width)
-        loss, acc = self._head_loss(h, targets, check_empty=grid.target_padding is not None)
+            h = self._two_stage(tokens, mask_idx, keep_idx, grid.width, mask, keep_pad, rest)
+        loss, acc = self._head_loss(h, targets, check_empty=grid.target_padding is not None or ragged)
         return PretrainOutput(loss, targets, mask, mask_idx, acc, h, self.head, cfg.num_codebooks)
 
     def _head_loss(self, h: torch.Tensor, targets: torch.Tensor, check_empty: bool):
@@ -132,14 +140,17 @@ class BestRQ2(nn.Module):
                                              targets.reshape(-1, c), IGNORE)
         return loss, acc.mean()
 
-    def _two_stage(self, tokens, mask_idx, keep_idx, width):
+    def _two_stage(self, tokens, mask_idx, keep_idx, width, mask, keep_pad=None, rest=None):
         cfg = self.config
         n = tokens.shape[1]
         visible = gather_tokens(tokens, keep_idx, self._pos_table(n, width, cfg.encoder_dim))
-        context = self.encoder(visible)  # [B, N - M, De]
+        context = self.encoder(visible, keep_pad)  # [B, V, De]; a ragged row's tail is padding
         ctx = self.predictor_input_proj(context)
         # grid order: context at its slots (no position added), mask token + position elsewhere
-        pred_in = scatter_tokens(ctx, keep_idx, self.mask_token, mask_idx, self._pos_table(n, width, cfg.predictor_dim))
+        pos_pred = self._pos_table(n, width, cfg.predictor_dim)
+        pred_in = scatter_tokens(ctx, keep_idx, self.mask_token, rest, pos_pred)
+        if keep_pad is not None:  # padding slots of short rows are masked tokens: give them the mask token
+            pred_in = torch.where(mask[..., None], (self.mask_token + pos_pred).to(pred_in.dtype), pred_in)
         pred = self.predictor(pred_in)
         return gather_tokens(pred, mask_idx)
 

@@ -1,12 +1,16 @@
 """Pre-norm ViT blocks (timm layout and key names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2).
 
-Shapes: x [B, L, D]; ``key_padding`` bool [B, L], True = padding (never attended).
+Shapes: x [B, L, D]; ``key_padding`` bool [B, L], True = padding (never attended). With a varlen
+attention backend and padding present, the blocks run on the valid tokens only, packed end to end
+(LayerNorm and MLP are per token), and the result is scattered back: no compute on padding.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .attention import VARLEN, dense_attention, resolve, varlen_attention
 
 
 class DropPath(nn.Module):
@@ -31,12 +35,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn_mask = None if key_padding is None else (~key_padding)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
+                packed: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """x [B, L, D], or [T, D] packed when ``packed = (cu_seqlens, max_seqlen)``."""
+        d = x.shape[-1]
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, d // self.heads))
+        if packed is not None:
+            out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], packed[0], packed[1], backend)
+        else:
+            out = dense_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], backend, key_padding)
+        return self.proj(out.flatten(-2))
 
 
 class Mlp(nn.Module):
@@ -59,24 +67,53 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), key_padding))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
+                packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.norm1(x), key_padding, backend, packed), sample_of)
+        return x + self._drop(self.mlp(self.norm2(x)), sample_of)
+
+    def _drop(self, branch: torch.Tensor, sample_of: torch.Tensor | None) -> torch.Tensor:
+        if sample_of is None:
+            return self.drop_path(branch)
+        # packed tokens: drop per clip, not per token (sample_of[t] = clip of token t)
+        if self.drop_path.p == 0.0 or not self.training:
+            return branch
+        keep = 1.0 - self.drop_path.p
+        per_clip = branch.new_empty(int(sample_of.max()) + 1).bernoulli_(keep) / keep
+        return branch * per_clip[sample_of][:, None]
 
 
 class Transformer(nn.Module):
     """``depth`` blocks and a final LayerNorm; drop path rises linearly from 0 to ``drop_path``."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 attention: str = "auto") -> None:
         super().__init__()
         rates = torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.heads = heads
+        self.attention = attention  # requested backend; see bestrq2.attention
+        self.attention_backend: str | None = None  # the one that ran last
         self.apply(_init_vit)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        backend = resolve(self.attention, x, d // self.heads, n)
+        self.attention_backend = backend
+        if key_padding is not None and backend in VARLEN and bool(key_padding.any()):
+            valid = ~key_padding
+            lengths = valid.sum(1)
+            cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            sample_of = torch.repeat_interleave(torch.arange(b, device=x.device), lengths)
+            h = x[valid]  # [T, D]: clip 0's valid tokens, then clip 1's, ...
+            for blk in self.blocks:
+                h = blk(h, None, backend, (cu, int(lengths.max())), sample_of)
+            out = x.new_zeros(b, n, d, dtype=h.dtype)
+            out[valid] = self.norm(h)
+            return out
         for blk in self.blocks:
-            x = blk(x, key_padding)
+            x = blk(x, key_padding, backend)
         return self.norm(x)
 
 

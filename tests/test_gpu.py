@@ -58,3 +58,35 @@ def test_compiled_training_step_matches_eager():
     eager = model(wave, mask=mask).loss
     compiled = torch.compile(model)(wave, mask=mask).loss
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "flash_attn", "fa4"])
+@pytest.mark.parametrize("n", [64, 128, 256])
+def test_attention_backends_on_gpu(backend, n):
+    from bestrq2 import attention as A
+
+    if not A.available()[backend]:
+        pytest.fail(f"{backend} is not installed on this GPU machine") if backend in ("sdpa", "triton") else None
+        pytest.xfail(f"{backend} not installed here")
+    lengths = [n, n // 2 + 3, 1]
+    q, k, v = (torch.randn(3, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    pad = torch.arange(n, device="cuda")[None] >= torch.tensor(lengths, device="cuda")[:, None]
+    out = A.dense_attention(q, k, v, backend, pad)
+    ref = A.dense_attention(q.float(), k.float(), v.float(), "math", pad)
+    valid = ~pad
+    assert (out.float() - ref)[valid].abs().max() < 2e-2
+    out[valid].float().square().sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+def test_sdpa_kernels(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    q, k, v = (torch.randn(8, 12, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(kind):
+        out = F.scaled_dot_product_attention(q, k, v)
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 8, -1) @ v.double()
+    assert (out.double() - ref).abs().max() < 2e-2

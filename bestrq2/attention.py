@@ -1,0 +1,155 @@
+"""One attention function for the encoder and predictor; which kernel runs is chosen here.
+
+Backends, in order of preference on CUDA (``auto``): the ``flash_attn`` package (FlashAttention-2,
+``flash_attn_func`` / ``flash_attn_varlen_func``), FlashAttention-4 (``flash_attn.cute``), then
+PyTorch SDPA (which itself picks its flash or cuDNN kernel). On CPU: SDPA. Also available when forced:
+``math`` (scores written out, as the authors' code; the eager baseline) and ``triton`` (this project's
+kernel, ``bestrq2.kernels.attention``; on CPU tensors it needs TRITON_INTERPRET=1).
+
+Force one with the config field ``attention`` or the environment variable ``BESTRQ2_ATTENTION``
+(the variable wins). A forced backend that cannot take the input raises ``ValueError``; ``auto`` falls
+back to SDPA with a one-line warning. The choice is logged once per backend and kept on each
+``Transformer`` as ``attention_backend``.
+
+Ragged batches: backends with a varlen form (flash_attn, fa4, triton) get the valid tokens packed end
+to end with ``cu_seqlens``; the others get a key-padding mask. Padding never attends or is attended.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("bestrq2")
+BACKENDS = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")
+VARLEN = ("flash_attn", "fa4", "triton")
+_logged: set[str] = set()
+_warned: set[str] = set()
+
+
+def _has(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available() -> dict[str, bool]:
+    """Which backends this machine has (CUDA ones need a GPU)."""
+    cuda = torch.cuda.is_available()
+    return {
+        "flash_attn": cuda and _has("flash_attn"),
+        "fa4": cuda and _has("flash_attn.cute"),
+        "sdpa": True,
+        "math": True,
+        "triton": cuda or os.environ.get("TRITON_INTERPRET") == "1",
+    }
+
+
+def _unsupported(name: str, x: torch.Tensor, head_dim: int, max_len: int) -> str | None:
+    """Why ``name`` cannot run this input, or None."""
+    if name in ("flash_attn", "fa4"):
+        if not x.is_cuda:
+            return "needs CUDA tensors"
+        if not _has("flash_attn" if name == "flash_attn" else "flash_attn.cute"):
+            return "is not installed (pip install bestrq2[flash])"
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return f"takes fp16/bf16, not {x.dtype} (train under bf16 autocast)"
+        if head_dim % 8 or head_dim > 256:
+            return f"takes head dims that are multiples of 8 up to 256, not {head_dim}"
+    if name == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return "on CPU tensors needs TRITON_INTERPRET=1"
+        if head_dim > 128:
+            return f"takes head dim <= 128, not {head_dim}"
+        if max_len > 256:
+            return f"is built for <= 256 tokens, not {max_len}"
+    return None
+
+
+def resolve(requested: str, x: torch.Tensor, head_dim: int, max_len: int) -> str:
+    """The backend that will run for input x (any [.., D] activation) under ``requested``."""
+    env = os.environ.get("BESTRQ2_ATTENTION", "").strip().lower()
+    name = env or requested
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        why = _unsupported(name, x, head_dim, max_len)
+        if why:
+            raise ValueError(f"attention backend {name!r} (forced) {why}")
+        chosen = name
+    elif not x.is_cuda:
+        chosen = "sdpa"
+    else:
+        chosen = "sdpa"
+        for cand in ("flash_attn", "fa4"):
+            if _has("flash_attn" if cand == "flash_attn" else "flash_attn.cute"):
+                why = _unsupported(cand, x, head_dim, max_len)
+                if why is None:
+                    chosen = cand
+                    break
+                if cand not in _warned:
+                    _warned.add(cand)
+                    warnings.warn(f"bestrq2 attention: {cand} {why}; using sdpa", stacklevel=3)
+    if chosen not in _logged:
+        _logged.add(chosen)
+        log.info("bestrq2 attention backend: %s", chosen)
+    return chosen
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                    key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v [B, L, H, Dh] -> [B, L, H, Dh]; key_padding bool [B, L] (True = padding) or None."""
+    b, n, h, d = q.shape
+    if backend == "flash_attn" and key_padding is None:
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v)
+    if backend == "fa4" and key_padding is None:
+        from flash_attn.cute import flash_attn_func
+
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+    if backend in VARLEN:  # pack (trivially when nothing is padded) and run the varlen form
+        valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if key_padding is None else ~key_padding
+        lengths = valid.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        out = varlen_attention(q[valid], k[valid], v[valid], cu, int(lengths.max()), backend)
+        full = q.new_zeros(b, n, h, d)
+        full[valid] = out
+        return full
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, Dh]
+    mask = None if key_padding is None else (~key_padding)[:, None, None, :]
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    elif backend == "math":  # the authors' formulation: scores materialised, softmax, weighted sum
+        scores = (qt * d ** -0.5) @ kt.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(dim=-1) @ vt
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return out.transpose(1, 2)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, backend: str) -> torch.Tensor:
+    """Packed ragged batch: q, k, v [T, H, Dh], sequences at cu_seqlens [B + 1] -> [T, H, Dh]."""
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    if backend == "fa4":
+        from flash_attn.cute import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens)
+        return out[0] if isinstance(out, tuple) else out
+    if backend == "triton":
+        from .kernels.attention import triton_attention
+
+        return triton_attention(q, k, v, cu_seqlens, max_seqlen)
+    raise ValueError(f"backend {backend!r} has no varlen form")

@@ -1,0 +1,248 @@
+"""Fused attention for this model's short sequences (N <= 256 tokens), ragged (varlen) form.
+
+``triton_attention(q, k, v, cu_seqlens, max_seqlen) -> o``: q, k, v [T, H, Dh] hold B sequences
+packed end to end (sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]); each token attends to the
+tokens of its own sequence only, softmax scale Dh^-0.5, no causal mask. A dense batch is the case of
+equal lengths. Forward keeps the log-sum-exp; backward recomputes the probabilities (FlashAttention-2
+style: one kernel for dK/dV, one for dQ, no atomics). Accumulation in float32; Dh up to 128 (padded
+to a power of two inside the kernel).
+
+``attention_ref`` is the float reference (softmax(QK^T) V per sequence).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._dispatch import interpreting
+from ._rounding import round_to_bf16_rtne
+
+MAX_SEQLEN = 256
+MAX_HEAD_DIM = 128
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence softmax attention, materialising the scores (any dtype; float64 for tests)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    scale = q.shape[-1] ** -0.5
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, L, Dh]
+        p = torch.softmax((qs @ ks.transpose(-1, -2)) * scale, dim=-1)
+        out[s:e] = (p @ vs).transpose(0, 1)
+    return out
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+                     T, D, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_FP32: tl.constexpr):
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = offs_m < seqlen
+    dmask = offs_d < D
+    rows = (start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    for n0 in range(0, seqlen, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < seqlen
+        cols = (start + offs_n).to(tl.int64)
+        kb = tl.load(k_ptr + cols[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        vb = tl.load(v_ptr + cols[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        if DOT_FP32:
+            kb = kb.to(tl.float32)
+            vb = vb.to(tl.float32)
+            s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(kb)) * scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    if o_ptr.dtype.element_ty == tl.bfloat16:
+        o = round_to_bf16_rtne(o)
+    tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + h * T + rows, m_i + tl.log(l_i), mask=mmask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
+                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, T, D, scale,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    nmask = offs_n < seqlen
+    dmask = offs_d < D
+    cols = (start + offs_n).to(tl.int64)
+    kb = tl.load(k_ptr + cols[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    vb = tl.load(v_ptr + cols[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
+    for m0 in range(0, seqlen, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mmask = offs_m < seqlen
+        rows = (start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + rows[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + h * T + rows, mask=mmask, other=0.0)
+        delta = tl.load(delta_ptr + h * T + rows, mask=mmask, other=0.0)
+        s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale  # [BM, BN]
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(mmask[:, None] & nmask[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
+    st = cols[:, None] * sdk_t + h * sdk_h + offs_d[None, :]
+    if dk_ptr.dtype.element_ty == tl.bfloat16:
+        dk = round_to_bf16_rtne(dk)
+        dv = round_to_bf16_rtne(dv)
+    tl.store(dk_ptr + st, dk.to(dk_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+    tl.store(dv_ptr + st, dv.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
+                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, T, D, scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = offs_m < seqlen
+    dmask = offs_d < D
+    rows = (start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + rows[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + h * T + rows, mask=mmask, other=0.0)
+    delta = tl.load(delta_ptr + h * T + rows, mask=mmask, other=0.0)
+    dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    for n0 in range(0, seqlen, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < seqlen
+        cols = (start + offs_n).to(tl.int64)
+        kb = tl.load(k_ptr + cols[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        vb = tl.load(v_ptr + cols[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(mmask[:, None] & nmask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, kb, input_precision="ieee") * scale
+    if dq_ptr.dtype.element_ty == tl.bfloat16:
+        dq = round_to_bf16_rtne(dq)
+    tl.store(dq_ptr + rows[:, None] * sdq_t + h * sdq_h + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+
+
+def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int]:
+    d_pad = max(16, triton.next_power_of_2(d))
+    if interpreting():  # one block per sequence: each interpreted loop step costs milliseconds
+        blk = max(16, triton.next_power_of_2(max_seqlen))
+        return blk, blk, d_pad
+    return 64, 64, d_pad
+
+
+def _st(t: torch.Tensor) -> tuple[int, int]:
+    return t.stride(0), t.stride(1)
+
+
+@triton_op("bestrq2::attention_fwd", mutates_args={})
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    t, h, d = q.shape
+    b = cu_seqlens.shape[0] - 1
+    o = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
+    bm, bn, d_pad = _cfg(max_seqlen, d)
+    dot_fp32 = interpreting() or q.dtype == torch.float32
+    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
+        q, k, v, o, lse, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), t, d, d ** -0.5,
+        BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=dot_fp32)
+    return o, lse
+
+
+@triton_op("bestrq2::attention_bwd", mutates_args={})
+def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, h, d = q.shape
+    b = cu_seqlens.shape[0] - 1
+    delta = (do.float() * o.float()).sum(-1).transpose(0, 1).contiguous()  # [H, T]
+    dq = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(t, h, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(t, h, d, dtype=v.dtype, device=q.device)
+    bm, bn, d_pad = _cfg(max_seqlen, d)
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, bn), h, b)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk),
+        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad)
+    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq),
+        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad)
+    return dq, dk, dv
+
+
+@_attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, cu_seqlens, max_seqlen):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@_attn_bwd.register_fake
+def _attn_bwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+        o, lse = _attn_fwd(q, k, v, cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, cu, ctx.max_seqlen)
+        return dq, dk, dv, None, None
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int) -> torch.Tensor:
+    """Ragged attention, [T, H, Dh] in and out. Inputs may be strided views (e.g. of a packed qkv)."""
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention takes head dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if max_seqlen > MAX_SEQLEN:
+        raise ValueError(f"triton attention is built for sequences of <= {MAX_SEQLEN} tokens, got {max_seqlen}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dim")
+    return _TritonAttention.apply(q, k, v, cu_seqlens.to(torch.int32).contiguous(), int(max_seqlen))

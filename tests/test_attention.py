@@ -1,0 +1,164 @@
+"""Attention backends against a float64 reference, ragged batches, and the dispatch rules.
+
+Backends checked on CPU: sdpa, math and triton (the Triton kernel under TRITON_INTERPRET=1).
+flash_attn / fa4 / SDPA-flash / cuDNN need CUDA and run in the GPU suite (tests/test_gpu.py).
+Tolerances: float32 against float64, 2e-5 relative to the largest element (forward and grads).
+"""
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bestrq2 import BestRQ2, BestRQ2Config, BestRQ2Encoder
+from bestrq2 import attention as A
+from bestrq2.kernels.attention import attention_ref, triton_attention
+
+CPU_BACKENDS = ["sdpa", "math", "triton"]
+
+
+def ragged_inputs(lengths, h=3, d=64, dtype=torch.float32):
+    b, n = len(lengths), max(lengths)
+    q, k, v = (torch.randn(b, n, h, d).to(dtype).requires_grad_() for _ in range(3))
+    pad = torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]
+    return q, k, v, pad
+
+
+def ref_per_clip(q, k, v, lengths):
+    """float64 reference, each clip alone on its valid tokens."""
+    outs = []
+    for i, n in enumerate(lengths):
+        qi, ki, vi = (t[i, :n].double().transpose(0, 1) for t in (q, k, v))  # [H, n, d]
+        p = torch.softmax(qi @ ki.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        outs.append((p @ vi).transpose(0, 1))
+    return outs
+
+
+def rel(a, b):
+    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lengths", [[16, 16], [5, 33, 1, 20], [128], [256, 3]])
+@pytest.mark.parametrize("head_dim", [64, 32])
+def test_backend_matches_float64(backend, lengths, head_dim):
+    q, k, v, pad = ragged_inputs(lengths, d=head_dim)
+    out = A.dense_attention(q, k, v, backend, pad if pad.any() else None)
+    refs = ref_per_clip(q, k, v, lengths)
+    g = torch.randn_like(out)
+    for i, n in enumerate(lengths):
+        assert rel(out[i, :n], refs[i]) < 2e-5
+    # grads: the loss only sees valid rows, as in the model
+    valid = ~pad
+    loss = (out * g)[valid].sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    refs64 = ref_per_clip(q64, k64, v64, lengths)
+    loss64 = sum((r * g[i, :n].double()).sum() for i, (r, n) in enumerate(zip(refs64, lengths)))
+    grads64 = torch.autograd.grad(loss64, (q64, k64, v64))
+    for gr, g64 in zip(grads, grads64):
+        assert rel(gr[valid], g64[valid]) < 2e-5
+        if bool(pad.any()):  # padding is never attended and its outputs are unused: no gradient at all
+            assert float(gr[pad].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_triton_kernel_bf16_within_twice_sdpa_error(head_dim):
+    lengths = [40, 7]
+    q, k, v, pad = ragged_inputs(lengths, d=head_dim, dtype=torch.bfloat16)
+    out = A.dense_attention(q, k, v, "triton", pad)
+    ref = A.dense_attention(q, k, v, "sdpa", pad)  # PyTorch's own bf16 attention
+    exact = ref_per_clip(q, k, v, lengths)
+    for i, n in enumerate(lengths):
+        err_k = (out[i, :n].double() - exact[i]).abs().max()
+        err_t = (ref[i, :n].double() - exact[i]).abs().max()
+        assert err_k <= 2 * err_t + 1e-6
+
+
+def test_triton_varlen_direct_and_limits():
+    lens = [3, 1, 70]
+    cu = torch.tensor([0, 3, 4, 74], dtype=torch.int32)
+    qkv = torch.randn(74, 3, 2, 64)
+    q, k, v = qkv.unbind(1)  # strided views of a packed qkv, as the model passes them
+    out = triton_attention(q, k, v, cu, max(lens))
+    torch.testing.assert_close(out.double(), attention_ref(q.double(), k.double(), v.double(), cu), rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="256"):
+        triton_attention(q, k, v, cu, 300)
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.randn(74, 2, 160)
+        triton_attention(big, big, big, cu, 70)
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.randn(2, 8, 64)
+    monkeypatch.delenv("BESTRQ2_ATTENTION", raising=False)
+    assert A.resolve("auto", x, 64, 8) == "sdpa"  # CPU
+    with pytest.raises(ValueError, match="needs CUDA"):
+        A.resolve("flash_attn", x, 64, 8)
+    with pytest.raises(ValueError, match="one of"):
+        A.resolve("xformers", x, 64, 8)
+    with pytest.raises(ValueError, match="256 tokens"):
+        A.resolve("triton", x, 64, 300)
+    monkeypatch.setenv("BESTRQ2_ATTENTION", "math")
+    assert A.resolve("sdpa", x, 64, 8) == "math"  # the variable wins over the config field
+    with pytest.raises(ValueError, match="attention must be one of"):
+        BestRQ2Config(attention="fast")
+    monkeypatch.setenv("BESTRQ2_ATTENTION", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        A.resolve("auto", x, 64, 8)
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    """On CUDA with flash_attn installed but fp32 activations, auto warns once and uses SDPA."""
+    monkeypatch.delenv("BESTRQ2_ATTENTION", raising=False)
+    monkeypatch.setattr(A, "_has", lambda mod: mod == "flash_attn")
+    monkeypatch.setattr(A, "_warned", set())
+    fake_cuda = SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="flash_attn takes fp16/bf16"):
+        assert A.resolve("auto", fake_cuda, 64, 128) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert A.resolve("auto", fake_cuda, 64, 128) == "sdpa"  # no second warning
+    bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert A.resolve("auto", bf16, 64, 128) == "flash_attn"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_encoder_padded_batch_equals_single_per_backend(backend):
+    torch.manual_seed(0)
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2, attention=backend)).eval()
+    lengths = torch.tensor([160_000, 37_000, 9_375])
+    wave = torch.randn(3, 160_000) * 0.1
+    frames = enc(wave, lengths)
+    assert enc.encoder.attention_backend == backend
+    for b, n in enumerate(lengths.tolist()):
+        alone = enc(wave[b: b + 1, :n])
+        torch.testing.assert_close(frames[b: b + 1, : alone.shape[1]], alone, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("one_stage", [False, True])
+def test_ragged_per_sample_masks_equal_single_runs(backend, one_stage):
+    torch.manual_seed(1)
+    cfg = BestRQ2Config.preset("tiny", encoder_depth=2, predictor_depth=1, mask_mode="per_sample",
+                               mask_equal_counts=False, attention=backend, one_stage=one_stage,
+                               codebook_size=512)
+    model = BestRQ2(cfg).eval()
+    wave = torch.randn(4, 40_000) * 0.1
+    out = model(wave)
+    counts = out.mask.sum(1)
+    assert len(set(counts.tolist())) > 1  # really ragged
+    total, weighted = 0, 0.0
+    for b in range(4):
+        alone = model(wave[b: b + 1], mask=out.mask[b])
+        m = int(counts[b])
+        valid = out.targets[b, :, 0] != -100
+        assert int(valid.sum()) == m
+        torch.testing.assert_close(out.hidden[b, valid], alone.hidden[0], rtol=1e-4, atol=2e-5)
+        assert torch.equal(out.targets[b, valid], alone.targets[0])
+        total += m
+        weighted += m * alone.loss.item()
+    assert abs(out.loss.item() - weighted / total) < 1e-4
+    out.loss.backward()  # the ragged path trains
+    assert model.patch_embed.weight.grad.abs().sum() > 0
