@@ -115,9 +115,26 @@ def _ce_rows_fake(logits, targets, scale, ignore_index):
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.int32)
 
 
+def _ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row step in plain PyTorch (same contract as the Triton kernel): for CPUs, where the chunked
+    algorithm still saves the memory of the full logits."""
+    x = logits.float()
+    valid = targets != ignore_index
+    t = targets.long().clamp_min(0)
+    lse = torch.logsumexp(x, dim=1)
+    loss = torch.where(valid, lse - x.gather(1, t[:, None])[:, 0], 0.0)
+    hit = (valid & (x.argmax(1) == t)).to(torch.int32)
+    g = torch.exp(x - lse[:, None])
+    g.scatter_add_(1, t[:, None], -torch.ones_like(lse)[:, None])
+    g *= torch.where(valid, scale, 0.0)[:, None]
+    logits.copy_(g)
+    return loss, hit
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index, chunk):
+    def forward(ctx, h, weight, bias, targets, ignore_index, chunk, row_step="triton"):
         m, d = h.shape
         c, k, _ = weight.shape
         t = targets.long()
@@ -137,7 +154,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hc = h[r0: r0 + chunk]
                 logits = hc @ w.T if bias is None else torch.addmm(bias[ci], hc, w.T)
                 tc = t[r0: r0 + chunk, ci].contiguous()
-                loss_rows, hit_rows = _ce_rows(logits, tc, scales[ci: ci + 1], ignore_index)  # logits now hold the grad
+                step = _ce_rows if row_step == "triton" else _ce_rows_torch
+                loss_rows, hit_rows = step(logits, tc, scales[ci: ci + 1], ignore_index)  # logits now hold the grad
                 loss_sum[ci] += loss_rows.sum()
                 hits[ci] += hit_rows.sum()
                 grad_h[r0: r0 + chunk] += (logits @ w).float()
@@ -159,12 +177,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = (grad_h * grad_loss).to(hd) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_loss).to(wd) if ctx.needs_input_grad[1] else None
         gb = (grad_b * grad_loss).to(bd) if bd is not None and ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         ignore_index: int = IGNORE, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, accuracy [C]); fused on CUDA, the unfused reference on CPU (``BESTRQ2_KERNELS``)."""
+                         ignore_index: int = IGNORE, chunk: int | None = None, impl: str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy [C]); fused on CUDA, the unfused reference on CPU (``BESTRQ2_KERNELS``).
+
+    ``impl`` overrides the dispatch: "reference" (unfused), "triton" (chunked, Triton row kernel) or
+    "torch" (the same chunked algorithm with the row step in PyTorch ops; low memory on CPU)."""
     check_tensor("h", h, dims=(2,), floating=True)
     check_tensor("weight", weight, dims=(3,), floating=True)
     check_tensor("targets", targets, dims=(2,), integer=True)
@@ -183,10 +205,13 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         bad = (t != ignore_index) & ((t < 0) | (t >= k))
         need(not bool(bad.any()), f"targets must lie in [0, {k}) or equal ignore_index={ignore_index}; "
                                   f"got {t[bad][:5].tolist()}")
-    if not use_triton(h):
+    need(impl in (None, "reference", "triton", "torch"), f"impl must be reference, triton or torch, got {impl!r}")
+    if impl is None:
+        impl = "triton" if use_triton(h) else "reference"
+    if impl == "reference":
         return linear_cross_entropy_ref(h, weight, bias, targets, ignore_index)
     if chunk is None:
         chunk = choose_chunk(m, k, h.element_size(), h.device)
     need(chunk >= 1, f"chunk must be >= 1, got {chunk}")
     return _LinearCrossEntropy.apply(h.contiguous(), weight.contiguous(),
-                                     None if bias is None else bias.contiguous(), targets, ignore_index, chunk)
+                                     None if bias is None else bias.contiguous(), targets, ignore_index, chunk, impl)

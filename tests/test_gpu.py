@@ -66,8 +66,9 @@ def test_attention_backends_on_gpu(backend, n):
     from bestrq2 import attention as A
 
     if not A.available()[backend]:
-        pytest.fail(f"{backend} is not installed on this GPU machine") if backend in ("sdpa", "triton") else None
-        pytest.xfail(f"{backend} not installed here")
+        if backend in ("sdpa", "triton"):
+            pytest.fail(f"{backend} must run on every CUDA machine")
+        pytest.skip(f"optional {backend} is not installed on this machine")
     lengths = [n, n // 2 + 3, 1]
     q, k, v = (torch.randn(3, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     pad = torch.arange(n, device="cuda")[None] >= torch.tensor(lengths, device="cuda")[:, None]

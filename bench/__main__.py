@@ -1,0 +1,129 @@
+"""python -m bench --suite cpu|gpu [--smoke] [--device cpu|cuda] [--only OPS]
+
+gpu: kernel microbenchmarks (fast vs reference vs torch.compile), attention backends at N in
+     {64, 128, 256}, the fused head's memory and time, end-to-end pretraining (a)-(d), encoder
+     inference; under 8 minutes on one H100. With --device cpu --smoke it runs the same code at tiny
+     sizes under the Triton interpreter (an import/argument check, no meaningful times).
+cpu: reference-path speed of the ops, attention backends, encoder inference (eager vs fast), the
+     fused head's peak memory vs unfused (fresh processes), and pytest-benchmark for the data pipeline.
+Rows are appended to bench/results/<suite>[-smoke].csv; render with ``python -m bench.report``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", required=True, choices=["cpu", "gpu"])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that everything runs")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for gpu, cpu for cpu")
+    ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,e2e,inference,memory,pipeline")
+    ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
+    args = ap.parse_args(argv)
+    device_kind = args.device or ("cuda" if args.suite == "gpu" else "cpu")
+    if device_kind == "cpu" and args.suite == "gpu":
+        if not args.smoke:
+            ap.error("--suite gpu on --device cpu runs only with --smoke (the Triton interpreter is no benchmark)")
+        os.environ["TRITON_INTERPRET"] = "1"  # before bestrq2.kernels defines its kernels
+
+    import torch
+
+    from .common import Recorder, measure_bounds
+
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        ap.error("--suite gpu needs CUDA (or --device cpu --smoke for an interpreter check)")
+    device = torch.device(device_kind)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    want = lambda name: not only or name in only  # noqa: E731
+    name = args.suite + ("-smoke" if args.smoke else "")
+    rec = Recorder(name, device)
+    t0 = time.time()
+    with_fast = args.suite == "gpu"  # the Triton paths: on CUDA, or interpreted in the gpu smoke check
+    if with_fast:
+        os.environ.setdefault("BESTRQ2_KERNELS", "triton" if device_kind == "cpu" else "auto")
+    else:
+        os.environ["BESTRQ2_KERNELS"] = "reference"
+    reps = 2 if args.smoke else (20 if device.type == "cuda" else 5)
+
+    from . import ops
+
+    ops.SMOKE["on"] = args.smoke
+
+    print(f"bench {name} on {rec.meta['device']}  ({rec.meta['versions']})")
+    bounds = measure_bounds(device, smoke=args.smoke)
+    rec.add("bound", "copy", "forward", "", "gbps", bounds["copy_gbps"])
+    rec.add("bound", f"matmul_{bounds['matmul_dtype']}", "forward", "", "tflops", bounds["matmul_tflops"])
+    print(f"  bounds: copy {bounds['copy_gbps']:.1f} GB/s, {bounds['matmul_dtype']} matmul "
+          f"{bounds['matmul_tflops']:.2f} TFLOP/s")
+    steps = [("rpq", ops.bench_rpq), ("gather", ops.bench_gather_scatter), ("head", ops.bench_head),
+             ("attention", ops.bench_attention)]
+    for key, fn in steps:
+        if want(key):
+            t = time.time()
+            fn(rec, device, bounds, args.smoke, with_fast, reps)
+            print(f"  {key}: {time.time() - t:.1f} s")
+    if want("e2e") and args.suite == "gpu":
+        from .e2e import bench_e2e
+
+        bench_e2e(rec, device, bounds, args.smoke)
+    if want("inference"):
+        from .inference import bench_inference
+
+        bench_inference(rec, device, args.smoke)
+    if want("memory") and args.suite == "cpu":
+        head_memory_cpu(rec, args.smoke)
+    if want("pipeline") and args.suite == "cpu":
+        pipeline(rec, args.smoke)
+    path = rec.write(Path(args.out) if args.out else None)
+    print(f"{len(rec.rows)} rows -> {path}  ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def head_memory_cpu(rec, smoke: bool) -> None:
+    """Peak extra memory of the head + CE, unfused vs chunked, each in a fresh process (RSS growth)."""
+    from .common import cpu_peak_in_subprocess
+
+    m, d, k = (2048, 64, 8192) if smoke else (16384, 768, 8192)
+    shape = f"M={m},D={d},K={k},C=1,float32"
+    res = {impl: cpu_peak_in_subprocess([impl, str(m), str(d), str(k)]) for impl in ("reference", "torch")}
+    for impl, r in res.items():
+        rec.add("linear_cross_entropy", "fused" if impl == "torch" else "reference", "full", shape,
+                "peak_mem_bytes", r["peak_bytes"])
+    ratio = res["torch"]["peak_bytes"] / max(1, res["reference"]["peak_bytes"])
+    rec.add("linear_cross_entropy", "fused", "full", shape, "peak_mem_ratio_vs_reference", ratio)
+    print(f"  head memory (CPU, {shape}): unfused {res['reference']['peak_bytes'] / 2**20:.0f} MiB, "
+          f"chunked {res['torch']['peak_bytes'] / 2**20:.0f} MiB ({ratio:.2f}x); "
+          f"losses {res['reference']['loss']:.6f} / {res['torch']['loss']:.6f}")
+
+
+def pipeline(rec, smoke: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               str(Path(__file__).parent / "test_pipeline.py"), f"--benchmark-json={js}"]
+        if smoke:
+            cmd += ["--benchmark-min-rounds=1", "--benchmark-max-time=0.05", "--benchmark-warmup=off"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if out.returncode:
+            raise RuntimeError(f"pipeline benchmarks failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
+        data = json.loads(js.read_text())
+    per_call_clips = {"test_synthetic_clip": 1, "test_audio_folder_flac_16k": 1,
+                      "test_audio_folder_wav_44k_stereo_resampled": 1, "test_logmel_frontend_batch8": 8}
+    for b in data["benchmarks"]:
+        med = b["stats"]["median"]
+        rec.add("data_pipeline", b["name"].removeprefix("test_"), "forward", "10s clips, 1 thread", "time_ms", 1e3 * med)
+        rec.add("data_pipeline", b["name"].removeprefix("test_"), "forward", "10s clips, 1 thread",
+                "clips_per_s_per_core", per_call_clips.get(b["name"], 1) / med)
+        print(f"  {b['name']:45s} {1e3 * med:8.2f} ms  ({per_call_clips.get(b['name'], 1) / med:.1f} clips/s/core)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

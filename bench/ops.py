@@ -1,0 +1,218 @@
+"""Kernel microbenchmarks: each op in bestrq2.kernels and the attention backends, fast path vs its
+reference vs torch.compile of the reference, forward / backward / full, at the paper's shapes and a
+size sweep. Byte and FLOP counts are stated per op below; %-of-bound uses the bounds measured in
+the same run (bench.common.measure_bounds).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bestrq2 import attention as A
+from bestrq2.kernels import (gather_tokens, gather_tokens_ref, linear_cross_entropy, rpq_codes, rpq_codes_ref,
+                             scatter_tokens, scatter_tokens_ref)
+
+from .common import CudaPeak, Recorder, time_fn
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _run_modes(rec, op, provider, shape, device, fwd, inputs, bytes_, flops, bounds, modes, reps):
+    """Time forward, backward (grad of a fixed upstream grad) and full for one provider."""
+    results = {}
+    for mode in modes:
+        if mode == "forward":
+            fn = fwd
+        else:
+            out = fwd()
+            g = torch.randn_like(out)
+            if mode == "backward":
+                def fn(out=out, g=g):
+                    return torch.autograd.grad(out, inputs, g, retain_graph=True)
+            else:
+                def fn(g=g):
+                    return torch.autograd.grad(fwd(), inputs, g)
+        peak = None
+        if device.type == "cuda":
+            with CudaPeak(device) as p:
+                fn()
+            peak = p.peak
+        med, p20, p80 = time_fn(fn, device, reps=reps)
+        results[mode] = med
+        rec.add(op, provider, mode, shape, "time_ms", med)
+        rec.add(op, provider, mode, shape, "time_p20_ms", p20)
+        rec.add(op, provider, mode, shape, "time_p80_ms", p80)
+        if bytes_ is not None:
+            gbps = bytes_[mode] / med / 1e6
+            rec.add(op, provider, mode, shape, "gbps", gbps)
+            rec.add(op, provider, mode, shape, "pct_of_copy_bound", 100 * gbps / bounds["copy_gbps"])
+        if flops is not None:
+            tf = flops[mode] / med / 1e9
+            rec.add(op, provider, mode, shape, "tflops", tf)
+            rec.add(op, provider, mode, shape, "pct_of_matmul_bound", 100 * tf / bounds["matmul_tflops"])
+        if peak is not None:
+            rec.add(op, provider, mode, shape, "peak_mem_bytes", peak)
+    return results
+
+
+def _ratio_rows(rec, op, shape, times: dict[str, dict[str, float]], fast: str, ref: str = "reference"):
+    if fast in times and ref in times:
+        for mode, t in times[fast].items():
+            if mode in times[ref]:
+                rec.add(op, fast, mode, shape, "speedup_vs_reference", times[ref][mode] / t)
+
+
+SMOKE = {"on": False}  # smoke runs skip torch.compile providers: compiling is what takes the time
+
+
+def providers(device: torch.device, with_fast: bool) -> list[str]:
+    return (["fast"] if with_fast else []) + ["reference"] + ([] if SMOKE["on"] else ["compile"])
+
+
+def bench_rpq(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps: int) -> None:
+    """Bytes: the m masked patches read once (B m 256 values) + codebook + projection + codes written.
+    FLOPs: 2 B m C (256 d + K d) (projection, then scores against every code)."""
+    k, d, fr = (1024, 16, 64) if smoke else (8192, 16, 256)
+    batches = [2] if smoke else [32, 64, 128, 256]
+    dt = torch.float32
+    for b in batches:
+        spec = torch.randn(b, 128, fr, device=device, dtype=dt) * 20 - 40
+        n = 8 * (fr // 16)
+        m = n // 2
+        idx = torch.stack([torch.randperm(n, device=device)[:m] for _ in range(b)])
+        p = torch.randn(1, 256, d, device=device) * 0.09
+        cb = F.normalize(torch.randn(1, k, d, device=device), dim=-1)
+        shape = f"B={b},N={n},m={m},K={k},d={d},{str(dt)[6:]}"
+        nbytes = {"forward": b * m * 256 * spec.element_size() + (k * d + 256 * d) * 4 + b * m * 8}
+        flops = {"forward": 2 * b * m * (256 * d + k * d)}
+        fns = {"fast": lambda: rpq_codes(spec, p, cb, idx), "reference": lambda: rpq_codes_ref(spec, p, cb, idx),
+               "compile": (lambda f=_compiled(rpq_codes_ref): f(spec, p, cb, idx))}
+        times = {}
+        for prov in providers(device, with_fast):
+            times[prov] = _run_modes(rec, "rpq_codes", prov, shape, device, fns[prov], (), nbytes, flops, bounds,
+                                     ["forward"], reps)
+        _ratio_rows(rec, "rpq_codes", shape, times, "fast")
+        _ratio_rows(rec, "rpq_codes", shape, times, "compile")
+
+
+def bench_gather_scatter(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps: int) -> None:
+    """gather: forward reads B M D (x rows) + N D (pos table) and writes B M D; backward reads B M D and
+    writes B N D + N D. scatter: forward reads B M D + N D + D and writes B N D; backward reads B N D
+    and writes B M D + N D (+ D)."""
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [(2, 16, 32, 8)] if smoke else [(256, 128, 768, 64), (64, 128, 768, 64), (256, 256, 768, 128)]
+    for b, n, d, m in shapes:
+        es = torch.tensor([], dtype=dt).element_size()
+        x = torch.randn(b, n, d, device=device, dtype=dt, requires_grad=True)
+        pos = torch.randn(n, d, device=device, dtype=dt, requires_grad=True)
+        perm = torch.stack([torch.randperm(n, device=device) for _ in range(b)])
+        ci, fi = perm[:, :m].sort(1).values.contiguous(), perm[:, m:].sort(1).values.contiguous()
+        shape = f"B={b},N={n},D={d},M={m},{str(dt)[6:]}"
+        gb = {"forward": es * (2 * b * m * d + n * d), "backward": es * (b * m * d + b * n * d + n * d)}
+        gb["full"] = gb["forward"] + gb["backward"]
+        fns = {"fast": lambda: gather_tokens(x, ci, pos), "reference": lambda: gather_tokens_ref(x, ci, pos),
+               "compile": (lambda f=_compiled(gather_tokens_ref): f(x, ci, pos))}
+        times = {p: _run_modes(rec, "gather_tokens", p, shape, device, fns[p], (x, pos), gb, None, bounds,
+                               ["forward", "backward", "full"], reps) for p in providers(device, with_fast)}
+        _ratio_rows(rec, "gather_tokens", shape, times, "fast")
+        ctx = torch.randn(b, m, d, device=device, dtype=dt, requires_grad=True)
+        fill = torch.randn(d, device=device, dtype=dt, requires_grad=True)
+        sb = {"forward": es * (b * m * d + n * d + d + b * n * d), "backward": es * (b * n * d + b * m * d + n * d + d)}
+        sb["full"] = sb["forward"] + sb["backward"]
+        fns = {"fast": lambda: scatter_tokens(ctx, ci, fill, fi, pos),
+               "reference": lambda: scatter_tokens_ref(ctx, ci, fill, fi, pos),
+               "compile": (lambda f=_compiled(scatter_tokens_ref): f(ctx, ci, fill, fi, pos))}
+        times = {p: _run_modes(rec, "scatter_tokens", p, shape, device, fns[p], (ctx, fill, pos), sb, None, bounds,
+                               ["forward", "backward", "full"], reps) for p in providers(device, with_fast)}
+        _ratio_rows(rec, "scatter_tokens", shape, times, "fast")
+
+
+def chunked_compiled_ce(chunk: int):
+    """The baseline the issue asks for: the same chunked computation, each chunk's loss and grads by a
+    torch.compile'd function (no custom kernel)."""
+
+    @torch.compile(dynamic=False)
+    def step(hc, w, b, tc, scale):
+        logits = (hc @ w.T + b).float()
+        lse = torch.logsumexp(logits, 1)
+        loss = (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+        g = torch.softmax(logits, 1)
+        g = g - F.one_hot(tc, logits.shape[1]).float()
+        g = (g * scale).to(hc.dtype)
+        return loss, g @ w, g.T @ hc, g.float().sum(0)
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, b, t):
+            scale = 1.0 / h.shape[0]
+            gh = torch.empty_like(h)
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
+            gbias = torch.zeros(b.shape, dtype=torch.float32, device=h.device)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for r0 in range(0, h.shape[0], chunk):
+                l, a, bw, bb = step(h[r0: r0 + chunk], w, b, t[r0: r0 + chunk], scale)
+                loss += l
+                gh[r0: r0 + chunk] = a
+                gw += bw
+                gbias += bb
+            ctx.save_for_backward(gh, gw, gbias)
+            return loss * scale
+
+        @staticmethod
+        def backward(ctx, go):
+            gh, gw, gbias = ctx.saved_tensors
+            return gh * go, (gw * go).to(gh.dtype), (gbias * go).to(gh.dtype), None
+
+    return Fn.apply
+
+
+def bench_head(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps: int) -> None:
+    """FLOPs: 6 M K D (logits, grad_h, grad_W). Peak memory: CUDA max_memory_allocated above the inputs
+    (CPU: see bench.__main__'s subprocess probe)."""
+    if device.type == "cuda":
+        m, d, k, dt = (256, 64, 1024, torch.bfloat16) if smoke else (16384, 768, 8192, torch.bfloat16)
+    else:
+        m, d, k, dt = (128, 64, 1024, torch.float32) if smoke else (2048, 768, 8192, torch.float32)
+    h = (torch.randn(m, d, device=device) * 0.5).to(dt).requires_grad_()
+    w = (torch.randn(1, k, d, device=device) * 0.02).to(dt).requires_grad_()
+    b = torch.zeros(1, k, device=device, dtype=dt, requires_grad=True)
+    t = torch.randint(0, k, (m, 1), device=device)
+    shape = f"M={m},D={d},K={k},C=1,{str(dt)[6:]}"
+    flops = {"full": 6 * m * k * d}
+    fused_impl = "triton" if (with_fast or device.type == "cuda") else "torch"
+    chunk = max(64, -(-m // 8))
+    comp = chunked_compiled_ce(chunk)
+    fns = {"fused": lambda: linear_cross_entropy(h, w, b, t, impl=fused_impl)[0],
+           "reference": lambda: linear_cross_entropy(h, w, b, t, impl="reference")[0]}
+    if not SMOKE["on"]:
+        fns["compile_chunked"] = lambda: comp(h, w[0], b[0], t[:, 0])
+    times = {p: _run_modes(rec, "linear_cross_entropy", p, shape, device, fns[p], (h, w, b), None, flops, bounds,
+                           ["full"], reps) for p in fns}
+    _ratio_rows(rec, "linear_cross_entropy", shape, times, "fused")
+    _ratio_rows(rec, "linear_cross_entropy", shape, times, "fused", ref="compile_chunked")
+
+
+def bench_attention(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps: int) -> None:
+    """FLOPs: forward 4 B H N^2 Dh; backward 2.5x forward (FlashAttention's convention)."""
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = 256 if smoke else (32768 if device.type == "cuda" else 2048)
+    lengths = [16] if smoke else [64, 128, 256]
+    avail = A.available()
+    names = ["sdpa", "math"] + (["triton"] if with_fast else []) + \
+            [n for n in ("flash_attn", "fa4") if avail[n] and device.type == "cuda"]
+    for n in lengths:
+        b, h, dh = max(1, tokens // n), 12 if not smoke else 2, 64
+        q, k, v = (torch.randn(b, n, h, dh, device=device, dtype=dt, requires_grad=True) for _ in range(3))
+        shape = f"B={b},N={n},H={h},Dh={dh},{str(dt)[6:]}"
+        f_fwd = 4 * b * h * n * n * dh
+        flops = {"forward": f_fwd, "backward": 2.5 * f_fwd, "full": 3.5 * f_fwd}
+        times = {}
+        for name in names:
+            times[name] = _run_modes(rec, "attention", name, shape, device,
+                                     lambda name=name: A.dense_attention(q, k, v, name), (q, k, v), None, flops,
+                                     bounds, ["forward", "backward", "full"], reps)
+        for name in names:
+            if name != "math":
+                _ratio_rows(rec, "attention", shape, times, name, ref="math")

@@ -1,0 +1,202 @@
+"""python -m bench.report: PNG plots and markdown tables from bench/results/*.csv into bench/README.md.
+
+Each suite's latest run (its newest date) is shown; smoke runs are left out unless --smoke.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load(path: Path) -> list[dict]:
+    rows = list(csv.DictReader(open(path)))
+    if not rows:
+        return []
+    latest = max(r["date"] for r in rows)
+    return [r for r in rows if r["date"] == latest]
+
+
+def index(rows):
+    """(op, provider, mode, shape) -> {metric: float}."""
+    out: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        out[(r["op"], r["provider"], r["mode"], r["shape"])][r["metric"]] = float(r["value"])
+    return out
+
+
+def fmt_bytes(b: float | None) -> str:
+    return "" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def ops_table(idx) -> list[str]:
+    lines = ["| op | shape | mode | provider | median ms (p20-p80) | GB/s | TFLOP/s | % of bound | x reference | peak mem |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted(k for k in idx if k[0] in ("rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention")
+                  and "time_ms" in idx[k])
+    for op, prov, mode, shape in keys:
+        m = idx[(op, prov, mode, shape)]
+        bound = m.get("pct_of_copy_bound", m.get("pct_of_matmul_bound"))
+        ref = m.get("speedup_vs_reference")
+        gbps = "" if "gbps" not in m else f"{m['gbps']:.1f}"
+        tflops = "" if "tflops" not in m else f"{m['tflops']:.3f}"
+        lines.append(f"| {op} | {shape} | {mode} | {prov} | {m['time_ms']:.3f} ({m.get('time_p20_ms', 0):.3f}-"
+                     f"{m.get('time_p80_ms', 0):.3f}) | {gbps} | {tflops} | {'' if bound is None else f'{bound:.1f}%'} | "
+                     f"{'' if ref is None else f'{ref:.2f}x'} | {fmt_bytes(m.get('peak_mem_bytes'))} |")
+    return lines
+
+
+def e2e_table(idx) -> list[str]:
+    keys = sorted(k for k in idx if k[0] == "pretrain_step")
+    if not keys:
+        return []
+    lines = ["| variant | shape | clips/s | step ms | MFU (vs measured matmul) | x (a) | peak mem |", "|---|---|---|---|---|---|---|"]
+    for k in keys:
+        m = idx[k]
+        lines.append(f"| {k[1]} | {k[3]} | {m['clips_per_s']:.1f} | {m['step_ms']:.1f} | "
+                     f"{100 * m['mfu_vs_measured_matmul']:.1f}% | {m.get('speedup_vs_a', float('nan')):.2f}x | "
+                     f"{fmt_bytes(m.get('peak_mem_bytes'))} |")
+    return lines
+
+
+def inference_table(idx) -> list[str]:
+    shapes = sorted({k[3] for k in idx if k[0] == "encoder_inference"})
+    if not shapes:
+        return []
+    lines = ["| shape | eager ms/clip | fast ms/clip | fast clips/s | x eager | max abs diff |", "|---|---|---|---|---|---|"]
+    for s in shapes:
+        e, f = idx[("encoder_inference", "eager", "forward", s)], idx[("encoder_inference", "fast", "forward", s)]
+        lines.append(f"| {s} | {e['ms_per_clip']:.1f} | {f['ms_per_clip']:.1f} | {f['clips_per_s']:.2f} | "
+                     f"{f['speedup_vs_eager']:.2f}x | {f['max_abs_diff_vs_eager']:.1e} |")
+    return lines
+
+
+def memory_table(idx) -> list[str]:
+    keys = sorted(k for k in idx if k[0] == "linear_cross_entropy" and "peak_mem_bytes" in idx[k])
+    if not keys:
+        return []
+    lines = ["| provider | shape | peak extra memory |", "|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {k[1]} | {k[3]} | {fmt_bytes(idx[k]['peak_mem_bytes'])} |")
+    return lines
+
+
+def pipeline_table(idx) -> list[str]:
+    keys = sorted(k for k in idx if k[0] == "data_pipeline")
+    if not keys:
+        return []
+    lines = ["| step | ms per call | clips/s per core |", "|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {k[1]} | {idx[k]['time_ms']:.2f} | {idx[k]['clips_per_s_per_core']:.1f} |")
+    return lines
+
+
+def plots(name: str, idx, out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    sp = sorted((k, m["speedup_vs_reference"]) for k, m in idx.items() if "speedup_vs_reference" in m)
+    if sp:
+        fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(sp))))
+        labels = [f"{k[0]} {k[2]} [{k[3]}] {k[1]}" for k, _ in sp]
+        ax.barh(range(len(sp)), [v for _, v in sp], color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(sp)), labels, fontsize=6)
+        ax.set_xlabel("speed-up over the reference op (x)")
+        ax.set_title(f"{name}: fast paths vs references")
+        fig.tight_layout()
+        p = out_dir / f"{name}_speedups.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        made.append(p)
+    att = defaultdict(dict)
+    for (op, prov, mode, shape), m in idx.items():
+        if op == "attention" and mode == "full" and "time_ms" in m:
+            n = int(shape.split("N=")[1].split(",")[0])
+            att[prov][n] = m["time_ms"]
+    if att:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for prov, pts in sorted(att.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", label=prov)
+        ax.set_xlabel("tokens per sequence N (same total tokens)")
+        ax.set_ylabel("forward + backward, ms")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+        ax.set_title(f"{name}: attention backends")
+        fig.tight_layout()
+        p = out_dir / f"{name}_attention.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        made.append(p)
+    e2e = sorted((k[1], m["clips_per_s"]) for k, m in idx.items() if k[0] == "pretrain_step")
+    if e2e:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar([n for n, _ in e2e], [v for _, v in e2e], color="tab:green")
+        ax.set_ylabel("clips / s")
+        ax.set_title(f"{name}: pretraining throughput")
+        plt.setp(ax.get_xticklabels(), rotation=20, fontsize=7)
+        fig.tight_layout()
+        p = out_dir / f"{name}_e2e.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+def render(smoke: bool = False) -> str:
+    parts = []
+    for path in sorted(RESULTS.glob("*.csv")):
+        if path.stem.endswith("smoke") and not smoke:
+            continue
+        rows = load(path)
+        if not rows:
+            continue
+        idx = index(rows)
+        meta = rows[0]
+        vers = json.loads(meta["versions"])
+        bounds = {r["provider"]: float(r["value"]) for r in rows if r["op"] == "bound"}
+        parts += [f"### Suite `{path.stem}`", "",
+                  f"Device: **{meta['device']}**. Versions: {', '.join(f'{k} {v}' for k, v in vers.items())}. "
+                  f"Commit `{meta['commit']}`, {meta['date']}. Command: `{meta['command']}`.", "",
+                  "Bounds measured in the same run: " + ", ".join(
+                      f"{k} {v:.3g} {'GB/s' if k == 'copy' else 'TFLOP/s'}" for k, v in bounds.items()) + ".", ""]
+        for title, table in (("Pretraining step (end to end)", e2e_table(idx)), ("Encoder inference", inference_table(idx)),
+                             ("Head + cross-entropy: peak extra memory", memory_table(idx)),
+                             ("Ops", ops_table(idx)), ("Data pipeline (pytest-benchmark)", pipeline_table(idx))):
+            if table and len(table) > 2:
+                parts += [f"#### {title}", "", *table, ""]
+        for p in plots(path.stem, idx, RESULTS / "plots"):
+            parts += [f"![{p.stem}](results/plots/{p.name})", ""]
+    return "\n".join(parts) if parts else "_No results yet: run `python -m bench --suite cpu` or `--suite gpu`._"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report")
+    ap.add_argument("--smoke", action="store_true", help="include smoke runs")
+    args = ap.parse_args(argv)
+    readme = HERE / "README.md"
+    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(head + START + "\n" + render(args.smoke) + "\n" + END + tail)
+    print(f"wrote {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

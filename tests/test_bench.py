@@ -1,0 +1,60 @@
+"""The benchmark commands keep working: the CPU suite's smoke mode, the GPU suite's code at tiny sizes
+under the Triton interpreter, and the report renderer on their rows."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_bench(args, tmp_path):
+    out = tmp_path / "rows.csv"
+    res = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return list(csv.DictReader(open(out))), res.stdout
+
+
+def test_cpu_suite_smoke(tmp_path):
+    rows, text = run_bench(["--suite", "cpu", "--smoke"], tmp_path)
+    ops = {r["op"] for r in rows}
+    assert {"bound", "rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention",
+            "encoder_inference", "data_pipeline"} <= ops
+    assert all(r["device"] and r["versions"] and r["commit"] and r["date"] for r in rows)
+    mem = {r["provider"]: float(r["value"]) for r in rows if r["metric"] == "peak_mem_bytes"}
+    assert mem["fused"] < mem["reference"]  # the chunked head holds less than the full logits
+    assert "clips/s/core" in text
+
+
+def test_gpu_suite_code_under_interpreter(tmp_path):
+    rows, _ = run_bench(["--suite", "gpu", "--smoke", "--device", "cpu"], tmp_path)
+    providers = {(r["op"], r["provider"]) for r in rows}
+    assert ("rpq_codes", "fast") in providers and ("attention", "triton") in providers
+    assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast")} <= providers
+    speed = [r for r in rows if r["metric"] == "speedup_vs_reference"]
+    assert speed and all(float(r["value"]) > 0 for r in speed)
+
+
+def test_bad_arguments_fail_fast():
+    res = subprocess.run([sys.executable, "-m", "bench", "--suite", "gpu", "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--smoke" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "bench", "--suite", "tpu"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_report_renders(tmp_path, monkeypatch):
+    import bench.report as report
+
+    rows, _ = run_bench(["--suite", "cpu", "--smoke", "--only", "gather,inference"], tmp_path)
+    res_dir = tmp_path / "results"
+    res_dir.mkdir()
+    (tmp_path / "rows.csv").rename(res_dir / "cpu.csv")
+    monkeypatch.setattr(report, "RESULTS", res_dir)
+    md = report.render()
+    assert "| gather_tokens |" in md and "Encoder inference" in md and "Device: **" in md
+    assert (res_dir / "plots" / "cpu_speedups.png").exists() or not any(
+        r["metric"] == "speedup_vs_reference" for r in rows)
