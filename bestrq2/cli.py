@@ -1,4 +1,4 @@
-"""Command line: ``bestrq2 pretrain``, ``bestrq2 embed``, ``bestrq2 synth``."""
+"""Command line: ``bestrq2 pretrain | prepare | export | embed | synth`` (each with --help)."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +9,23 @@ from pathlib import Path
 def _pretrain(args: argparse.Namespace) -> int:
     from .train import TrainConfig, pretrain
 
+    out = args.resume or args.out
+    if args.resume and args.out and args.out != args.resume:
+        raise ValueError(f"--resume {args.resume} continues that run in place; drop --out {args.out}")
     tc = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     weight_decay=args.weight_decay, seed=args.seed, out=args.out, data=args.data,
-                     seconds=args.seconds, ckpt_every=args.ckpt_every, num_workers=args.num_workers,
-                     device=args.device, grad_clip=args.grad_clip, progress=not args.no_progress)
-    res = pretrain(tc, resume=args.resume)
+                     weight_decay=args.weight_decay, seed=args.seed, out=out or "runs/demo", data=args.data,
+                     seconds=args.seconds, ckpt_every=args.ckpt_every, keep=args.keep, num_workers=args.num_workers,
+                     device=args.device, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+                     warmup_pct=args.warmup_pct, compile=args.compile, fsdp=args.fsdp,
+                     max_bad_steps=args.max_bad_steps, progress=not args.no_progress)
+    model_cfg = None
+    if args.drop_path is not None:
+        from .config import BestRQ2Config
+
+        model_cfg = BestRQ2Config.preset(args.preset, seed=args.seed, encoder_drop_path=args.drop_path)
+    res = pretrain(tc, model_cfg=model_cfg, resume=bool(args.resume))
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0
     losses = res["losses"]
     if losses:
         k = max(1, len(losses) // 10)
@@ -39,6 +51,29 @@ def _embed(args: argparse.Namespace) -> int:
     if args.out:
         np.save(args.out, frames)
         print(f"frames saved to {args.out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.shards import prepare
+
+    t0 = time.time()
+    res = prepare(args.src, args.out, workers=args.workers, shard_mb=args.shard_mb, progress=not args.no_progress)
+    dt = time.time() - t0
+    print(f"prepared {res['clips']} clips ({res['hours']:.2f} h of audio) in {dt:.1f} s -> {args.out}")
+    if res["skipped"]:
+        print(f"skipped {len(res['skipped'])} unreadable files (listed in {args.out}/skipped.json), e.g. "
+              f"{next(iter(res['skipped']))}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .train import export_encoder
+
+    used = export_encoder(args.ckpt, args.out)
+    print(f"exported the encoder of {used} to {args.out} (config.json + model.safetensors)")
     return 0
 
 
@@ -70,21 +105,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain a model (default: tiny model on the procedural corpus)")
     pt.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    pt.add_argument("--data", default=None, help="folder of audio files (wav/flac/ogg/mp3); default: procedural corpus")
+    pt.add_argument("--data", default=None, help="folder of audio files (wav/flac/ogg/mp3) or a corpus made by "
+                    "`bestrq2 prepare`; default: the procedural corpus")
     pt.add_argument("--steps", type=_positive_int("--steps"), default=300)
-    pt.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8)
+    pt.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="global batch (clips per step)")
+    pt.add_argument("--grad-accum", type=_positive_int("--grad-accum"), default=1, help="micro-batches per step")
     pt.add_argument("--lr", type=float, default=1e-4)
     pt.add_argument("--weight-decay", type=float, default=0.05)
-    pt.add_argument("--grad-clip", type=float, default=0.0)
+    pt.add_argument("--warmup-pct", type=float, default=0.05)
+    pt.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = off")
     pt.add_argument("--seconds", type=float, default=10.0, help="clip length")
+    pt.add_argument("--drop-path", type=float, default=None, help="encoder drop-path rate (default: the preset's, 0.1)")
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--out", default="runs/demo")
-    pt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    pt.add_argument("--out", default=None, help="run directory (default runs/demo)")
+    pt.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     pt.add_argument("--ckpt-every", type=_positive_int("--ckpt-every"), default=100)
+    pt.add_argument("--keep", type=_positive_int("--keep"), default=3, help="checkpoints kept")
+    pt.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"), default=5,
+                    help="consecutive non-finite losses before stopping")
     pt.add_argument("--num-workers", type=int, default=1)
-    pt.add_argument("--device", default="auto")
+    pt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    pt.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (under torchrun)")
     pt.add_argument("--no-progress", action="store_true")
     pt.set_defaults(func=_pretrain)
+
+    pr = sub.add_parser("prepare", help="decode a folder of audio into memory-mapped int16 shards")
+    pr.add_argument("src")
+    pr.add_argument("out")
+    pr.add_argument("--workers", type=_positive_int("--workers"), default=None, help="decoding processes (default: all cores)")
+    pr.add_argument("--shard-mb", type=_positive_int("--shard-mb"), default=512)
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=_prepare)
+
+    ex = sub.add_parser("export", help="write the encoder of a checkpoint (or a run's latest) for from_pretrained")
+    ex.add_argument("ckpt", help="a checkpoint file or a run directory")
+    ex.add_argument("out")
+    ex.set_defaults(func=_export)
 
     em = sub.add_parser("embed", help="frame embeddings of an audio file")
     em.add_argument("file")
@@ -106,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"bestrq2 {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,11 +1,17 @@
 """Pretraining loop, readable top to bottom.
 
-Data: clip i of the corpus for step s and batch slot j is i = s * batch + j, so the stream is a pure
-function of the step and a resumed run sees the same clips. Masks come from a torch Generator
-seeded from the run seed, saved in checkpoints.
-Writes OUT/metrics.csv (one row per step), OUT/checkpoint.pt (model, optimizer, scheduler, RNG,
-step, configs; tensors and plain types only, so ``torch.load(weights_only=True)`` reads it) and
-OUT/encoder/ (``BestRQ2Encoder.from_pretrained``).
+Data: the clips of step s are s * B ... s * B + B - 1 of the corpus (B the global batch); with N
+processes, rank r takes its contiguous B / N of them. The stream is a pure function of the step, so a
+resumed run sees the same clips. Masks are drawn for the global batch from a generator seeded by the
+run seed (the same on every rank) and sliced per rank, so a 2-process run trains on exactly what a
+1-process run with the same global batch does.
+
+Writes OUT/metrics.csv (one row per optimizer step), OUT/checkpoints/ckpt-<step>.pt (model, optimizer,
+scheduler, every RNG state, step, configs; tensors and plain types only, read with
+``torch.load(weights_only=True)``; the last ``keep`` kept), OUT/encoder/ (``BestRQ2Encoder``),
+OUT/loss.png at the end, and TensorBoard events under OUT/tb when tensorboard is installed.
+Checkpoints hold unsharded (full) state dicts keyed by parameter name, so they move between world
+sizes, DDP and FSDP2.
 """
 from __future__ import annotations
 
@@ -13,14 +19,18 @@ import csv
 import dataclasses
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .config import BestRQ2Config
 from .flops import pretrain_step_flops
+from .frontend import num_time_patches
+from .masking import sample_mask
 from .model import BestRQ2
 
 
@@ -28,7 +38,8 @@ from .model import BestRQ2
 class TrainConfig:
     preset: str = "tiny"
     steps: int = 300
-    batch_size: int = 8
+    batch_size: int = 8  # global batch (all processes, all accumulation micro-steps)
+    grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.05
     warmup_pct: float = 0.05
@@ -36,23 +47,34 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off
     seed: int = 0
     out: str = "runs/demo"
-    data: str | None = None  # a folder of audio; None = the procedural corpus
+    data: str | None = None  # a folder of audio, or a prepared corpus (index.json); None = procedural
     seconds: float = 10.0
     ckpt_every: int = 100
+    keep: int = 3
     num_workers: int = 1
     device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite losses before training stops
     progress: bool = True
 
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "ckpt_every"):
+    def validate(self, world: int = 1) -> None:
+        for name in ("steps", "batch_size", "ckpt_every", "keep", "grad_accum", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if not (self.lr > 0):
-            raise ValueError(f"--lr must be > 0 (got {self.lr})")
+        if not (self.lr > 0) or not math.isfinite(self.lr):
+            raise ValueError(f"--lr must be a positive number (got {self.lr})")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if not (0 <= self.warmup_pct < 1):
             raise ValueError(f"--warmup-pct must lie in [0, 1) (got {self.warmup_pct})")
         if self.seconds * 16000 < 9375:
             raise ValueError(f"--seconds {self.seconds} is shorter than one patch (0.586 s)")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.batch_size % (world * self.grad_accum):
+            raise ValueError(f"--batch-size {self.batch_size} must be divisible by processes x --grad-accum "
+                             f"= {world} x {self.grad_accum}")
 
 
 def lr_factor(step: int, total: int, warmup_pct: float, final_ratio: float) -> float:
@@ -65,132 +87,125 @@ def lr_factor(step: int, total: int, warmup_pct: float, final_ratio: float) -> f
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item s = the whole batch of step s (clips s * B ... s * B + B - 1), so workers stay in order."""
+    """Item s = this rank's share of step s: clips s * B + lo ... s * B + hi - 1."""
 
-    def __init__(self, source, batch_size: int) -> None:
-        self.source, self.batch_size = source, batch_size
+    def __init__(self, source, batch_size: int, lo: int, hi: int) -> None:
+        self.source, self.batch_size, self.lo, self.hi = source, batch_size, lo, hi
 
     def __len__(self) -> int:
         return 1 << 30
 
     def __getitem__(self, step: int):
-        items = [self.source[(step * self.batch_size + j) % len(self.source)] for j in range(self.batch_size)]
+        items = [self.source[(step * self.batch_size + j) % len(self.source)] for j in range(self.lo, self.hi)]
         return torch.stack([w for w, _ in items]), torch.tensor([n for _, n in items])
 
 
 def make_source(tc: TrainConfig):
     from .data import AudioFolder, SyntheticCorpus
+    from .data.shards import ShardedCorpus, is_prepared
 
-    if tc.data:
-        return AudioFolder(tc.data, seconds=tc.seconds, seed=tc.seed)
-    return SyntheticCorpus(seed=tc.seed, seconds=tc.seconds)
+    if not tc.data:
+        return SyntheticCorpus(seed=tc.seed, seconds=tc.seconds)
+    if is_prepared(tc.data):
+        return ShardedCorpus(tc.data, seconds=tc.seconds, seed=tc.seed)
+    return AudioFolder(tc.data, seconds=tc.seconds, seed=tc.seed)
 
 
+# ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, fsync, rename over the old one."""
-    tmp = path.with_suffix(".tmp")
+    """Atomic: write a temporary file, fsync it, rename it over the target, fsync the folder.
+    A crash at any moment leaves either the old file set or the new one, never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if os.environ.get("BESTRQ2_TEST_SLOW_SAVE"):  # test hook: a window to kill the process mid-save
+        print(f"SAVING {path.name}", flush=True)
+        time.sleep(float(os.environ["BESTRQ2_TEST_SLOW_SAVE"]))
     os.replace(tmp, path)
-
-
-def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
-             stop_after: int | None = None) -> dict:
-    """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
-    many steps with a checkpoint, as an interruption would. Returns the losses of this call."""
-    tc.validate()
-    out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if tc.device == "auto" else tc.device))
-    torch.manual_seed(tc.seed)
-    cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
-    model = BestRQ2(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, tc.steps, tc.warmup_pct, tc.final_lr_ratio))
-    mask_gen = torch.Generator().manual_seed(tc.seed + 1)
-    start = 0
-    ckpt_path = out / "checkpoint.pt"
-    if resume:
-        if not ckpt_path.is_file():
-            raise ValueError(f"--resume: no checkpoint.pt in {out}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        mask_gen.set_state(state["mask_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start = int(state["step"])
-
-    source = make_source(tc)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(StepBatches(source, tc.batch_size), range(start, tc.steps)),
-        batch_size=None, num_workers=tc.num_workers, prefetch_factor=4 if tc.num_workers else None,
-        generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "mask_rng": mask_gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-            "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc)})
-        model.to_encoder().save_pretrained(out / "encoder")
-
-    flops = pretrain_step_flops(cfg, tc.batch_size, 128, 64)
-    peak = _peak_flops(device)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, desc="pretrain", unit="step")
-    new_file = start == 0 or not (out / "metrics.csv").exists()
-    log_f = open(out / "metrics.csv", "w" if new_file else "a", newline="")
-    writer = csv.writer(log_f)
-    if new_file:
-        writer.writerow(["step", "loss", "accuracy", "lr", "clips_per_s", "mfu"])
-    model.train()
-    losses = []
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
-        t_last = time.perf_counter()
-        for step, (wave, lengths) in zip(range(start, tc.steps), loader):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                res = model(wave.to(device), lengths, generator=mask_gen)
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            cps = tc.batch_size / dt
-            mfu = flops / dt / peak if peak else float("nan")
-            loss = res.loss.item()
-            losses.append(loss)
-            writer.writerow([step + 1, f"{loss:.6f}", f"{float(res.accuracy):.4f}",
-                             f"{sched.get_last_lr()[0]:.3e}", f"{cps:.2f}", f"{mfu:.4f}"])
-            post = dict(loss=f"{loss:.3f}", acc=f"{float(res.accuracy):.3f}", clips_s=f"{cps:.1f}")
-            if peak:
-                post["mfu"] = f"{100 * mfu:.1f}%"
-            bar.set_postfix(post)
-            bar.update(1)
-            if stop_after is not None and len(losses) >= stop_after:
-                break
-            if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-                log_f.flush()
-                checkpoint(step + 1)
-        log_f.flush()
-        checkpoint(start + len(losses))
-    except KeyboardInterrupt:
-        bar.write("interrupted: saving a checkpoint")
-        checkpoint(start + len(losses))
-        raise
+        os.fsync(fd)
     finally:
-        bar.close()
-        log_f.close()
-    return {"losses": losses, "out": str(out), "model_config": cfg}
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest loadable one in a run directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise ValueError(f"{p}: no such checkpoint file or run directory")
+    for c in reversed(list_checkpoints(p)):
+        try:
+            torch.load(c, map_location="cpu", weights_only=True, mmap=True)
+            return c
+        except Exception:  # a truncated file from a crash before atomic saves existed: skip it
+            continue
+    raise ValueError(f"{p}: no loadable checkpoint under {p / 'checkpoints'}")
+
+
+def export_encoder(ckpt: str | Path, out: str | Path) -> Path:
+    """``bestrq2 export``: encoder-only config.json + model.safetensors from a checkpoint or run dir."""
+    path = latest_checkpoint(ckpt)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = BestRQ2Config.from_dict(state["model_config"])
+    model = BestRQ2(cfg)
+    model.load_state_dict(state["model"])
+    model.to_encoder().save_pretrained(out)
+    return path
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _dist_setup(tc: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu" if tc.device in ("auto", "cpu") else tc.device)
+
+
+def _wrap(model: BestRQ2, tc: TrainConfig, world: int, device: torch.device):
+    if tc.fsdp:
+        if world < 2:
+            raise ValueError("--fsdp needs several processes (launch with torchrun --nproc_per_node=N)")
+        from torch.distributed.fsdp import fully_shard
+
+        for stack in (model.encoder, model.predictor):
+            if stack is not None:
+                for blk in stack.blocks:
+                    fully_shard(blk)
+        fully_shard(model)
+        return model
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _full_state(model, opt, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts keyed by parameter name (portable across layouts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    return get_state_dict(model, optimizers=opt, options=opts)
+
+
+def _load_state(model, opt, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -202,3 +217,233 @@ def _peak_flops(device: torch.device) -> float | None:
         if key in name:
             return peak
     return None
+
+
+class _Stop(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------ the loop
+def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
+             stop_after: int | None = None) -> dict:
+    """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
+    many steps with a checkpoint, as an interruption would. Returns the losses of this call."""
+    rank, world, device = _dist_setup(tc)
+    tc.validate(world)
+    main = rank == 0
+    out = Path(tc.out)
+    if main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
+    model = BestRQ2(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    mask_gen = torch.Generator().manual_seed(tc.seed + 1)
+    start = 0
+    resumed = None
+    if resume:
+        path = latest_checkpoint(out)
+        resumed = torch.load(path, map_location="cpu", weights_only=True)
+        start = int(resumed["step"])
+    wrapped = _wrap(model, tc, world, device)
+    if tc.fsdp:  # FSDP2 shards parameters in place: build the optimizer on the sharded ones
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.steps, tc.warmup_pct, tc.final_lr_ratio))
+    if resumed is not None:
+        _load_state(model, opt, resumed["model"], resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        mask_gen.set_state(resumed["mask_rng"])
+        torch.set_rng_state(resumed["torch_rng"])
+        if device.type == "cuda" and resumed.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resumed["cuda_rng"])
+    forward = torch.compile(wrapped) if tc.compile else wrapped
+
+    local = tc.batch_size // world
+    micro = local // tc.grad_accum
+    source = make_source(tc)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(StepBatches(source, tc.batch_size, rank * local, (rank + 1) * local),
+                                range(start, tc.steps)),
+        batch_size=None, num_workers=tc.num_workers, prefetch_factor=4 if tc.num_workers else None,
+        generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
+    num_tokens = 8 * num_time_patches(int(tc.seconds * 16000))
+
+    def checkpoint(step: int) -> None:
+        model_sd, optim_sd = _full_state(wrapped if tc.fsdp else model, opt, tc.fsdp)
+        if not main:
+            return
+        save_checkpoint(out / "checkpoints" / f"ckpt-{step:08d}.pt", {
+            "model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
+            "mask_rng": mask_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "step": step,
+            "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc), "world_size": world})
+        for old in list_checkpoints(out)[: -tc.keep]:
+            old.unlink(missing_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            enc = BestRQ2(cfg)
+        enc.load_state_dict(model_sd)
+        enc.to_encoder().save_pretrained(out / "encoder")
+
+    flops = pretrain_step_flops(cfg, tc.batch_size, num_tokens, num_tokens // 2)
+    peak = _peak_flops(device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start, disable=not (tc.progress and main), desc="pretrain", unit="step")
+    log_f = writer = tb = None
+    if main:
+        new_file = start == 0 or not (out / "metrics.csv").exists()
+        log_f = open(out / "metrics.csv", "w" if new_file else "a", newline="")
+        writer = csv.writer(log_f)
+        if new_file:
+            writer.writerow(["step", "loss", "accuracy", "lr", "clips_per_s", "mfu", "bad_steps", "skipped_files"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            tb = None
+
+    # SIGTERM / first Ctrl-C: finish the current step, save, exit. A second Ctrl-C aborts at once.
+    # (Raising from the handler could land inside torch.save and tear the file being written.)
+    stop_request: list[str] = []
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and stop_request:
+            raise KeyboardInterrupt
+        stop_request.append(signal.Signals(signum).name)
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    model.train()
+    losses: list[float] = []
+    bad_total = bad_run = 0
+    step = start
+    try:
+        t_last = time.perf_counter()
+        for step, (wave, lengths) in zip(range(start, tc.steps), loader):
+            mask = sample_mask(tc.batch_size, num_tokens, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
+                               generator=mask_gen, equal_counts=cfg.mask_equal_counts)[rank * local:(rank + 1) * local]
+            opt.zero_grad(set_to_none=True)
+            loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+            for k in range(tc.grad_accum):
+                sl = slice(k * micro, (k + 1) * micro)
+                sync = k == tc.grad_accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+                ctx = wrapped.no_sync() if not sync else _nullcontext()
+                with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    res = forward(wave[sl].to(device, non_blocking=True), lengths[sl], mask=mask[sl].to(device))
+                (res.loss / tc.grad_accum).backward()
+                loss_sum += res.loss.detach() / tc.grad_accum
+                acc_sum += res.accuracy.detach() / tc.grad_accum
+            if world > 1:  # the logged loss is the global batch's (every rank's targets count the same)
+                dist.all_reduce(loss_sum)
+                dist.all_reduce(acc_sum)
+                loss_sum /= world
+                acc_sum /= world
+            loss = loss_sum.item()
+            if not math.isfinite(loss):  # skip the update, count it; a run of them stops the job
+                bad_total += 1
+                bad_run += 1
+                opt.zero_grad(set_to_none=True)
+                bar.write(f"step {step + 1}: non-finite loss ({loss}); update skipped ({bad_run} in a row)")
+            else:
+                bad_run = 0
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            cps = tc.batch_size / dt
+            mfu = flops / dt / peak if peak else float("nan")
+            losses.append(loss)
+            skipped = len(getattr(source, "skipped", {}))
+            if main:
+                writer.writerow([step + 1, f"{loss:.6f}", f"{float(acc_sum):.4f}", f"{sched.get_last_lr()[0]:.3e}",
+                                 f"{cps:.2f}", f"{mfu:.4f}", bad_total, skipped])
+                if tb is not None:
+                    tb.add_scalar("loss", loss, step + 1)
+                    tb.add_scalar("accuracy", float(acc_sum), step + 1)
+                    tb.add_scalar("lr", sched.get_last_lr()[0], step + 1)
+            post = dict(loss=f"{loss:.3f}", acc=f"{float(acc_sum):.3f}", clips_s=f"{cps:.1f}")
+            if peak:
+                post["mfu"] = f"{100 * mfu:.1f}%"
+            if skipped:
+                post["skipped_files"] = skipped
+            bar.set_postfix(post)
+            bar.update(1)
+            if bad_run >= tc.max_bad_steps:
+                raise _Stop(f"{bad_run} non-finite losses in a row")
+            if world > 1:  # every rank stops at the same step when any of them was signalled
+                flag = torch.tensor([float(bool(stop_request))], device=device)
+                dist.all_reduce(flag)
+                if flag.item() and not stop_request:
+                    stop_request.append("a signal to another rank")
+            if stop_request:
+                raise _Stop(stop_request[0])
+            if stop_after is not None and len(losses) >= stop_after:
+                break
+            if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                log_f and log_f.flush()
+                checkpoint(step + 1)
+        if log_f:
+            log_f.flush()
+        checkpoint(start + len(losses))
+    except (KeyboardInterrupt, _Stop) as why:
+        done = start + len(losses)
+        bar.write(f"stopping ({why or 'interrupted'}): saving a checkpoint at step {done}")
+        if log_f:
+            log_f.flush()
+        checkpoint(done)
+        if isinstance(why, _Stop) and "non-finite" in str(why):
+            raise RuntimeError(f"training stopped: {why}; checkpoint saved at step {done} in {out}") from None
+        if isinstance(why, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        return {"losses": losses, "out": str(out), "model_config": cfg, "bad_steps": bad_total,
+                "skipped_files": dict(getattr(source, "skipped", {})), "stopped": str(why)}
+    finally:
+        bar.close()
+        if log_f:
+            log_f.close()
+        if tb is not None:
+            tb.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        if main:
+            _plot_losses(out)
+        if world > 1 and dist.is_initialized():
+            dist.barrier()
+    return {"losses": losses, "out": str(out), "model_config": cfg, "bad_steps": bad_total,
+            "skipped_files": dict(getattr(source, "skipped", {}))}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plot_losses(out: Path) -> None:
+    """OUT/loss.png from metrics.csv (skipped quietly when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    pts = [(int(r["step"]), float(r["loss"])) for r in rows if math.isfinite(float(r["loss"]))]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in pts], [v for _, v in pts], lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked-code cross-entropy")
+    ax.set_title(f"{out.name}: pretraining loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)

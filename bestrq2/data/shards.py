@@ -1,0 +1,116 @@
+"""A prepared corpus: decoded 16 kHz mono audio in memory-mapped int16 shards with an index.
+
+``bestrq2 prepare SRC OUT`` decodes every readable file under SRC once (in parallel), and writes
+OUT/shard-00000.int16 ... (raw little-endian int16, each about ``shard_mb`` MB) and OUT/index.json
+(one entry per clip: shard, offset, length in samples, source path) plus OUT/skipped.json. Training
+then reads crops straight from the memory maps: no decoding, no resampling, one page-cache read per
+crop, any number of DataLoader workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .folder import EXTENSIONS, load_audio
+
+SR = 16_000
+
+
+def _decode(path: str) -> tuple[str, np.ndarray | None, str]:
+    try:
+        wave = load_audio(path)
+    except ValueError as err:
+        return path, None, str(err)
+    if not np.isfinite(wave).all():
+        return path, None, "holds NaN or inf samples"
+    return path, np.clip(np.round(wave * 32767.0), -32768, 32767).astype("<i2"), ""
+
+
+def prepare(src: str | Path, out: str | Path, workers: int | None = None, shard_mb: int = 512,
+            progress: bool = True) -> dict:
+    """Decode SRC into shards under OUT. Returns {"clips", "hours", "skipped"}."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ValueError(f"prepare: SRC {src} is not a directory")
+    files = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"prepare: no {sorted(EXTENSIONS)} files under {src}")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "index.json").exists():
+        raise ValueError(f"prepare: {out} already holds a prepared corpus (index.json); choose another OUT")
+    from tqdm.auto import tqdm
+
+    index, skipped = [], {}
+    shard_id, shard_f, shard_len = -1, None, 0
+    limit = shard_mb * (1 << 20) // 2
+    workers = workers or max(1, (os.cpu_count() or 1))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for path, pcm, err in tqdm(pool.map(_decode, files, chunksize=4), total=len(files), desc="prepare",
+                                   unit="file", disable=not progress):
+            if pcm is None:
+                skipped[path] = err
+                continue
+            if shard_f is None or shard_len + len(pcm) > limit and shard_len > 0:
+                if shard_f:
+                    shard_f.close()
+                shard_id += 1
+                shard_f, shard_len = open(out / f"shard-{shard_id:05d}.int16", "wb"), 0
+            shard_f.write(pcm.tobytes())
+            index.append({"shard": shard_id, "offset": shard_len, "length": int(len(pcm)),
+                          "source": os.path.relpath(path, src)})
+            shard_len += len(pcm)
+    if shard_f:
+        shard_f.close()
+    if not index:
+        raise ValueError(f"prepare: none of the {len(files)} files under {src} could be read")
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps({"sample_rate": SR, "dtype": "int16", "clips": index}))
+    os.replace(tmp, out / "index.json")  # the index appears only once every shard is complete
+    hours = sum(e["length"] for e in index) / SR / 3600
+    return {"clips": len(index), "hours": hours, "skipped": skipped}
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / "index.json").is_file()
+
+
+class ShardedCorpus(torch.utils.data.Dataset):
+    """Item i -> (wave float32 [seconds * 16000], true length): clip i mod count, cropped at an offset
+    that is a pure function of (seed, i); shorter clips zero-padded."""
+
+    def __init__(self, root: str | Path, seconds: float = 10.0, seed: int = 0) -> None:
+        self.root = Path(root)
+        if not is_prepared(self.root):
+            raise ValueError(f"--data {root}: no index.json (run `bestrq2 prepare SRC {root}` first)")
+        meta = json.loads((self.root / "index.json").read_text())
+        if meta.get("sample_rate") != SR or meta.get("dtype") != "int16":
+            raise ValueError(f"{root}/index.json: expected 16 kHz int16 shards, got {meta.get('sample_rate')} "
+                             f"{meta.get('dtype')}")
+        self.clips = meta["clips"]
+        self.seconds, self.seed = seconds, seed
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _shard(self, k: int) -> np.memmap:
+        if k not in self._maps:  # opened lazily, so each DataLoader worker maps its own
+            self._maps[k] = np.memmap(self.root / f"shard-{k:05d}.int16", dtype="<i2", mode="r")
+        return self._maps[k]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        e = self.clips[index % len(self.clips)]
+        n = int(self.seconds * SR)
+        rng = np.random.default_rng([self.seed, index])
+        start = int(rng.integers(0, e["length"] - n + 1)) if e["length"] > n else 0
+        take = min(n, e["length"])
+        pcm = self._shard(e["shard"])[e["offset"] + start: e["offset"] + start + take]
+        out = np.zeros(n, dtype=np.float32)
+        out[:take] = pcm.astype(np.float32) / 32768.0
+        return torch.from_numpy(out), take

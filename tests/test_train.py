@@ -1,0 +1,210 @@
+"""The pretraining pipeline: prepared shards, exact resume, crash safety, bad data, NaN losses,
+gradient accumulation, export, and multi-process (gloo) training against one process."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from bestrq2 import BestRQ2, BestRQ2Config, BestRQ2Encoder
+from bestrq2.cli import main
+from bestrq2.data.shards import ShardedCorpus, prepare
+from bestrq2.train import TrainConfig, export_encoder, latest_checkpoint, list_checkpoints, pretrain
+
+ROOT = Path(__file__).parent.parent
+
+
+def tc(out, **kw):
+    base = dict(preset="tiny", steps=4, batch_size=2, seconds=1.0, out=str(out), ckpt_every=100, num_workers=0,
+                progress=False, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses_of(run: Path) -> list[float]:
+    return [float(r["loss"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+
+
+@pytest.fixture
+def audio_dir(tmp_path):
+    d = tmp_path / "audio"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sf.write(d / "a.wav", (rng.standard_normal(40_000) * 0.1).astype(np.float32), 16_000)
+    sf.write(d / "sub" / "b.flac", (rng.standard_normal((30_000, 2)) * 0.1).astype(np.float32), 22_050)
+    sf.write(d / "c.ogg", (rng.standard_normal(12_000) * 0.1).astype(np.float32), 16_000)
+    (d / "broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt garbage")
+    (d / "text.flac").write_text("not audio")
+    full = d / "trunc.wav"
+    sf.write(full, (rng.standard_normal(20_000) * 0.1).astype(np.float32), 16_000)
+    full.write_bytes(full.read_bytes()[:30])  # header only
+    return d
+
+
+def test_prepare_shards_and_stream(tmp_path, audio_dir):
+    res = prepare(audio_dir, tmp_path / "prep", workers=2, shard_mb=1, progress=False)
+    assert res["clips"] == 3 and len(res["skipped"]) == 3
+    assert {Path(p).name for p in res["skipped"]} == {"broken.wav", "text.flac", "trunc.wav"}
+    index = json.loads((tmp_path / "prep" / "index.json").read_text())
+    lengths = sorted(e["length"] for e in index["clips"])
+    assert lengths == sorted([40_000, 12_000, int(round(30_000 * 16_000 / 22_050))])
+    ds = ShardedCorpus(tmp_path / "prep", seconds=1.0, seed=3)
+    w, n = ds[0]
+    assert w.shape == (16_000,) and n == 16_000
+    e = index["clips"][0]
+    src = sf.read(audio_dir / e["source"], dtype="float32")[0]
+    start = int(np.random.default_rng([3, 0]).integers(0, e["length"] - 16_000 + 1))
+    np.testing.assert_allclose(w.numpy(), src[start: start + 16_000], atol=1 / 32768 + 1e-6)  # int16 storage
+    short = [i for i, e in enumerate(index["clips"]) if e["length"] == 12_000][0]
+    w, n = ds[short]
+    assert n == 12_000 and float(w[12_000:].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="already holds"):
+        prepare(audio_dir, tmp_path / "prep", progress=False)
+    res = pretrain(tc(tmp_path / "run", data=str(tmp_path / "prep"), steps=2))
+    assert len(res["losses"]) == 2
+
+
+def test_corrupt_files_are_skipped_counted_and_named(tmp_path, audio_dir):
+    res = pretrain(tc(tmp_path / "run", data=str(audio_dir), steps=4, batch_size=3))
+    assert len(res["losses"]) == 4 and all(np.isfinite(res["losses"]))
+    assert {Path(p).name for p in res["skipped_files"]} == {"broken.wav", "text.flac", "trunc.wav"}
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert int(rows[-1]["skipped_files"]) == 3
+
+
+def test_exact_resume_and_keep_last(tmp_path):
+    full = pretrain(tc(tmp_path / "a", steps=6, ckpt_every=1, keep=2))["losses"]
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["ckpt-00000005.pt", "ckpt-00000006.pt"]
+    first = pretrain(tc(tmp_path / "b", steps=6), stop_after=2)["losses"]
+    second = pretrain(tc(tmp_path / "b", steps=6), resume=True, stop_after=2)["losses"]
+    third = pretrain(tc(tmp_path / "b", steps=6), resume=True)["losses"]
+    assert first + second + third == full  # bit for bit
+    assert losses_of(tmp_path / "b") == [float(f"{x:.6f}") for x in full]
+    assert (tmp_path / "b" / "loss.png").is_file()
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    cfg = BestRQ2Config.preset("tiny", encoder_drop_path=0.0)
+    a = pretrain(tc(tmp_path / "a", steps=3, batch_size=4), model_cfg=cfg)["losses"]
+    b = pretrain(tc(tmp_path / "b", steps=3, batch_size=4, grad_accum=2), model_cfg=cfg)["losses"]
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_non_finite_losses_skip_then_stop(tmp_path, monkeypatch):
+    import bestrq2.train as T
+
+    calls = {"n": 0}
+    real = BestRQ2.forward
+
+    def flaky(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] in (2, 4, 5, 6):  # step 2 alone, then steps 4-6 in a row
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(T.BestRQ2, "forward", flaky)
+    res = pretrain(tc(tmp_path / "a", steps=3))
+    assert res["bad_steps"] == 1 and np.isnan(res["losses"][1]) and np.isfinite(res["losses"][2])
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        pretrain(tc(tmp_path / "b", steps=8, max_bad_steps=3))
+    state = torch.load(latest_checkpoint(tmp_path / "b"), weights_only=True)
+    assert state["step"] == 6  # saved before stopping
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _spawn(args, **env):
+    return subprocess.Popen([sys.executable, "-m", "bestrq2", "pretrain", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    p = _spawn(["--steps", "5", "--batch-size", "2", "--seconds", "1", "--ckpt-every", "1", "--num-workers", "0",
+                "--no-progress", "--out", str(run)], BESTRQ2_TEST_SLOW_SAVE="30")
+    saves = 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if line.startswith("SAVING"):
+            saves += 1
+            if saves == 2:  # the second save is in its window between write and rename
+                break
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(30)
+    assert saves == 2
+    ck = latest_checkpoint(run)
+    state = torch.load(ck, weights_only=True)
+    assert state["step"] == 1 and ck.name == "ckpt-00000001.pt"
+    assert (run / "checkpoints" / "ckpt-00000002.pt.tmp").exists()  # the torn write is never picked up
+    res = pretrain(tc(run, steps=3), resume=True)  # and the run continues from step 1
+    assert len(res["losses"]) == 2
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    run = tmp_path / "run"
+    p = _spawn(["--steps", "500", "--batch-size", "2", "--seconds", "1", "--num-workers", "0", "--out", str(run)])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and len(losses_of(run)) < 2:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert "stopping (SIGTERM)" in out
+    step = torch.load(latest_checkpoint(run), weights_only=True)["step"]
+    assert 2 <= step < 500
+
+
+def test_export_from_run_dir_and_file(tmp_path):
+    pretrain(tc(tmp_path / "run", steps=2))
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "enc")]) == 0
+    enc = BestRQ2Encoder.from_pretrained(tmp_path / "enc")
+    ck = latest_checkpoint(tmp_path / "run")
+    export_encoder(ck, tmp_path / "enc2")
+    wave = torch.randn(1, 20_000) * 0.1
+    torch.testing.assert_close(enc(wave), BestRQ2Encoder.from_pretrained(tmp_path / "enc2")(wave), rtol=0, atol=0)
+    torch.testing.assert_close(enc(wave), BestRQ2Encoder.from_pretrained(tmp_path / "run" / "encoder")(wave), rtol=0, atol=0)
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--lr", "-1"], "--lr"), (["--batch-size", "3", "--grad-accum", "2"], "--batch-size"),
+    (["--warmup-pct", "1.5"], "--warmup-pct"), (["--seconds", "0.1"], "--seconds"),
+])
+def test_bad_cli_values_name_the_flag(tmp_path, capsys, argv, flag):
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--no-progress", *argv]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def _torchrun(nproc, args, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "bestrq2", "pretrain", *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_match_one_and_resume_in_one(tmp_path, fsdp):
+    common = ["--steps", "3", "--batch-size", "4", "--seconds", "1", "--num-workers", "0", "--no-progress",
+              "--drop-path", "0", "--lr", "1e-3"]
+    _torchrun(2, common + ["--out", str(tmp_path / "two")] + (["--fsdp"] if fsdp else []))
+    _torchrun(1, common + ["--out", str(tmp_path / "one")])
+    np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=1e-5)
+    assert len(list(csv.DictReader(open(tmp_path / "two" / "metrics.csv")))) == 3  # rank 0 alone logs
+    state = torch.load(latest_checkpoint(tmp_path / "two"), weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 3
+    # the 2-process checkpoint resumes in 1 process (plain, no torchrun)
+    assert main(["pretrain", "--resume", str(tmp_path / "two"), "--steps", "4", "--batch-size", "4", "--seconds", "1",
+                 "--num-workers", "0", "--no-progress", "--drop-path", "0", "--lr", "1e-3"]) == 0
+    assert len(losses_of(tmp_path / "two")) == 4
