@@ -116,7 +116,8 @@ def pipeline(rec, smoke: bool) -> None:
             raise RuntimeError(f"pipeline benchmarks failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
         data = json.loads(js.read_text())
     per_call_clips = {"test_synthetic_clip": 1, "test_audio_folder_flac_16k": 1,
-                      "test_audio_folder_wav_44k_stereo_resampled": 1, "test_logmel_frontend_batch8": 8}
+                      "test_audio_folder_wav_44k_stereo_resampled": 1, "test_logmel_frontend_batch8": 8,
+                      "test_prepared_shards_crop": 1}
     for b in data["benchmarks"]:
         med = b["stats"]["median"]
         rec.add("data_pipeline", b["name"].removeprefix("test_"), "forward", "10s clips, 1 thread", "time_ms", 1e3 * med)

@@ -44,3 +44,18 @@ def test_logmel_frontend_batch8(benchmark):
     lm, x = LogMel(), torch.randn(8, 160_000) * 0.1
     out = benchmark(lambda: lm(x))
     assert out.shape == (8, 128, 257)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, folder):
+    from bestrq2.data.shards import ShardedCorpus, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "corpus"
+    prepare(folder.root, out, workers=1, progress=False)
+    return ShardedCorpus(out, seconds=10.0)
+
+
+def test_prepared_shards_crop(benchmark, prepared):
+    i = iter(range(10**9))
+    w, n = benchmark(lambda: prepared[next(i)])
+    assert w.shape == (160_000,)
