@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "tensorboard>=2.10"],
+        "tensorboard": ["tensorboard>=2.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["bestrq2=bestrq2.cli:main"]},

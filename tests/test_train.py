@@ -208,3 +208,14 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, fsdp):
     assert main(["pretrain", "--resume", str(tmp_path / "two"), "--steps", "4", "--batch-size", "4", "--seconds", "1",
                  "--num-workers", "0", "--no-progress", "--drop-path", "0", "--lr", "1e-3"]) == 0
     assert len(losses_of(tmp_path / "two")) == 4
+
+
+def test_compile_and_tensorboard(tmp_path):
+    """--compile trains (torch.compile of the model, inductor on CPU) and TensorBoard events are written."""
+    res = pretrain(tc(tmp_path / "run", steps=2, compile=True))
+    assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ev.Reload()
+    assert [e.step for e in ev.Scalars("loss")] == [1, 2]
