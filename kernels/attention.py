@@ -86,6 +86,22 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk
 
 
 @triton.jit
+def _tile(ptr, rows, stride_t, h, stride_h, offs_d, rmask, dmask):
+    """A [rows, D_PAD] tile of one head of a [T, H, Dh] tensor, as float32 (zeros outside the masks)."""
+    return tl.load(ptr + rows[:, None] * stride_t + h * stride_h + offs_d[None, :],
+                   mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale):
+    """Backward recomputation for a (query tile, key tile): P = exp(QK^T s - lse), dS = P (dO V^T - delta)."""
+    s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
+    p = tl.where(mmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
                           sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, T, D, scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
@@ -99,24 +115,20 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     nmask = offs_n < seqlen
     dmask = offs_d < D
     cols = (start + offs_n).to(tl.int64)
-    kb = tl.load(k_ptr + cols[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    vb = tl.load(v_ptr + cols[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask)
+    vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask)
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     for m0 in range(0, seqlen, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mmask = offs_m < seqlen
         rows = (start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + rows[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask)
+        do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask)
         lse = tl.load(lse_ptr + h * T + rows, mask=mmask, other=0.0)
         delta = tl.load(delta_ptr + h * T + rows, mask=mmask, other=0.0)
-        s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale  # [BM, BN]
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(mmask[:, None] & nmask[None, :], p, 0.0)
+        p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale)  # [BM, BN]
         dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-        dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
     st = cols[:, None] * sdk_t + h * sdk_h + offs_d[None, :]
     if dk_ptr.dtype.element_ty == tl.bfloat16:
@@ -140,8 +152,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     mmask = offs_m < seqlen
     dmask = offs_d < D
     rows = (start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + rows[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask)
+    do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask)
     lse = tl.load(lse_ptr + h * T + rows, mask=mmask, other=0.0)
     delta = tl.load(delta_ptr + h * T + rows, mask=mmask, other=0.0)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
@@ -149,13 +161,9 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < seqlen
         cols = (start + offs_n).to(tl.int64)
-        kb = tl.load(k_ptr + cols[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        vb = tl.load(v_ptr + cols[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(mmask[:, None] & nmask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
+        kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask)
+        vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask)
+        _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale)
         dq += tl.dot(ds, kb, input_precision="ieee") * scale
     if dq_ptr.dtype.element_ty == tl.bfloat16:
         dq = round_to_bf16_rtne(dq)
