@@ -77,6 +77,47 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .encoder import BestRQ2Encoder
+    from .eval.suite import LogMelStats, evaluate_task, markdown, summarize
+    from .eval.tasks import read_manifest
+
+    if not args.manifest:
+        raise ValueError("--manifest: give at least one task manifest (CSV of path,label,split|group)")
+    enc = BestRQ2Encoder.from_pretrained(args.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        random_enc = BestRQ2Encoder(enc.config).eval()  # the random-init floor, same architecture
+    encoders = {"model": enc, "random_init": random_enc, "logmel_stats": LogMelStats()}
+    results = []
+    for m in args.manifest:
+        task = read_manifest(m, domain=args.domain, seed=args.seed)
+        try:
+            res = evaluate_task(task, encoders, epochs=args.epochs, seed=args.seed)
+        except ValueError as err:
+            print(f"task {task.name}: skipped ({err})")
+            continue
+        if res.skipped:
+            print(f"task {task.name}: {res.skipped} unreadable files skipped")
+        results.append(res)
+    if not results:
+        raise ValueError("no task could be evaluated")
+    table = markdown(results)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(
+            {"tasks": [r.__dict__ for r in results], "summary": summarize(results)}, indent=1))
+        print(f"report written to {args.out}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     import soundfile as sf
 
@@ -149,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--out", default=None, help="save frames [T', D] as .npy")
     em.add_argument("--device", default="cpu")
     em.set_defaults(func=_embed)
+
+    ev = sub.add_parser("eval", help="X-ARES-style probe + kNN of a frozen encoder on labelled audio")
+    ev.add_argument("--model", required=True, help="encoder directory (save_pretrained / bestrq2 export)")
+    ev.add_argument("--manifest", action="append", default=[], help="CSV of path,label,split|group (repeatable)")
+    ev.add_argument("--domain", default="custom", help="domain name for the per-domain means")
+    ev.add_argument("--epochs", type=_positive_int("--epochs"), default=100)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default=None, help="write the markdown table (and a .json beside it)")
+    ev.set_defaults(func=_eval)
 
     sy = sub.add_parser("synth", help="write one clip of the procedural corpus as a wav")
     sy.add_argument("out")
