@@ -16,11 +16,14 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def load(path: Path) -> list[dict]:
-    rows = list(csv.DictReader(open(path)))
-    if not rows:
-        return []
-    latest = max(r["date"] for r in rows)
-    return [r for r in rows if r["date"] == latest]
+    """The newest row of every (op, provider, mode, shape, metric, device): a partial rerun (--only)
+    replaces just the rows it measured."""
+    latest: dict[tuple, dict] = {}
+    for r in csv.DictReader(open(path)):
+        key = (r["op"], r["provider"], r["mode"], r["shape"], r["metric"], r["device"])
+        if key not in latest or r["date"] >= latest[key]["date"]:
+            latest[key] = r
+    return sorted(latest.values(), key=lambda r: r["date"])
 
 
 def index(rows):
@@ -165,13 +168,14 @@ def render(smoke: bool = False) -> str:
         if not rows:
             continue
         idx = index(rows)
-        meta = rows[0]
+        meta = rows[-1]
         vers = json.loads(meta["versions"])
+        runs = sorted({(r["date"], r["commit"], r["command"]) for r in rows})
         bounds = {r["provider"]: float(r["value"]) for r in rows if r["op"] == "bound"}
         parts += [f"### Suite `{path.stem}`", "",
                   f"Device: **{meta['device']}**. Versions: {', '.join(f'{k} {v}' for k, v in vers.items())}. "
-                  f"Commit `{meta['commit']}`, {meta['date']}. Command: `{meta['command']}`.", "",
-                  "Bounds measured in the same run: " + ", ".join(
+                  "Runs: " + "; ".join(f"`{c}` at commit `{h}`, {d}" for d, h, c in runs) + ".", "",
+                  "Bounds measured in the latest run (each row's % of bound uses its own run's): " + ", ".join(
                       f"{k} {v:.3g} {'GB/s' if k == 'copy' else 'TFLOP/s'}" for k, v in bounds.items()) + ".", ""]
         for title, table in (("Pretraining step (end to end)", e2e_table(idx)), ("Encoder inference", inference_table(idx)),
                              ("Head + cross-entropy: peak extra memory", memory_table(idx)),
