@@ -86,16 +86,32 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval.suite import LogMelStats, evaluate_task, markdown, summarize
     from .eval.tasks import read_manifest
 
-    if not args.manifest:
-        raise ValueError("--manifest: give at least one task manifest (CSV of path,label,split|group)")
+    from pathlib import Path
+
+    from .eval.debian import DEFAULT_CACHE, prepare_tasks
+
+    cache = Path(args.cache) if args.cache else DEFAULT_CACHE
+    tasks = [(m, args.domain) for m in args.manifest]
+    if args.prepare or args.builtin:
+        made = prepare_tasks(cache, args.tasks.split(",") if args.tasks else None, seed=args.seed, limit=args.limit)
+        print(f"built-in tasks ready under {cache}: {', '.join(made) or 'none'}")
+        tasks += [(str(m), dom) for dom, m in made.values()]
+        if args.prepare and not args.model:
+            return 0
+    if not args.model:
+        raise ValueError("--model: give the encoder directory to evaluate")
+    if not tasks:
+        raise ValueError("--manifest / --builtin: give at least one task")
     enc = BestRQ2Encoder.from_pretrained(args.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         random_enc = BestRQ2Encoder(enc.config).eval()  # the random-init floor, same architecture
     encoders = {"model": enc, "random_init": random_enc, "logmel_stats": LogMelStats()}
     results = []
-    for m in args.manifest:
-        task = read_manifest(m, domain=args.domain, seed=args.seed)
+    for m, domain in tasks:
+        task = read_manifest(m, domain=domain, seed=args.seed)
+        if Path(m).parent.parent.name == "tasks":  # a built-in task: name it after its folder
+            task.name = Path(m).parent.name
         try:
             res = evaluate_task(task, encoders, epochs=args.epochs, seed=args.seed)
         except ValueError as err:
@@ -192,7 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     em.set_defaults(func=_embed)
 
     ev = sub.add_parser("eval", help="X-ARES-style probe + kNN of a frozen encoder on labelled audio")
-    ev.add_argument("--model", required=True, help="encoder directory (save_pretrained / bestrq2 export)")
+    ev.add_argument("--model", default=None, help="encoder directory (save_pretrained / bestrq2 export)")
+    ev.add_argument("--prepare", action="store_true", help="fetch and build the built-in tasks (cached), then "
+                    "evaluate them if --model is given")
+    ev.add_argument("--builtin", action="store_true", help="evaluate the built-in tasks (built if missing)")
+    ev.add_argument("--tasks", default=None, help="comma list of built-in tasks (default: all)")
+    ev.add_argument("--cache", default=None, help="cache folder (default ~/.cache/bestrq2/eval)")
+    ev.add_argument("--limit", type=_positive_int("--limit"), default=None, help="files per class (smoke runs)")
     ev.add_argument("--manifest", action="append", default=[], help="CSV of path,label,split|group (repeatable)")
     ev.add_argument("--domain", default="custom", help="domain name for the per-domain means")
     ev.add_argument("--epochs", type=_positive_int("--epochs"), default=100)

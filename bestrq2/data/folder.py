@@ -29,7 +29,8 @@ def load_audio(path: str | Path, target_sr: int = SR) -> np.ndarray:
         raise ValueError(f"cannot read audio file {path}: {err}") from err
     if data.size == 0:
         raise ValueError(f"audio file {path} holds no samples")
-    wave = data.mean(axis=1)
+    # decoders of lossy formats (vorbis, mp3) can overshoot full scale slightly: clip to [-1, 1]
+    wave = np.clip(data.mean(axis=1), -1.0, 1.0)
     if sr != target_sr:
         from scipy.signal import resample_poly
 

@@ -38,7 +38,7 @@ def _check(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
 
 def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                  test: tuple[torch.Tensor, torch.Tensor], num_classes: int, epochs: int = 100, lr: float = 1e-3,
-                 batch_size: int = 64, seed: int = 0) -> ProbeResult:
+                 batch_size: int = 32, seed: int = 0) -> ProbeResult:
     for name, (x, y) in (("train", train), ("val", val), ("test", test)):
         _check(name, x, y)
     g = torch.Generator().manual_seed(seed)
