@@ -162,3 +162,28 @@ def test_builtin_debian_task_smoke(tmp_path, capsys):
     assert len({r["label"] for r in rows}) >= 10 and all(r["split"] in ("train", "val", "test") for r in rows)
     text = capsys.readouterr().out
     assert "| ufoai_sfx_6 | environment |" in text and "logmel_stats/probe" in text
+
+
+def test_hedgewars_tasks_split_by_phrase_and_by_voice(tmp_path, monkeypatch):
+    """The two speech tasks on a fake unpacked hedgewars-data (the real one is 145 MB: not in CI)."""
+    import bestrq2.eval.debian as D
+
+    root = tmp_path / "root" / "hedgewars-data"
+    voices = root / "usr" / "share" / "games" / "hedgewars" / "Data" / "Sounds" / "voices"
+    t = np.arange(4000) / 16000
+    for k, pack in enumerate(["Pirate", "Robot", "Singer", "Surfer", "Mobster", "British"]):
+        (voices / pack).mkdir(parents=True)
+        for j, phrase in enumerate(["Hello", "Ooff1", "Ooff2", "Byebye", "Drat", "Oops", "Melon", "Hurry"]):
+            x = 0.2 * np.sin(2 * np.pi * (150 + 40 * k + 300 * j) * t)
+            sf.write(voices / pack / f"{phrase}.ogg", x.astype(np.float32), 16000)
+    monkeypatch.setattr(D, "fetch_package", lambda name, cache: root)
+    voice = read_manifest(D.build_hedgewars_voice_id(tmp_path, seed=0))
+    phrase = read_manifest(D.build_hedgewars_phrase_id(tmp_path, seed=0))
+    assert set(voice.classes) == {"Pirate", "Robot", "Singer", "Surfer", "Mobster", "British"}
+    assert "ooff" in phrase.classes and "ooff1" not in phrase.classes  # takes of one phrase are one class
+    for task, key in ((voice, "group"), (phrase, "group")):
+        where = {}
+        for it in task.items:
+            where.setdefault(it[key], set()).add(it["split"])
+        assert all(len(s) == 1 for s in where.values())  # no phrase (voice pack) in two splits
+        assert {it["split"] for it in task.items} == {"train", "val", "test"}

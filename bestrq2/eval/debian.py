@@ -6,6 +6,10 @@ recorded in ``cache/packages.json``. Task builders turn unpacked files into a ma
 (``cache/tasks/<task>/manifest.csv``: path, label, split, group) whose splits keep groups apart.
 
 Built so far:
+- ``hedgewars_voice_id`` (speech): which of the 15 Hedgewars voice packs (package ``hedgewars-data``)
+  speaks, tested on phrases never heard in training (split by phrase).
+- ``hedgewars_phrase_id`` (speech): which phrase is said, tested on voice packs never heard in training
+  (split by voice pack; phrases no training voice says are dropped).
 - ``ufoai_sfx`` (environment): sound-effect class (weapons, ambience, footsteps, aliens, ...) of the UFO:AI
   effects in package ``ufoai-sound``; a group is one recording (its folder and name without the take
   number, so ``hurt1`` ... ``hurt9`` of one creature stay together), split per class so every class is
@@ -124,7 +128,48 @@ def build_ufoai_sfx(cache: Path, seed: int = 0, limit: int | None = None) -> Pat
     return write_manifest(kept, out / "manifest.csv")
 
 
-TASKS = {"ufoai_sfx": ("environment", build_ufoai_sfx)}
+def _hedgewars_rows(cache: Path, limit: int | None) -> list[dict]:
+    root = fetch_package("hedgewars-data", cache)
+    voices = sorted(p for p in root.rglob("voices") if p.is_dir())
+    if not voices:
+        raise ValueError(f"hedgewars-data: no voices folder under {root}")
+    rows, per_pack = [], {}
+    for f in sorted(voices[0].glob("*/*.ogg")):
+        pack = f.parent.name
+        if limit is not None and per_pack.get(pack, 0) >= limit:
+            continue
+        per_pack[pack] = per_pack.get(pack, 0) + 1
+        phrase = re.sub(r"\d+$", "", f.stem).lower()  # Ooff1/Ooff2 are takes of one phrase
+        rows.append({"path": str(f), "pack": pack, "phrase": phrase})
+    return rows
+
+
+def build_hedgewars_voice_id(cache: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """Speech: which voice pack speaks, tested on phrases never heard in training (split by phrase)."""
+    rows = _hedgewars_rows(cache, limit)
+    assign = group_split([r["phrase"] for r in rows], seed=seed)
+    out = [{"path": r["path"], "label": r["pack"], "group": r["phrase"], "split": assign[r["phrase"]]} for r in rows]
+    name = "hedgewars_voice_id" if limit is None else f"hedgewars_voice_id_{limit}"
+    return write_manifest(out, cache / "tasks" / name / "manifest.csv")
+
+
+def build_hedgewars_phrase_id(cache: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """Speech: which phrase is said, tested on voice packs never heard in training (split by pack).
+    Phrases not spoken by any training voice are dropped."""
+    rows = _hedgewars_rows(cache, limit)
+    assign = group_split([r["pack"] for r in rows], seed=seed)
+    train_phrases = {r["phrase"] for r in rows if assign[r["pack"]] == "train"}
+    out = [{"path": r["path"], "label": r["phrase"], "group": r["pack"], "split": assign[r["pack"]]}
+           for r in rows if r["phrase"] in train_phrases]
+    name = "hedgewars_phrase_id" if limit is None else f"hedgewars_phrase_id_{limit}"
+    return write_manifest(out, cache / "tasks" / name / "manifest.csv")
+
+
+TASKS = {
+    "ufoai_sfx": ("environment", build_ufoai_sfx),
+    "hedgewars_voice_id": ("speech", build_hedgewars_voice_id),
+    "hedgewars_phrase_id": ("speech", build_hedgewars_phrase_id),
+}
 
 
 def prepare_tasks(cache: Path = DEFAULT_CACHE, names: list[str] | None = None, seed: int = 0,
