@@ -93,6 +93,13 @@ def _tile(ptr, rows, stride_t, h, stride_h, offs_d, rmask, dmask):
 
 
 @triton.jit
+def _row_stats(lse_ptr, delta_ptr, h, T, rows, rmask):
+    """The forward's log-sum-exp and the backward's delta = rowsum(dO * O) for a tile of query rows."""
+    return (tl.load(lse_ptr + h * T + rows, mask=rmask, other=0.0),
+            tl.load(delta_ptr + h * T + rows, mask=rmask, other=0.0))
+
+
+@triton.jit
 def _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale):
     """Backward recomputation for a (query tile, key tile): P = exp(QK^T s - lse), dS = P (dO V^T - delta)."""
     s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
@@ -125,8 +132,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         rows = (start + offs_m).to(tl.int64)
         q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask)
         do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask)
-        lse = tl.load(lse_ptr + h * T + rows, mask=mmask, other=0.0)
-        delta = tl.load(delta_ptr + h * T + rows, mask=mmask, other=0.0)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, mmask)
         p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale)  # [BM, BN]
         dv += tl.dot(tl.trans(p), do, input_precision="ieee")
         dk += tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
@@ -154,8 +160,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     rows = (start + offs_m).to(tl.int64)
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask)
     do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask)
-    lse = tl.load(lse_ptr + h * T + rows, mask=mmask, other=0.0)
-    delta = tl.load(delta_ptr + h * T + rows, mask=mmask, other=0.0)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, mmask)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
