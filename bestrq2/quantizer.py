@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import rpq_codes
-from .kernels import rpq_codes_ref, rpq_scores_ref  # noqa: F401  (re-exported)
+from .kernels import rpq_codes_ref, rpq_scores_ref
+
+__all__ = ["RandomProjectionQuantizer", "rpq_codes_ref", "rpq_scores_ref"]  # the references, re-exported
 
 
 class RandomProjectionQuantizer(torch.nn.Module):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import HOP, N_FFT, PATCH, REFERENCE_TIME_PATCHES
+from .config import HOP, N_FFT, PATCH
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
 from .positions import positions_for
 
@@ -81,4 +81,4 @@ def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | N
     return PatchGrid(raw, widths, w_layout, key_padding, key_padding)
 
 
-__all__ = ["PatchGrid", "wave_to_grid", "REFERENCE_TIME_PATCHES"]
+__all__ = ["PatchGrid", "wave_to_grid"]

@@ -15,6 +15,7 @@ sizes, DDP and FSDP2.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -193,7 +194,7 @@ def _wrap(model: BestRQ2, tc: TrainConfig, world: int, device: torch.device):
     return model
 
 
-def _full_state(model, opt, fsdp: bool) -> tuple[dict, dict]:
+def _full_state(model, opt) -> tuple[dict, dict]:
     """Unsharded model and optimizer state dicts keyed by parameter name (portable across layouts)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -269,7 +270,7 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     num_tokens = 8 * num_time_patches(int(tc.seconds * 16000))
 
     def checkpoint(step: int) -> None:
-        model_sd, optim_sd = _full_state(wrapped if tc.fsdp else model, opt, tc.fsdp)
+        model_sd, optim_sd = _full_state(wrapped if tc.fsdp else model, opt)
         if not main:
             return
         save_checkpoint(out / "checkpoints" / f"ckpt-{step:08d}.pt", {
@@ -327,7 +328,7 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
             for k in range(tc.grad_accum):
                 sl = slice(k * micro, (k + 1) * micro)
                 sync = k == tc.grad_accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-                ctx = wrapped.no_sync() if not sync else _nullcontext()
+                ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     res = forward(wave[sl].to(device, non_blocking=True), lengths[sl], mask=mask[sl].to(device))
                 (res.loss / tc.grad_accum).backward()
@@ -415,14 +416,6 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
             dist.barrier()
     return {"losses": losses, "out": str(out), "model_config": cfg, "bad_steps": bad_total,
             "skipped_files": dict(getattr(source, "skipped", {}))}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _plot_losses(out: Path) -> None:

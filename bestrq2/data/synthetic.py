@@ -111,7 +111,6 @@ def _noise_events(rng: np.random.Generator, n: int) -> np.ndarray:
             ev = np.zeros(dur, dtype=np.float32)
             ev[:: int(rng.uniform(0.005, 0.1) * SR)] = 1.0
         else:  # sweep
-            tt = np.arange(dur) / SR
             f = np.geomspace(rng.uniform(100, 2000), rng.uniform(200, 7500), dur)
             ev = np.sin(2 * np.pi * np.cumsum(f) / SR).astype(np.float32)
         out[start: start + dur] += ev * _envelope(dur, 32, dur // 4) * rng.uniform(0.3, 1.0)
