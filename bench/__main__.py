@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that everything runs")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for gpu, cpu for cpu")
     ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,e2e,inference,memory,pipeline")
+    ap.add_argument("--variants", default="", help="comma list of e2e variants (default all): a_eager_fp32,...")
     ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
     args = ap.parse_args(argv)
     device_kind = args.device or ("cuda" if args.suite == "gpu" else "cpu")
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     if want("e2e") and args.suite == "gpu":
         from .e2e import bench_e2e
 
-        bench_e2e(rec, device, bounds, args.smoke)
+        bench_e2e(rec, device, bounds, args.smoke,
+                  variants=[v.strip() for v in args.variants.split(",") if v.strip()] or None)
     if want("inference"):
         from .inference import bench_inference
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The first duty of a session that has a GPU: one script, run through the device tool, e.g.
-#   run(command="bash bench/gpu_session.sh", timeout_s=600)
+#   run(command="bash bench/gpu_session.sh", timeout_s=570)
 # It installs the project over the machine's own torch/triton (no deps, so the pin pulls nothing),
-# runs the GPU tests, then the GPU benchmark suite, and leaves the results under $OUT (and
-# bench/results/gpu.csv). Commit bench/results/gpu.csv, then run `python -m bench.report` locally.
+# runs the GPU tests, then the GPU benchmark suite in pieces (each under its own timeout and each
+# appending its rows to bench/results/gpu.csv, so a piece that overruns loses only itself), and
+# leaves logs and the CSV under $OUT. Commit bench/results/gpu.csv, then `python -m bench.report`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bestrq2-gpu}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 pip install -q -e . --no-deps 2>&1 | tail -1
 python - <<'PY' 2>&1 | tee "$OUT/env.txt"
@@ -19,6 +21,16 @@ for m in ("safetensors", "soundfile", "scipy", "tqdm", "numpy", "matplotlib", "f
     except ImportError as e:
         print(m, "MISSING", e)
 PY
-timeout 240 python -m pytest -q -m cuda tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
-timeout 480 python -m bench --suite gpu 2>&1 | tail -40 | tee "$OUT/bench_gpu.txt"
-cp bench/results/gpu.csv "$OUT/" 2>/dev/null || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
+timeout ${T_TESTS:-150} python -m pytest -v -m cuda tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
+piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log and the CSV
+  local t=$1; shift
+  echo "== bench $* (limit ${t}s)" | tee -a "$OUT/bench_gpu.txt"
+  timeout "$t" python -m bench --suite gpu "$@" 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -30
+  cp bench/results/gpu.csv "$OUT/" 2>/dev/null || true
+}
+piece 80 --only rpq,gather,head
+piece 70 --only attention
+piece 50 --only inference
+piece 90 --only e2e --variants a_eager_fp32,b_bf16_sdpa,c_fast
+piece 100 --only e2e --variants d_fast_compile
