@@ -1,9 +1,8 @@
-"""Test setup. TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set here,
-before the package is imported; the Triton paths then run on the CPU under the interpreter."""
+"""Test setup. TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set in
+pytest_configure, before any test module imports the package; the Triton paths then run on the CPU
+under the interpreter. The GPU suite (``pytest -m cuda``) compiles them for the card instead."""
 import os
 import zlib
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
@@ -11,6 +10,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+def pytest_configure(config):
+    if (config.getoption("markexpr", "") or "").strip() != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
