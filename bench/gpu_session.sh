@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bestrq2-gpu}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-pip install -q -e . --no-deps 2>&1 | tail -1
+pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1  # no isolation: the machine has no index to fetch setuptools from
 python - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)

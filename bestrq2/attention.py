@@ -114,8 +114,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
 
         out = flash_attn_func(q, k, v)
         return out[0] if isinstance(out, tuple) else out
-    if backend in VARLEN:  # pack (trivially when nothing is padded) and run the varlen form
-        valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if key_padding is None else ~key_padding
+    if backend in VARLEN and key_padding is None:  # equal lengths: [B*L, H, Dh] views, no copy, no sync
+        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+        flat = [t.reshape(b * n, h, d) for t in (q, k, v)]
+        return varlen_attention(*flat, cu, n, backend).reshape(b, n, h, d)
+    if backend in VARLEN:  # pack the valid tokens and run the varlen form
+        valid = ~key_padding
         lengths = valid.sum(1)
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         out = varlen_attention(q[valid], k[valid], v[valid], cu, int(lengths.max()), backend)

@@ -19,10 +19,11 @@ def _pretrain(args: argparse.Namespace) -> int:
                      warmup_pct=args.warmup_pct, compile=args.compile, fsdp=args.fsdp,
                      max_bad_steps=args.max_bad_steps, progress=not args.no_progress)
     model_cfg = None
-    if args.drop_path is not None:
+    if args.drop_path is not None or args.one_stage:
         from .config import BestRQ2Config
 
-        model_cfg = BestRQ2Config.preset(args.preset, seed=args.seed, encoder_drop_path=args.drop_path)
+        extra = {} if args.drop_path is None else {"encoder_drop_path": args.drop_path}
+        model_cfg = BestRQ2Config.preset(args.preset, seed=args.seed, one_stage=args.one_stage, **extra)
     res = pretrain(tc, model_cfg=model_cfg, resume=bool(args.resume))
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = off")
     pt.add_argument("--seconds", type=float, default=10.0, help="clip length")
     pt.add_argument("--drop-path", type=float, default=None, help="encoder drop-path rate (default: the preset's, 0.1)")
+    pt.add_argument("--one-stage", action="store_true",
+                    help="the paper's one-stage BEST-RQ (ViT) baseline: all tokens through the encoder, "
+                         "masked ones replaced by the mask token, no predictor (give it again with --resume)")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=None, help="run directory (default runs/demo)")
     pt.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")

@@ -11,6 +11,8 @@ to a power of two inside the kernel).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -86,10 +88,14 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk
 
 
 @triton.jit
-def _tile(ptr, rows, stride_t, h, stride_h, offs_d, rmask, dmask):
-    """A [rows, D_PAD] tile of one head of a [T, H, Dh] tensor, as float32 (zeros outside the masks)."""
-    return tl.load(ptr + rows[:, None] * stride_t + h * stride_h + offs_d[None, :],
-                   mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+def _tile(ptr, rows, stride_t, h, stride_h, offs_d, rmask, dmask, DOT_FP32: tl.constexpr):
+    """A [rows, D_PAD] tile of one head of a [T, H, Dh] tensor (zeros outside the masks): float32 for
+    the exact path, else in its own (16-bit) dtype for the tensor cores."""
+    t = tl.load(ptr + rows[:, None] * stride_t + h * stride_h + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_FP32:
+        t = t.to(tl.float32)
+    return t
 
 
 @triton.jit
@@ -100,18 +106,28 @@ def _row_stats(lse_ptr, delta_ptr, h, T, rows, rmask):
 
 
 @triton.jit
-def _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale):
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    """a @ b accumulated in float32: exact float32 products (IEEE) on the fp32/interpreter path;
+    16-bit operands on the tensor cores otherwise (b cast to a's dtype), as FlashAttention does."""
+    if DOT_FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale, DOT_FP32: tl.constexpr):
     """Backward recomputation for a (query tile, key tile): P = exp(QK^T s - lse), dS = P (dO V^T - delta)."""
-    s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
+    s = _dot(q, tl.trans(kb), DOT_FP32) * scale
     p = tl.where(mmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
+    dp = _dot(do, tl.trans(vb), DOT_FP32)
     return p, p * (dp - delta[:, None])
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
                           sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, T, D, scale,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                          DOT_FP32: tl.constexpr):
     pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_ptr + b)
     seqlen = tl.load(cu_ptr + b + 1) - start
@@ -122,20 +138,20 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     nmask = offs_n < seqlen
     dmask = offs_d < D
     cols = (start + offs_n).to(tl.int64)
-    kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask)
-    vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask)
+    kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
+    vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     for m0 in range(0, seqlen, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mmask = offs_m < seqlen
         rows = (start + offs_m).to(tl.int64)
-        q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask)
-        do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask)
+        q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
+        do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
         lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, mmask)
-        p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale)  # [BM, BN]
-        dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-        dk += tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
+        p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale, DOT_FP32)  # [BM, BN]
+        dv += _dot(tl.trans(p).to(do.dtype), do, DOT_FP32)
+        dk += _dot(tl.trans(ds).to(q.dtype), q, DOT_FP32) * scale
     st = cols[:, None] * sdk_t + h * sdk_h + offs_d[None, :]
     if dk_ptr.dtype.element_ty == tl.bfloat16:
         dk = round_to_bf16_rtne(dk)
@@ -147,7 +163,8 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
                         sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, T, D, scale,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_ptr + b)
     seqlen = tl.load(cu_ptr + b + 1) - start
@@ -158,30 +175,42 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     mmask = offs_m < seqlen
     dmask = offs_d < D
     rows = (start + offs_m).to(tl.int64)
-    q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask)
-    do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask)
+    q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
+    do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
     lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, mmask)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < seqlen
         cols = (start + offs_n).to(tl.int64)
-        kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask)
-        vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask)
-        _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale)
-        dq += tl.dot(ds, kb, input_precision="ieee") * scale
+        kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
+        vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
+        _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale, DOT_FP32)
+        dq += _dot(ds.to(kb.dtype), kb, DOT_FP32) * scale
     if dq_ptr.dtype.element_ty == tl.bfloat16:
         dq = round_to_bf16_rtne(dq)
     tl.store(dq_ptr + rows[:, None] * sdq_t + h * sdq_h + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=mmask[:, None] & dmask[None, :])
 
 
-def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int]:
+def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, D_PAD, launch options). ``BESTRQ2_ATTN_CFG=bm,bn,warps,stages`` overrides
+    the compiled-path choice (for tuning sweeps: bench/gpu_probe.py)."""
     d_pad = max(16, triton.next_power_of_2(d))
     if interpreting():  # one block per sequence: each interpreted loop step costs milliseconds
         blk = max(16, triton.next_power_of_2(max_seqlen))
-        return blk, blk, d_pad
-    return 64, 64, d_pad
+        return blk, blk, d_pad, {}
+    env = os.environ.get("BESTRQ2_ATTN_CFG", "").strip()
+    if env:
+        bm, bn, warps, stages = (int(x) for x in env.split(","))
+        return bm, bn, d_pad, {"num_warps": warps, "num_stages": stages}
+    return 64, 64, d_pad, {"num_warps": 4, "num_stages": 2}
+
+
+def _dot_fp32(q: torch.Tensor) -> bool:
+    """Exact float32 products for float32 inputs and under the interpreter (whose 16-bit dots are
+    wrong); 16-bit inputs on a GPU use the tensor cores."""
+    return interpreting() or q.dtype == torch.float32
 
 
 def _st(t: torch.Tensor) -> tuple[int, int]:
@@ -195,11 +224,10 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     b = cu_seqlens.shape[0] - 1
     o = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
-    bm, bn, d_pad = _cfg(max_seqlen, d)
-    dot_fp32 = interpreting() or q.dtype == torch.float32
+    bm, bn, d_pad, launch = _cfg(max_seqlen, d)
     wrap_triton(_attn_fwd_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
         q, k, v, o, lse, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), t, d, d ** -0.5,
-        BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=dot_fp32)
+        BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=_dot_fp32(q), **launch)
     return o, lse
 
 
@@ -213,13 +241,14 @@ def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dq = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(t, h, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(t, h, d, dtype=v.dtype, device=q.device)
-    bm, bn, d_pad = _cfg(max_seqlen, d)
+    bm, bn, d_pad, launch = _cfg(max_seqlen, d)
+    fp32 = _dot_fp32(q)
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, bn), h, b)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk),
-        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad)
+        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=fp32, **launch)
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
         q, k, v, do, lse, delta, dq, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq),
-        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad)
+        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=fp32, **launch)
     return dq, dk, dv
 
 

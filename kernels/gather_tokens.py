@@ -133,8 +133,8 @@ _gather_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def check_unique_rows(name: str, idx: torch.Tensor, n: int) -> None:
-    """Values in [0, n) and no repeats within a row (skipped while torch.compile traces)."""
-    if not checking() or idx.numel() == 0:
+    """Values in [0, n) and no repeats within a row (when ``checking``: see kernels._dispatch)."""
+    if not checking(idx) or idx.numel() == 0:
         return
     lo, hi = int(idx.min()), int(idx.max())
     need(lo >= 0 and hi < n, f"{name} values must lie in [0, {n}), got [{lo}, {hi}]")

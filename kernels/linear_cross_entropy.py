@@ -200,7 +200,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         need(bias.shape == (c, k), f"bias must be [C, K] = {[c, k]}, got {list(bias.shape)}")
     same_device(h=h, weight=weight, bias=bias, targets=targets)
     need(m >= 1, "h has no rows")
-    if checking():
+    if checking(targets):
         t = targets.long()
         bad = (t != ignore_index) & ((t < 0) | (t >= k))
         need(not bool(bad.any()), f"targets must lie in [0, {k}) or equal ignore_index={ignore_index}; "

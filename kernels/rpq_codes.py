@@ -174,7 +174,7 @@ def _validate(x, projection, codebooks, index) -> None:
     if index is not None:
         check_tensor("index", index, dims=(2,), integer=True)
         need(index.shape[0] == x.shape[0], f"index must be [B, m] with B = {x.shape[0]}, got {list(index.shape)}")
-        if checking() and index.numel():
+        if checking(index) and index.numel():
             n = (x.shape[1] // PATCH) * (x.shape[2] // PATCH)
             lo, hi = int(index.min()), int(index.max())
             need(lo >= 0 and hi < n, f"index values must lie in [0, {n}), got [{lo}, {hi}]")

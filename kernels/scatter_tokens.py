@@ -141,7 +141,7 @@ def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor,
     need(fill.shape == (d,), f"fill must be [D] = [{d}], got {list(fill.shape)}")
     need(fill_pos.shape == (n, d), f"fill_pos must be [N, D] = {[n, d]}, got {list(fill_pos.shape)}")
     same_device(ctx=ctx, ctx_idx=ctx_idx, fill=fill, fill_idx=fill_idx, fill_pos=fill_pos)
-    if checking():
+    if checking(ctx_idx):
         allidx = torch.cat([ctx_idx.long(), fill_idx.long()], dim=1)
         if allidx.numel():
             lo, hi = int(allidx.min()), int(allidx.max())

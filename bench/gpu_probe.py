@@ -1,0 +1,84 @@
+"""Tuning sweep for the Triton attention kernel on a GPU: block sizes, warps and stages.
+
+    python -m bench.gpu_probe [--lengths 128,256] [--tokens 32768] [--configs "64,64,4,2;128,64,8,2"]
+
+For each sequence length and config (``BESTRQ2_ATTN_CFG=bm,bn,warps,stages``) it times the kernel on
+packed [T, H=12, Dh=64] bf16 inputs, forward and forward+backward (triton.testing.do_bench, median
+ms), beside SDPA on the same data in the same run, and checks the output against SDPA. Prints a table
+and appends rows to bench/results/gpu-attn-sweep.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from pathlib import Path
+
+DEFAULT_CONFIGS = "64,64,4,2;64,64,4,3;128,64,8,2;64,32,4,2;128,128,8,2;32,32,4,2;64,128,4,2"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="128,256")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu-attn-sweep.csv"))
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    import triton
+    from triton.testing import do_bench
+
+    from bestrq2.kernels.attention import triton_attention
+
+    dev = torch.device("cuda")
+    h, dh, dt = 12, 64, torch.bfloat16
+    rows = []
+    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for n in (int(x) for x in args.lengths.split(",")):
+        b = args.tokens // n
+        q, k, v = (torch.randn(b * n, h, dh, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=dev)
+        do = torch.randn_like(q)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(*(t.view(b, n, h, dh).transpose(1, 2) for t in (q, k, v))
+                                                  ).transpose(1, 2).reshape(b * n, h, dh)
+
+        ref = sdpa().detach().float()
+        base_f = do_bench(sdpa)
+        base_fb = do_bench(lambda: torch.autograd.grad(sdpa(), (q, k, v), do))
+        print(f"N={n} B={b}: sdpa fwd {base_f:.3f} ms, fwd+bwd {base_fb:.3f} ms")
+        for cfg in args.configs.split(";"):
+            os.environ["BESTRQ2_ATTN_CFG"] = cfg
+            try:
+                out = triton_attention(q, k, v, cu, n)
+                err = (out.float() - ref).abs().max().item()
+                tf = do_bench(lambda: triton_attention(q, k, v, cu, n))
+                tfb = do_bench(lambda: torch.autograd.grad(triton_attention(q, k, v, cu, n), (q, k, v), do))
+            except Exception as e:  # a config the compiler rejects (shared memory, registers): report it
+                print(f"  cfg {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            print(f"  cfg {cfg:12s} fwd {tf:.3f} ms ({base_f / tf:.2f}x sdpa)  fwd+bwd {tfb:.3f} ms "
+                  f"({base_fb / tfb:.2f}x sdpa)  max|diff| vs sdpa {err:.2e}")
+            rows.append(dict(N=n, B=b, cfg=cfg, fwd_ms=tf, fwdbwd_ms=tfb, sdpa_fwd_ms=base_f, sdpa_fwdbwd_ms=base_fb,
+                             max_abs_diff=err, **meta))
+        os.environ.pop("BESTRQ2_ATTN_CFG", None)
+    if rows:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+        print(f"{len(rows)} rows -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
