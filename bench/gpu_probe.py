@@ -5,7 +5,7 @@
 For each sequence length and config (``BESTRQ2_ATTN_CFG=bm,bn,warps,stages``) it times the kernel on
 packed [T, H=12, Dh=64] bf16 inputs, forward and forward+backward (triton.testing.do_bench, median
 ms), beside SDPA on the same data in the same run, and checks the output against SDPA. Prints a table
-and appends rows to bench/results/gpu-attn-sweep.csv.
+and appends rows to bench/results/sweeps/gpu-attention.csv.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="128,256")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu-attn-sweep.csv"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweeps" / "gpu-attention.csv"))
     args = ap.parse_args(argv)
 
     import torch

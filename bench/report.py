@@ -15,6 +15,11 @@ RESULTS = HERE / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def _x(v) -> str:
+    """A ratio cell; '-' where the row has none (e.g. a variant timed in a run without (a))."""
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def load(path: Path) -> list[dict]:
     """The newest row of every (op, provider, mode, shape, metric, device): a partial rerun (--only)
     replaces just the rows it measured."""
@@ -63,7 +68,7 @@ def e2e_table(idx) -> list[str]:
     for k in keys:
         m = idx[k]
         lines.append(f"| {k[1]} | {k[3]} | {m['clips_per_s']:.1f} | {m['step_ms']:.1f} | "
-                     f"{100 * m['mfu_vs_measured_matmul']:.1f}% | {m.get('speedup_vs_a', float('nan')):.2f}x | "
+                     f"{100 * m['mfu_vs_measured_matmul']:.1f}% | {_x(m.get('speedup_vs_a'))} | "
                      f"{fmt_bytes(m.get('peak_mem_bytes'))} |")
     return lines
 

@@ -267,6 +267,25 @@ def test_backend_variable(monkeypatch):
     assert backend() == "reference"
 
 
+def test_check_policy(monkeypatch):
+    """Index checks: always on CPU tensors, on CUDA tensors only with BESTRQ2_CHECK=1 (each one is a
+    device sync), off everywhere with BESTRQ2_CHECK=0; a bad index then reaches the kernel unchecked."""
+    from types import SimpleNamespace
+
+    from bestrq2.kernels._dispatch import checking
+
+    cpu, cuda = torch.zeros(1), SimpleNamespace(is_cuda=True)  # checking() only asks is_cuda
+    monkeypatch.delenv("BESTRQ2_CHECK", raising=False)
+    assert checking(cpu) and not checking(cuda)
+    monkeypatch.setenv("BESTRQ2_CHECK", "1")
+    assert checking(cpu) and checking(cuda)
+    monkeypatch.setenv("BESTRQ2_CHECK", "0")
+    assert not checking(cpu) and not checking(cuda)
+    monkeypatch.setenv("BESTRQ2_CHECK", "auto")
+    with pytest.raises(ValueError, match="must lie in"):
+        gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, 5], [1, 2]]))
+
+
 def test_ops_trace_without_graph_breaks(triton_path):
     """Dynamo sees the registered bestrq2:: ops as single nodes: one frame, fullgraph, same numbers.
     (aot/inductor compilation of the Triton kernels needs a GPU: the interpreter cannot run them
