@@ -187,3 +187,155 @@ def test_hedgewars_tasks_split_by_phrase_and_by_voice(tmp_path, monkeypatch):
             where.setdefault(it[key], set()).add(it["split"])
         assert all(len(s) == 1 for s in where.values())  # no phrase (voice pack) in two splits
         assert {it["split"] for it in task.items} == {"train", "val", "test"}
+
+
+# ----------------------------------------------------------------- soundfont renderer, music and digit tasks
+def write_sf2(path, rate=16000, root=60, freq=None, programs=(0,), loop=True):
+    """A minimal valid SF2: one sine sample (root key ``root``), one instrument with one looped zone,
+    one preset per program pointing at it. Returns the sample's frequency."""
+    import struct
+
+    freq = freq or 440.0 * 2 ** ((root - 69) / 12)
+    n = 4000
+    x = (0.5 * np.sin(2 * np.pi * freq * np.arange(n + 46) / rate) * 32767).astype("<i2")
+    period = rate / freq  # loop over a whole number of periods near the end keeps the sine continuous
+    k = int((n - 2000) / period)
+    ls, le = 2000, 2000 + int(round(k * period))
+
+    def chunk(cid, data):
+        return cid.encode() + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+    def lst(kind, *chunks):
+        return chunk("LIST", kind.encode() + b"".join(chunks))
+
+    phdr = b"".join(struct.pack("<20sHHHIII", b"p%d" % p, p, 0, i, 0, 0, 0) for i, p in enumerate(programs))
+    phdr += struct.pack("<20sHHHIII", b"EOP", 0, 0, len(programs), 0, 0, 0)
+    pbag = b"".join(struct.pack("<HH", i, 0) for i in range(len(programs) + 1))
+    pgen = b"".join(struct.pack("<HH", 41, 0) for _ in programs) + struct.pack("<HH", 0, 0)
+    inst = struct.pack("<20sH", b"sine", 0) + struct.pack("<20sH", b"EOI", 1)
+    ibag = struct.pack("<HH", 0, 0) + struct.pack("<HH", 2, 0)
+    igen = struct.pack("<HH", 54, 1 if loop else 0) + struct.pack("<HH", 53, 0) + struct.pack("<HH", 0, 0)
+    shdr = struct.pack("<20sIIIIIBbHH", b"sine", 0, n, ls, le, rate, root, 0, 0, 1)
+    shdr += struct.pack("<20sIIIIIBbHH", b"EOS", 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    body = b"sfbk" + lst("INFO", chunk("ifil", struct.pack("<HH", 2, 1))) + lst("sdta", chunk("smpl", x.tobytes())) + \
+        lst("pdta", chunk("phdr", phdr), chunk("pbag", pbag), chunk("pmod", b"\0" * 10), chunk("pgen", pgen),
+            chunk("inst", inst), chunk("ibag", ibag), chunk("imod", b"\0" * 10), chunk("igen", igen),
+            chunk("shdr", shdr))
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return freq
+
+
+def _peak_hz(x, sr=16000):
+    w = x[1000:9000] * np.hanning(8000)
+    spec = np.abs(np.fft.rfft(w, 1 << 16))
+    return np.fft.rfftfreq(1 << 16, 1 / sr)[spec.argmax()]
+
+
+def test_soundfont_render_pitch_loop_and_errors(tmp_path):
+    from bestrq2.eval.soundfont import SoundFont
+
+    f0 = write_sf2(tmp_path / "s.sf2", rate=22050, root=57)
+    font = SoundFont(tmp_path / "s.sf2")
+    x = font.render(0, 57, seconds=1.0, release=0.25)
+    assert x.shape == (20000,) and abs(_peak_hz(x) - f0) < 2  # resampled 22.05 -> 16 kHz at the same pitch
+    assert abs(_peak_hz(font.render(0, 69)) - 2 * f0) < 4  # an octave up
+    assert np.abs(x[12000:15000]).max() > 0.3  # looped: sounds long after the 0.18 s sample ran out
+    assert np.abs(x[-40:]).max() < 0.01  # released
+    write_sf2(tmp_path / "once.sf2", loop=False)
+    y = SoundFont(tmp_path / "once.sf2").render(0, 60)
+    assert np.abs(y[8000:]).max() == 0  # unlooped sample ends (0.25 s at its own pitch)
+    with pytest.raises(ValueError, match="no preset"):
+        font.render(5, 60)
+    (tmp_path / "bad.sf2").write_bytes(b"RIFF\0\0\0\0WAVE")
+    with pytest.raises(ValueError, match="not a SoundFont"):
+        SoundFont(tmp_path / "bad.sf2")
+
+
+def test_gm_instruments_task_one_soundfont_per_split(tmp_path, monkeypatch):
+    import bestrq2.eval.debian as D
+
+    for split, (package, filename) in D.SOUNDFONTS.items():
+        d = tmp_path / "root" / package
+        d.mkdir(parents=True)
+        write_sf2(d / filename, programs=(0, 1, 24, 25, 40, 41, 120))  # piano x2, guitar x2, strings x2, sfx
+    monkeypatch.setattr(D, "fetch_package", lambda name, cache: tmp_path / "root" / name)
+    task = read_manifest(D.build_gm_instruments(tmp_path, limit=2), domain="music")
+    assert set(task.classes) == {"piano", "guitar", "strings"}  # sound effects left out, missing presets skipped
+    assert {it["group"] for it in task.split("test")} == {"musescore-general-soundfont"}
+    assert {it["group"] for it in task.split("train")} == {"fluid-soundfont-gm"}
+    assert len(task.split("train")) == 6 * 3  # 6 programs x 3 keys
+
+
+def test_hydrogen_drums_split_by_kit(tmp_path, monkeypatch):
+    import bestrq2.eval.debian as D
+
+    assert [D.drum_piece(n) for n in ["Kick (Tama 22\")", "Snare Rimshot", "Hi Hat Closed", "Floor Tom",
+                                      "Side Stick", "ride-crash20inch", "Djembe1 Slap", "Closed HH"]] == \
+        ["kick", "snare", "hihat", "tom", "rim", "crash", None, "hihat"]
+    kits = tmp_path / "root" / "hydrogen-drumkits" / "drumkits"
+    t = np.arange(3000) / 16000
+    for k in range(8):
+        kit = kits / f"kit{k}"
+        kit.mkdir(parents=True)
+        names = ["Kick", "Snare", "Closed HH", "Tom Low", "Djembe"] + (["Cowbell"] if k == 7 else [])
+        xml = ['<drumkit_info xmlns="http://www.hydrogen-music.org/drumkit"><instrumentList>']
+        for j, name in enumerate(names):
+            sf.write(kit / f"{j}.wav", (0.3 * np.sin(2 * np.pi * (100 + 200 * j + 10 * k) * t)).astype(np.float32), 16000)
+            xml.append(f"<instrument><name>{name}</name><layer><filename>{j}.wav</filename></layer></instrument>")
+        (kit / "drumkit.xml").write_text("".join(xml) + "</instrumentList></drumkit_info>")
+    monkeypatch.setattr(D, "fetch_package", lambda name, cache: tmp_path / "root" / name)
+    m = D.build_hydrogen_drums(tmp_path)
+    rows = list(csv.DictReader(open(m)))
+    where = {}
+    for r in rows:
+        where.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in where.values()) and {r["split"] for r in rows} == {"train", "val", "test"}
+    train = {r["label"] for r in rows if r["split"] == "train"}
+    assert {r["label"] for r in rows} <= train and "djembe" not in {r["label"] for r in rows}
+    read_manifest(m, domain="music")  # passes the manifest checks (no label only outside train)
+
+
+def test_tts_digits_train_espeak_test_flite(tmp_path, monkeypatch):
+    """The digits task with stand-in synthesisers (scripts that write a tone to the output path)."""
+    import sys
+
+    import bestrq2.eval.debian as D
+
+    fake = tmp_path / "synth.py"
+    fake.write_text("import sys, numpy as np, soundfile as sf\n"
+                    "a = sys.argv\nout = a[a.index('-w') + 1] if '-w' in a else a[a.index('-o') + 1]\n"
+                    "f = 100 + 30 * len(a[-1] if '-w' in a else a[a.index('-t') + 1])\n"
+                    "sf.write(out, 0.3 * np.sin(2 * np.pi * f * np.arange(4000) / 16000), 16000)\n")
+    for name in ("espeak", "flite"):
+        exe = tmp_path / name
+        exe.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+        exe.chmod(0o755)
+    monkeypatch.setattr(D, "_tts_env", lambda cache: ({"PATH": "/usr/bin:/bin"}, tmp_path / "espeak",
+                                                       tmp_path / "flite", tmp_path))
+    task = read_manifest(D.build_tts_digits(tmp_path, limit=3), domain="speech")
+    assert set(task.classes) == set(D.DIGITS)
+    assert {it["group"].split(":")[0] for it in task.split("test")} == {"flite"}
+    assert {it["group"].split(":")[0] for it in task.split("train") + task.split("val")} == {"espeak"}
+    assert len(task.split("test")) == 3 * 3 * 10  # 3 voices x 3 rates x 10 digits
+    monkeypatch.setattr(D, "_tts_env", lambda cache: ({"PATH": "/bin"}, tmp_path / "nope", tmp_path / "nope", tmp_path))
+    with pytest.raises((ValueError, OSError)):
+        D.build_tts_digits(tmp_path / "other", limit=1)
+
+
+def test_builtin_tts_digits_real_packages(tmp_path):
+    """The real espeak-ng and flite, run from their unpacked Debian packages (about 20 MB), two voices
+    each: the clips are speech-length, non-silent, and differ between synthesisers."""
+    import shutil
+
+    import bestrq2.eval.debian as D
+
+    if shutil.which("apt-get") is None:
+        pytest.fail("the built-in tasks need a Debian-based machine (apt-get, dpkg-deb)")
+    task = read_manifest(D.build_tts_digits(tmp_path, limit=2), domain="speech")
+    assert len(task.items) == 2 * 3 * 10 * 2
+    base = tmp_path / "tasks" / "tts_digits_2"
+    for it in task.items[::7]:
+        x, sr = sf.read(base / it["path"])
+        assert 0.2 < len(x) / sr < 2.5 and np.abs(x).max() > 0.05
+    meta = json.loads((tmp_path / "packages.json").read_text())
+    assert meta["espeak-ng"]["version"] and meta["flite"]["version"]

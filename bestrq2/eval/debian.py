@@ -5,15 +5,14 @@
 recorded in ``cache/packages.json``. Task builders turn unpacked files into a manifest
 (``cache/tasks/<task>/manifest.csv``: path, label, split, group) whose splits keep groups apart.
 
-Built so far:
-- ``hedgewars_voice_id`` (speech): which of the 15 Hedgewars voice packs (package ``hedgewars-data``)
-  speaks, tested on phrases never heard in training (split by phrase).
-- ``hedgewars_phrase_id`` (speech): which phrase is said, tested on voice packs never heard in training
-  (split by voice pack; phrases no training voice says are dropped).
-- ``ufoai_sfx`` (environment): sound-effect class (weapons, ambience, footsteps, aliens, ...) of the UFO:AI
-  effects in package ``ufoai-sound``; a group is one recording (its folder and name without the take
-  number, so ``hurt1`` ... ``hurt9`` of one creature stay together), split per class so every class is
-  in train, val and test.
+Tasks (see ``TASKS``; each builder's docstring says how it splits):
+- ``ufoai_sfx`` (environment): UFO:AI sound-effect class (package ``ufoai-sound``), split by recording
+  within each class (``hurt1`` ... ``hurt9`` of one creature stay together).
+- ``hedgewars_voice_id`` / ``hedgewars_phrase_id`` (speech): which of the Hedgewars voice packs speaks
+  (split by phrase) / which phrase is said (split by voice pack).
+- ``tts_digits`` (speech): spoken digits, espeak-ng voices for training, flite's for test.
+- ``hydrogen_drums`` (music): drum piece, split by Hydrogen drum kit.
+- ``gm_instruments`` (music): General MIDI instrument family, one soundfont per split.
 """
 from __future__ import annotations
 
@@ -165,10 +164,164 @@ def build_hedgewars_phrase_id(cache: Path, seed: int = 0, limit: int | None = No
     return write_manifest(out, cache / "tasks" / name / "manifest.csv")
 
 
+GM_FAMILIES = ["piano", "chromatic_percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass", "reed",
+               "pipe", "synth_lead", "synth_pad", "synth_effects", "ethnic", "percussive", "sound_effects"]
+SOUNDFONTS = {"train": ("fluid-soundfont-gm", "FluidR3_GM.sf2"), "val": ("timgm6mb-soundfont", "TimGM6mb.sf2"),
+              "test": ("musescore-general-soundfont", "MuseScore_General_Full.sf3")}
+
+
+def build_gm_instruments(cache: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """Music: General MIDI instrument family (piano, organ, guitar, bass, strings, brass, reed, pipe, ...;
+    the synth-effects and sound-effects families are left out) of single notes (C3, C4, C5) rendered
+    from one soundfont per split: FluidR3 (train), TimGM6mb (val), MuseScore General (test), so no test
+    sample set is heard in training. Rendered by ``bestrq2.eval.soundfont`` (see there why not
+    fluidsynth). ``limit`` keeps that many programs per family (smoke runs)."""
+    import soundfile as sf
+
+    from .soundfont import SoundFont
+
+    out = cache / "tasks" / ("gm_instruments" if limit is None else f"gm_instruments_{limit}")
+    audio = out / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, (package, filename) in SOUNDFONTS.items():
+        found = sorted(fetch_package(package, cache).rglob(filename))
+        if not found:
+            raise ValueError(f"{package}: {filename} not found")
+        font = None
+        for program in range(128):
+            family = GM_FAMILIES[program // 8]
+            if family in ("synth_effects", "sound_effects") or (limit is not None and program % 8 >= limit):
+                continue
+            for key in (48, 60, 72):
+                dest = audio / split / f"{program:03d}_{key}.wav"
+                if not dest.exists():
+                    font = font or SoundFont(found[0])
+                    if (0, program) not in font.presets:
+                        continue
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    sf.write(dest, font.render(program, key), 16000, subtype="PCM_16")
+                rows.append({"path": str(dest.relative_to(out)), "label": family, "group": package, "split": split})
+    return write_manifest(rows, out / "manifest.csv")
+
+
+# Drum-kit instrument names -> piece; the first pattern that matches wins ("Snare Rimshot" is a snare).
+DRUM_PIECES = [("kick", r"kick|bass ?drum"), ("hihat", r"hat\b|hh\b|hi-?hat"), ("snare", r"snare"),
+               ("clap", r"clap"), ("cowbell", r"cowbell"), ("tom", r"\btom"), ("crash", r"crash"),
+               ("ride", r"ride"), ("rim", r"stick|rim")]
+
+
+def drum_piece(name: str) -> str | None:
+    low = name.lower()
+    return next((piece for piece, pat in DRUM_PIECES if re.search(pat, low)), None)
+
+
+def build_hydrogen_drums(cache: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """Music: drum piece (kick, snare, hi-hat, tom, crash, ride, clap, cowbell, rim/stick) of the
+    Hydrogen drum-kit samples (package ``hydrogen-drumkits``), tested on kits never heard in training
+    (split by kit); every velocity layer is a clip. Pieces no training kit has are dropped."""
+    import xml.etree.ElementTree as ET
+
+    root = fetch_package("hydrogen-drumkits", cache)
+    kits = sorted(p.parent for p in root.rglob("drumkit.xml"))
+    if len(kits) < 3:
+        raise ValueError(f"hydrogen-drumkits: {len(kits)} kits under {root}, need 3 or more")
+    rows = []
+    for kit in kits:
+        tree = ET.parse(kit / "drumkit.xml").getroot()
+        ns = tree.tag[: tree.tag.index("}") + 1] if tree.tag.startswith("{") else ""
+        per_piece: dict[str, int] = {}
+        for ins in tree.iter(ns + "instrument"):
+            piece = drum_piece(ins.findtext(ns + "name") or "")
+            if piece is None:
+                continue
+            for fn in ins.iter(ns + "filename"):
+                f = kit / (fn.text or "")
+                if not fn.text or not f.is_file() or (limit is not None and per_piece.get(piece, 0) >= limit):
+                    continue
+                per_piece[piece] = per_piece.get(piece, 0) + 1
+                rows.append({"path": str(f), "label": piece, "group": kit.name})
+    # split the kits by number, not by sample count: a few big multi-layer kits would otherwise leave
+    # one small kit for test
+    assign = group_split(sorted({r["group"] for r in rows}), fractions=(0.6, 0.15, 0.25), seed=seed)
+    train_pieces = {r["label"] for r in rows if assign[r["group"]] == "train"}
+    out = [{**r, "split": assign[r["group"]]} for r in rows if r["label"] in train_pieces]
+    name = "hydrogen_drums" if limit is None else f"hydrogen_drums_{limit}"
+    return write_manifest(out, cache / "tasks" / name / "manifest.csv")
+
+
+# espeak-ng and flite run from their unpacked packages: the programs, their libraries and the
+# libraries those need that a minimal Debian 12 image lacks (names are Debian 12's).
+TTS_PACKAGES = ["espeak-ng", "libespeak-ng1", "espeak-ng-data", "libpcaudio0", "libsonic0", "libpulse0",
+                "libsndfile1", "libasyncns0", "libflac12", "libvorbis0a", "libvorbisenc2", "libopus0", "libogg0",
+                "libmpg123-0", "libmp3lame0", "flite", "libflite1"]
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2",
+                   "klatt3", "klatt4", "croak", "whisper", "Andy", "Annie", "Denis", "Gene", "Mr serious", "edward"]
+FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
+
+
+def _tts_env(cache: Path) -> tuple[dict, Path, Path, Path]:
+    import os
+
+    roots = [fetch_package(p, cache) for p in TTS_PACKAGES]
+    libdirs = sorted({str(f.parent) for r in roots for f in r.rglob("*.so*")})
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(libdirs + [os.environ.get("LD_LIBRARY_PATH", "")]))
+    espeak = cache / "root" / "espeak-ng" / "usr" / "bin" / "espeak-ng"
+    flite = cache / "root" / "flite" / "usr" / "bin" / "flite"
+    data = next((d for d in (cache / "root" / "espeak-ng-data").rglob("espeak-ng-data") if (d / "phontab").exists()),
+                None)
+    if data is None or not espeak.exists() or not flite.exists():
+        raise ValueError("espeak-ng/flite: unpacked packages lack the programs or espeak-ng-data")
+    return env, espeak, flite, data.parent
+
+
+def build_tts_digits(cache: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """Speech: spoken digit (zero ... nine), trained on espeak-ng voices (val: other espeak-ng voices),
+    tested on flite's voices, a synthesiser never heard in training. Each voice at three speaking
+    rates. ``limit`` keeps that many voices per synthesiser (smoke runs)."""
+    env, espeak, flite, data = _tts_env(cache)
+    out = cache / "tasks" / ("tts_digits" if limit is None else f"tts_digits_{limit}")
+    audio = out / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    variants = ESPEAK_VARIANTS[: limit or None]
+    voices = FLITE_VOICES[: limit or None]
+    val = set(variants[::5]) if len(variants) > 2 else set(variants[-1:])
+    rows = []
+
+    def render(cmd: list[str], dest: Path) -> None:
+        """Run a synthesiser whose command writes to the placeholder OUT; keep the file only if it worked."""
+        if dest.exists():
+            return
+        tmp = dest.with_name(dest.stem + ".part.wav")
+        res = subprocess.run([str(tmp) if c == "OUT" else c for c in cmd], env=env, capture_output=True, text=True)
+        if res.returncode or not tmp.exists():
+            raise ValueError(f"{Path(cmd[0]).name} failed: {res.stderr.strip()[-300:]}")
+        tmp.rename(dest)
+
+    for v in variants:
+        for rate in (130, 165, 200):
+            for d in DIGITS:
+                dest = audio / f"espeak_{v.replace(' ', '_')}_{rate}_{d}.wav"
+                render([str(espeak), f"--path={data}", "-v", f"en+{v}", "-s", str(rate), "-w", "OUT", d], dest)
+                rows.append({"path": str(dest.relative_to(out)), "label": d, "group": f"espeak:{v}",
+                             "split": "val" if v in val else "train"})
+    for v in voices:
+        for stretch in (0.8, 1.0, 1.25):
+            for d in DIGITS:
+                dest = audio / f"flite_{v}_{stretch}_{d}.wav"
+                render([str(flite), "-voice", v, "--setf", f"duration_stretch={stretch}", "-t", d, "-o", "OUT"], dest)
+                rows.append({"path": str(dest.relative_to(out)), "label": d, "group": f"flite:{v}", "split": "test"})
+    return write_manifest(rows, out / "manifest.csv")
+
+
 TASKS = {
     "ufoai_sfx": ("environment", build_ufoai_sfx),
     "hedgewars_voice_id": ("speech", build_hedgewars_voice_id),
     "hedgewars_phrase_id": ("speech", build_hedgewars_phrase_id),
+    "tts_digits": ("speech", build_tts_digits),
+    "hydrogen_drums": ("music", build_hydrogen_drums),
+    "gm_instruments": ("music", build_gm_instruments),
 }
 
 
