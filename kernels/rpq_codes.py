@@ -10,7 +10,9 @@
   lowest index, as torch.argmax.
 
 The kernel streams codebook tiles and keeps a running max and argmax per row, so memory is
-O(M * C) and nothing of size M x K is written. Loads any float dtype and computes in float32
+O(M * C) and nothing of size M x K is written. When there are fewer row blocks than twice the GPU's
+SMs (small batches: on an H200 the first version sat at ~0.26 ms from B = 32 to 128), the codebook is
+split across programs and the per-split maxima merged (ties still to the lowest index). Loads any float dtype and computes in float32
 (IEEE, not TF32: a code flips where two cosines differ by less than TF32's ~1e-3 error).
 Forward only (targets carry no gradient).
 
@@ -61,13 +63,14 @@ def rpq_codes_ref(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
 def _rpq_codes_fwd_kernel(
     x_ptr, stride_xb, stride_xr, stride_xc,  # spec [B, F, T] strides, or raw [M, 256] as (0, row, col)
     idx_ptr, m_per_clip, num_tokens, width,
-    p_ptr, cb_ptr, out_ptr,
-    M, K, C, D,
+    p_ptr, cb_ptr, best_ptr, arg_ptr,
+    M, K, C, D, K_PER,
     FROM_SPEC: tl.constexpr, HAS_INDEX: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = tl.program_id(1)
+    split = tl.program_id(2)  # codes [split * K_PER, (split + 1) * K_PER) of K
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     j = tl.arange(0, 256)
@@ -97,8 +100,10 @@ def _rpq_codes_fwd_kernel(
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_M,), tl.int64)
     kk = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + kk) < K
+    k_lo = split * K_PER
+    k_hi = tl.minimum(K, k_lo + K_PER)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kmask = (k0 + kk) < k_hi
         cb = tl.load(cb_ptr + c * K * D + (k0 + kk)[:, None] * D + dd[None, :],
                      mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, D_PAD]
         s = tl.dot(z, tl.trans(cb), input_precision="ieee")  # [BLOCK_M, BLOCK_K]
@@ -108,7 +113,9 @@ def _rpq_codes_fwd_kernel(
         upd = tile_max > best  # strict: an earlier tile keeps a tie
         best = tl.where(upd, tile_max, best)
         arg = tl.where(upd, tile_arg, arg)
-    tl.store(out_ptr + rows.to(tl.int64) * C + c, arg, mask=rmask)
+    o = (split * M + rows).to(tl.int64) * C + c
+    tl.store(best_ptr + o, best, mask=rmask)
+    tl.store(arg_ptr + o, arg, mask=rmask)
 
 
 @triton_op("bestrq2::rpq_codes", mutates_args={})
@@ -126,20 +133,44 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
     else:
         m, width, num_tokens, m_per_clip = x.shape[0], 1, 1, 1
         strides = (0, x.stride(0), x.stride(1))
-    out = torch.empty(m, c, dtype=torch.int64, device=x.device)
-    idx = index.reshape(-1) if index is not None else out  # unused pointer when there is no index
+    idx = index.reshape(-1) if index is not None else x  # unused pointer when there is no index
     if interpreting():  # few, large blocks: each interpreted loop step costs milliseconds
         block_m, block_k = block_for(m, 256), block_for(k, 2048)
     else:
         block_m, block_k = 64, 128
-    grid = (triton.cdiv(m, block_m), c)
+    splits, k_per = _k_splits(triton.cdiv(m, block_m) * c, k, block_k, x.device)
+    best = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
+    arg = torch.empty(splits, m, c, dtype=torch.int64, device=x.device)
+    grid = (triton.cdiv(m, block_m), c, splits)
     wrap_triton(_rpq_codes_fwd_kernel)[grid](
         x, *strides, idx, m_per_clip, num_tokens, width,
-        projection, codebooks, out, m, k, c, d,
+        projection, codebooks, best, arg, m, k, c, d, k_per,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None,
         D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k,
     )
-    return out
+    if splits == 1:
+        return arg[0]
+    # the best split per row; argmax takes the first of equal maxima, i.e. the lowest code index
+    return arg.gather(0, best.argmax(0, keepdim=True))[0]
+
+
+def _k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, codes per split). Small batches give fewer row blocks than the GPU has SMs: the
+    codebook is then split across programs (each keeps its own max/argmax) and merged after.
+    ``BESTRQ2_RPQ_SPLIT=n`` forces n (tests use it under the interpreter)."""
+    import os
+
+    env = os.environ.get("BESTRQ2_RPQ_SPLIT", "").strip()
+    if env:
+        want = int(env)
+    elif device.type == "cuda" and not interpreting():
+        want = -(-2 * torch.cuda.get_device_properties(device).multi_processor_count // programs)
+    else:
+        want = 1
+    tiles = triton.cdiv(k, block_k)
+    want = max(1, min(want, tiles))
+    k_per = triton.cdiv(tiles, want) * block_k  # whole tiles per split, every split non-empty
+    return triton.cdiv(k, k_per), k_per
 
 
 @_rpq_codes_op.register_fake

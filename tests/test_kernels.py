@@ -90,6 +90,26 @@ def test_rpq_ties_go_to_lowest_index(triton_path):
     assert torch.equal(codes, rpq_codes_ref(x, p, cb))
 
 
+@pytest.mark.parametrize("splits", ["2", "4", "9"])
+def test_rpq_codebook_split_across_programs(triton_path, monkeypatch, splits):
+    """Small batches split the codebook across programs (BESTRQ2_RPQ_SPLIT forces it here; the
+    interpreter's 2048-code tiles give at most 4 splits of 8192). Codes match, and a tie between codes
+    in different splits (5, 2100, 6500 all equal e_0) still goes to the lowest index."""
+    monkeypatch.setenv("BESTRQ2_RPQ_SPLIT", splits)
+    p, cb = quantizer(2, 8192)
+    spec = torch.randn(2, 32, 16 * 3) * 20 - 40
+    check_codes(rpq_codes(spec, p, cb), spec_patches(spec).reshape(-1, 256), p, cb)
+    p = torch.zeros(1, 256, 16)
+    p[0, :, 0] = torch.rand(256) + 0.1
+    cb = F.normalize(torch.randn(1, 8192, 16), dim=-1)
+    cb[0, :, 0] = cb[0, :, 0].clamp(max=0.9)  # no random code comes near e_0
+    cb = F.normalize(cb, dim=-1)
+    for k in (5, 2100, 6500):
+        cb[0, k] = F.one_hot(torch.tensor(0), 16).float()
+    codes = rpq_codes(torch.rand(24, 256) + 0.1, p, cb)
+    assert bool((codes[:, 0] == 5).all())
+
+
 def test_rpq_zero_patch_and_silence(triton_path):
     p, cb = quantizer(1, 64)
     spec = torch.full((1, 128, 32), -100.0)
