@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._dispatch import batch_chunks, block_for, check_tensor, checking, interpreting, need, same_device, use_triton
 
 
 def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,14 +43,15 @@ def _gather_tokens_fwd_kernel(x_ptr, idx_ptr, pos_ptr, out_ptr, R, M, N, D,
 
 
 @triton.jit
-def _gather_tokens_bwd_kernel(gout_ptr, inv_ptr, gx_ptr, gpos_ptr, B, M, N, D,
+def _gather_tokens_bwd_kernel(gout_ptr, inv_ptr, gx_ptr, gpos_ptr, B, M, N, D, B_PER,
                               HAS_POS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(2)  # clips [chunk * B_PER, (chunk + 1) * B_PER); its partial grad_pos sum
     nmask = n < N
     mask = nmask[:, None] & (d < D)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for b in range(B):  # fixed order over the batch: deterministic sums for grad_pos
+    for b in range(chunk * B_PER, tl.minimum(B, (chunk + 1) * B_PER)):  # fixed order: deterministic sums
         i = tl.load(inv_ptr + b * N + n, mask=nmask, other=-1).to(tl.int64)
         picked = i >= 0
         g = tl.load(gout_ptr + (b * M + i)[:, None] * D + d[None, :], mask=mask & picked[:, None], other=0.0)
@@ -58,7 +59,7 @@ def _gather_tokens_bwd_kernel(gout_ptr, inv_ptr, gx_ptr, gpos_ptr, B, M, N, D,
         tl.store(gx_ptr + (b * N + n.to(tl.int64))[:, None] * D + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=mask)
         acc += g
     if HAS_POS:
-        tl.store(gpos_ptr + n.to(tl.int64)[:, None] * D + d[None, :], acc.to(gpos_ptr.dtype.element_ty), mask=mask)
+        tl.store(gpos_ptr + (chunk * N + n.to(tl.int64))[:, None] * D + d[None, :], acc, mask=mask)
 
 
 def _blocks(rows: int, d: int) -> tuple[int, int]:
@@ -94,10 +95,14 @@ def _gather_bwd(grad: torch.Tensor, inv: torch.Tensor, x_dtype: torch.dtype, pos
     b, m, d = grad.shape
     n = inv.shape[1]
     gx = torch.empty(b, n, d, dtype=x_dtype, device=grad.device)
-    gpos = torch.empty(n if pos_dtype is not None else 0, d, dtype=pos_dtype or torch.float32, device=grad.device)
     bn, bd = _blocks(n, d)
-    wrap_triton(_gather_tokens_bwd_kernel)[(triton.cdiv(n, bn), triton.cdiv(d, bd))](
-        grad, inv, gx, gpos, b, m, n, d, HAS_POS=pos_dtype is not None, BLOCK_N=bn, BLOCK_D=bd)
+    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
+    b_per = triton.cdiv(b, batch_chunks(tiles[0] * tiles[1], b))
+    chunks = triton.cdiv(b, b_per)
+    partial = torch.empty(chunks if pos_dtype is not None else 0, n, d, dtype=torch.float32, device=grad.device)
+    wrap_triton(_gather_tokens_bwd_kernel)[(*tiles, chunks)](
+        grad, inv, gx, partial, b, m, n, d, b_per, HAS_POS=pos_dtype is not None, BLOCK_N=bn, BLOCK_D=bd)
+    gpos = partial.sum(0).to(pos_dtype) if pos_dtype is not None else grad.new_empty(0, d, dtype=torch.float32)
     return gx, gpos
 
 

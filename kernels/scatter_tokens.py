@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._dispatch import batch_chunks, block_for, check_tensor, checking, interpreting, need, same_device, use_triton
 from .gather_tokens import _gather_fwd, inverse_index
 
 
@@ -52,19 +52,20 @@ def _scatter_tokens_fwd_kernel(ctx_ptr, inv_ptr, fill_ptr, pos_ptr, out_ptr, R, 
 
 
 @triton.jit
-def _scatter_tokens_bwd_pos_kernel(gout_ptr, inv_ptr, gpos_ptr, B, N, D,
+def _scatter_tokens_bwd_pos_kernel(gout_ptr, inv_ptr, gpos_ptr, B, N, D, B_PER,
                                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(2)  # clips [chunk * B_PER, (chunk + 1) * B_PER): one partial sum
     nmask = n < N
     mask = nmask[:, None] & (d < D)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for b in range(B):
+    for b in range(chunk * B_PER, tl.minimum(B, (chunk + 1) * B_PER)):
         i = tl.load(inv_ptr + b * N + n, mask=nmask, other=0)
         is_fill = i < 0
         g = tl.load(gout_ptr + (b * N + n.to(tl.int64))[:, None] * D + d[None, :], mask=mask & is_fill[:, None], other=0.0)
         acc += g.to(tl.float32)
-    tl.store(gpos_ptr + n.to(tl.int64)[:, None] * D + d[None, :], acc, mask=mask)
+    tl.store(gpos_ptr + (chunk * N + n.to(tl.int64))[:, None] * D + d[None, :], acc, mask=mask)
 
 
 def _blocks(rows: int, d: int) -> tuple[int, int]:
@@ -88,11 +89,14 @@ def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_
 @triton_op("bestrq2::scatter_tokens_bwd_pos", mutates_args={})
 def _scatter_bwd_pos(grad: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     b, n, d = grad.shape
-    gpos = torch.empty(n, d, dtype=torch.float32, device=grad.device)
     bn, bd = _blocks(n, d)
-    wrap_triton(_scatter_tokens_bwd_pos_kernel)[(triton.cdiv(n, bn), triton.cdiv(d, bd))](
-        grad, inv, gpos, b, n, d, BLOCK_N=bn, BLOCK_D=bd)
-    return gpos
+    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
+    b_per = triton.cdiv(b, batch_chunks(tiles[0] * tiles[1], b))
+    chunks = triton.cdiv(b, b_per)
+    partial = torch.empty(chunks, n, d, dtype=torch.float32, device=grad.device)
+    wrap_triton(_scatter_tokens_bwd_pos_kernel)[(*tiles, chunks)](
+        grad, inv, partial, b, n, d, b_per, BLOCK_N=bn, BLOCK_D=bd)
+    return partial.sum(0)
 
 
 def _setup(ctx, inputs, output):
