@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The first duty of a session that has a GPU: one script, run through the device tool, e.g.
-#   run(command="bash bench/gpu_session.sh", timeout_s=570)
+#   run(command="BESTRQ2_COMMIT=<git rev-parse --short HEAD here> bash bench/gpu_session.sh", timeout_s=570)
+# (about 9 minutes; name the commit: the device's copy of .git lagged the tree it was sent once)
 # It installs the project over the machine's own torch/triton (no deps, so the pin pulls nothing),
 # runs the GPU tests, then the GPU benchmark suite in pieces (each under its own timeout and each
 # appending its rows to bench/results/gpu.csv, so a piece that overruns loses only itself), and
@@ -29,8 +30,12 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
   timeout "$t" python -m bench --suite gpu "$@" 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -30
   cp bench/results/gpu.csv "$OUT/" 2>/dev/null || true
 }
-piece 80 --only rpq,gather,head
-piece 70 --only attention
-piece 50 --only inference
-piece 90 --only e2e --variants a_eager_fp32,b_bf16_sdpa,c_fast
-piece 100 --only e2e --variants d_fast_compile
+# limits from the 2026-11-26 H200 session (each piece took about half of its limit there)
+piece 60 --only rpq,gather,head
+piece 30 --only attention
+piece 30 --only inference
+piece 40 --only e2e --variants a_eager_fp32,b_bf16_sdpa,c_fast
+piece 150 --only e2e --variants d_fast_compile
+echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
+timeout 50 python -m bench.gpu_probe 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14
+cp bench/results/sweeps/gpu-attention.csv "$OUT/" 2>/dev/null || true
