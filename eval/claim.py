@@ -78,6 +78,15 @@ def evaluate(args, seed: int) -> dict:
     return res
 
 
+def pretrain_stats(d: Path) -> dict[str, float]:
+    """Loss, masked-code accuracy and throughput over the last 10% of a run's steps (metrics.csv)."""
+    import csv
+
+    rows = list(csv.DictReader(open(d / "metrics.csv")))
+    tail = rows[-max(1, len(rows) // 10):]
+    return {k: sum(float(r[k]) for r in tail) / len(tail) for k in ("loss", "accuracy", "clips_per_s")}
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
@@ -127,7 +136,13 @@ def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) ->
             lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {100 * dm:+.1f} ± {100 * ds:.1f} | "
                          f"{sum(d > 0 for d in diff)}/{len(diff)} |")
         lines.append("")
-    lines += ["![claim](claim.png)", ""]
+    lines += ["## Pretraining (mean over the last 10% of steps)", "",
+              "| mode | seed | loss | masked-code accuracy | clips/s |", "|---|---|---|---|---|"]
+    for mode in MODES:
+        for seed in seeds:
+            st = pretrain_stats(run_dir(args.out, mode, seed))
+            lines.append(f"| {mode} | {seed} | {st['loss']:.3f} | {100 * st['accuracy']:.1f}% | {st['clips_per_s']:.1f} |")
+    lines += ["", "![claim](claim.png)", ""]
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "claim.md").write_text("\n".join(lines))
     (args.results / "claim.json").write_text(json.dumps(
