@@ -293,6 +293,11 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     log_f = writer = tb = None
     if main:
         new_file = start == 0 or not (out / "metrics.csv").exists()
+        if not new_file:  # a crash after the checkpoint logged steps that will now run again: drop them
+            with open(out / "metrics.csv", newline="") as f:
+                kept = [r for i, r in enumerate(csv.reader(f)) if i == 0 or (r and int(r[0]) <= start)]
+            with open(out / "metrics.csv", "w", newline="") as f:
+                csv.writer(f).writerows(kept)
         log_f = open(out / "metrics.csv", "w" if new_file else "a", newline="")
         writer = csv.writer(log_f)
         if new_file:

@@ -34,9 +34,9 @@ def run_dir(out: Path, mode: str, seed: int) -> Path:
 def pretrain(args, mode: str, seed: int) -> float:
     """Train one run to completion (resuming if it has checkpoints); seconds spent in this call."""
     d = run_dir(args.out, mode, seed)
-    if (d / "encoder" / "config.json").exists():
-        return 0.0
-    ckpts = list((d / "checkpoints").glob("ckpt-*.pt")) if d.exists() else []
+    ckpts = sorted((d / "checkpoints").glob("ckpt-*.pt")) if d.exists() else []
+    if ckpts and int(ckpts[-1].stem.split("-")[1]) >= args.steps:  # finished (the encoder is written at
+        return 0.0                                                   # every checkpoint, so it proves nothing)
     cmd = [sys.executable, "-m", "bestrq2.cli", "pretrain", "--preset", args.preset, *MODES[mode],
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
            "--ckpt-every", str(max(1, args.steps // 5)), "--no-progress"]

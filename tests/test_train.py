@@ -84,6 +84,8 @@ def test_exact_resume_and_keep_last(tmp_path):
     full = pretrain(tc(tmp_path / "a", steps=6, ckpt_every=1, keep=2))["losses"]
     assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["ckpt-00000005.pt", "ckpt-00000006.pt"]
     first = pretrain(tc(tmp_path / "b", steps=6), stop_after=2)["losses"]
+    with open(tmp_path / "b" / "metrics.csv", "a") as f:  # a crash logged steps 3-4 after the step-2 checkpoint
+        f.write("3,9.9,0,0,0,nan,0,0\n4,9.9,0,0,0,nan,0,0\n")
     second = pretrain(tc(tmp_path / "b", steps=6), resume=True, stop_after=2)["losses"]
     third = pretrain(tc(tmp_path / "b", steps=6), resume=True)["losses"]
     assert first + second + third == full  # bit for bit
