@@ -117,7 +117,9 @@ def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) ->
              f"--batch-size {args.batch_size} --seeds {','.join(map(str, seeds))} --epochs {args.epochs}`. "
              f"Pretraining on the procedural corpus (10 s clips), paper optimiser settings (AdamW 1e-4, wd 0.05, "
              f"5% warm-up, cosine); each mode's total pretraining wall time on this machine: "
-             + ", ".join(f"{m} {s / 60:.1f} min" for m, s in train_s.items()) + ".",
+             + ", ".join(f"{m} {s / 60:.1f} min" for m, s in train_s.items())
+             + " (completed calls only; runs that shared the 2 cores with other jobs ran slower, so times "
+               "and clips/s below compare only roughly).",
              "Test accuracy in %, mean ± sample std over seeds; a paired difference (two-step minus one-stage, "
              "same seed) is given per row.", ""]
     for probe in ("probe", "knn"):
