@@ -83,15 +83,15 @@ def block_for(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
 
 
-def batch_chunks(programs: int, b: int) -> int:
-    """How many slices to cut a batch-sum into, so a backward kernel that sums over B with only
-    ``programs`` (N x D) tiles still fills the GPU: about 2 programs per SM, partial sums added after
-    (in a fixed order: deterministic). ``BESTRQ2_BATCH_CHUNKS=n`` forces n (tests, tuning)."""
-    env = os.environ.get("BESTRQ2_BATCH_CHUNKS", "").strip()
-    if env:
-        want = int(env)
-    elif torch.cuda.is_available() and not interpreting():
-        want = -(-2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count // programs)
+def gpu_splits(programs: int, most: int, device: torch.device, env: str) -> int:
+    """How many ways to split a kernel's serial loop (a batch sum, a codebook scan) so that its
+    ``programs`` tiles become about 2 programs per SM; in [1, most]. 1 off the GPU and under the
+    interpreter. The variable ``env`` forces the number (tests, tuning)."""
+    forced = os.environ.get(env, "").strip()
+    if forced:
+        want = int(forced)
+    elif device.type == "cuda" and not interpreting():
+        want = -(-2 * torch.cuda.get_device_properties(device).multi_processor_count // programs)
     else:
         want = 1
-    return max(1, min(want, b))
+    return max(1, min(want, most))

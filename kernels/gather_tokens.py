@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import batch_chunks, block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
 
 
 def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +97,7 @@ def _gather_bwd(grad: torch.Tensor, inv: torch.Tensor, x_dtype: torch.dtype, pos
     gx = torch.empty(b, n, d, dtype=x_dtype, device=grad.device)
     bn, bd = _blocks(n, d)
     tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-    b_per = triton.cdiv(b, batch_chunks(tiles[0] * tiles[1], b))
+    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, grad.device, "BESTRQ2_BATCH_CHUNKS"))
     chunks = triton.cdiv(b, b_per)
     partial = torch.empty(chunks if pos_dtype is not None else 0, n, d, dtype=torch.float32, device=grad.device)
     wrap_triton(_gather_tokens_bwd_kernel)[(*tiles, chunks)](

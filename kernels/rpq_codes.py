@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
 
 PATCH = 16
 
@@ -158,17 +158,8 @@ def _k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tupl
     """(splits, codes per split). Small batches give fewer row blocks than the GPU has SMs: the
     codebook is then split across programs (each keeps its own max/argmax) and merged after.
     ``BESTRQ2_RPQ_SPLIT=n`` forces n (tests use it under the interpreter)."""
-    import os
-
-    env = os.environ.get("BESTRQ2_RPQ_SPLIT", "").strip()
-    if env:
-        want = int(env)
-    elif device.type == "cuda" and not interpreting():
-        want = -(-2 * torch.cuda.get_device_properties(device).multi_processor_count // programs)
-    else:
-        want = 1
     tiles = triton.cdiv(k, block_k)
-    want = max(1, min(want, tiles))
+    want = gpu_splits(programs, tiles, device, "BESTRQ2_RPQ_SPLIT")
     k_per = triton.cdiv(tiles, want) * block_k  # whole tiles per split, every split non-empty
     return triton.cdiv(k, k_per), k_per
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import batch_chunks, block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
 from .gather_tokens import _gather_fwd, inverse_index
 
 
@@ -91,7 +91,7 @@ def _scatter_bwd_pos(grad: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     b, n, d = grad.shape
     bn, bd = _blocks(n, d)
     tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-    b_per = triton.cdiv(b, batch_chunks(tiles[0] * tiles[1], b))
+    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, grad.device, "BESTRQ2_BATCH_CHUNKS"))
     chunks = triton.cdiv(b, b_per)
     partial = torch.empty(chunks, n, d, dtype=torch.float32, device=grad.device)
     wrap_triton(_scatter_tokens_bwd_pos_kernel)[(*tiles, chunks)](
