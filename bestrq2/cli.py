@@ -19,11 +19,11 @@ def _pretrain(args: argparse.Namespace) -> int:
                      warmup_pct=args.warmup_pct, compile=args.compile, fsdp=args.fsdp,
                      max_bad_steps=args.max_bad_steps, progress=not args.no_progress)
     model_cfg = None
-    if args.drop_path is not None or args.one_stage:
+    overrides = model_overrides(args)
+    if overrides:
         from .config import BestRQ2Config
 
-        extra = {} if args.drop_path is None else {"encoder_drop_path": args.drop_path}
-        model_cfg = BestRQ2Config.preset(args.preset, seed=args.seed, one_stage=args.one_stage, **extra)
+        model_cfg = BestRQ2Config.preset(args.preset, seed=args.seed, **overrides)
     res = pretrain(tc, model_cfg=model_cfg, resume=bool(args.resume))
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
@@ -33,6 +33,22 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"loss: first {k} steps {sum(losses[:k]) / k:.3f} -> last {k} steps {sum(losses[-k:]) / k:.3f}")
     print(f"encoder written to {Path(res['out']) / 'encoder'}")
     return 0
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    """Preset fields the pretrain flags change (empty: the preset as it is)."""
+    out: dict = {}
+    if args.one_stage:
+        out["one_stage"] = True
+    if args.drop_path is not None:
+        out["encoder_drop_path"] = args.drop_path
+    if args.mask_ratio is not None:
+        out["mask_ratio_min"], out["mask_ratio_max"] = args.mask_ratio
+    if args.predictor_depth is not None:
+        if args.one_stage:
+            raise ValueError("--predictor-depth has no meaning with --one-stage (there is no predictor)")
+        out["predictor_depth"] = args.predictor_depth
+    return out
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -177,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--one-stage", action="store_true",
                     help="the paper's one-stage BEST-RQ (ViT) baseline: all tokens through the encoder, "
                          "masked ones replaced by the mask token, no predictor (give it again with --resume)")
+    pt.add_argument("--mask-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="masked fraction drawn uniformly from [MIN, MAX] per step (paper: 0.4 0.6)")
+    pt.add_argument("--predictor-depth", type=_positive_int("--predictor-depth"), default=None,
+                    help="predictor blocks (default: the preset's; paper: 4)")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=None, help="run directory (default runs/demo)")
     pt.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")

@@ -225,6 +225,19 @@ class _Stop(Exception):
 
 
 # ------------------------------------------------------------------------------------ the loop
+def _resumed_config(state: dict, given: BestRQ2Config | None, path: Path) -> BestRQ2Config:
+    """The checkpoint's model config; a config passed for the resumed run must equal it (a model flag that
+    differs would silently train another model, or fail deep inside load_state_dict)."""
+    saved = BestRQ2Config.from_dict(state["model_config"])
+    if given is not None:
+        a, b = saved.to_dict(), given.to_dict()
+        diff = [f"{k}: checkpoint {a[k]!r}, now {b[k]!r}" for k in a if a[k] != b[k]]
+        if diff:
+            raise ValueError(f"resuming {path} with another model config ({'; '.join(diff)}); "
+                             "resume with the flags the run started with, or drop the model flags")
+    return saved
+
+
 def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
              stop_after: int | None = None) -> dict:
     """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
@@ -236,16 +249,17 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     if main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
-    cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
-    model = BestRQ2(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    mask_gen = torch.Generator().manual_seed(tc.seed + 1)
     start = 0
     resumed = None
     if resume:
         path = latest_checkpoint(out)
         resumed = torch.load(path, map_location="cpu", weights_only=True)
         start = int(resumed["step"])
+        model_cfg = _resumed_config(resumed, model_cfg, path)
+    cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
+    model = BestRQ2(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    mask_gen = torch.Generator().manual_seed(tc.seed + 1)
     wrapped = _wrap(model, tc, world, device)
     if tc.fsdp:  # FSDP2 shards parameters in place: build the optimizer on the sharded ones
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

@@ -339,3 +339,27 @@ def test_builtin_tts_digits_real_packages(tmp_path):
         assert 0.2 < len(x) / sr < 2.5 and np.abs(x).max() > 0.05
     meta = json.loads((tmp_path / "packages.json").read_text())
     assert meta["espeak-ng"]["version"] and meta["flite"]["version"]
+
+
+def test_dig_priors_and_code_stats_on_known_codes():
+    """eval/dig.py's context-free predictors: row r always holds code 3r (plus rare noise) -> the row prior
+    puts nearly all mass on 3r, the pooled one spreads it over 8 codes (entropy ln 8)."""
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
+    import dig
+
+    rows, w, k = 8, 16, 64
+    codes = (3 * torch.arange(rows)).repeat_interleave(w).repeat(50, 1)  # [50 clips, 8 * 16 tokens]
+    codes[0, 0] = 63  # one rare code in row 0
+    lp_row, lp_pool = dig.row_prior(codes, rows, k)
+    assert lp_row.shape == (rows, k) and lp_pool.shape == (k,)
+    assert torch.equal(lp_row.argmax(1), 3 * torch.arange(rows))
+    assert lp_row.exp().sum(1).sub(1).abs().max() < 1e-9 and abs(lp_pool.exp().sum() - 1) < 1e-9
+    assert (lp_row[torch.arange(rows), 3 * torch.arange(rows)].exp() > 0.97).all()
+    assert lp_row[1, 63] < lp_row[0, 63] < 0  # the rare code borrows mass in other rows, most in its own
+    st = dig.code_stats(codes[1:])
+    assert st["codes_used"] == 8 and st["top_share"] == pytest.approx(1 / 8)
+    assert st["entropy_nats"] == pytest.approx(math.log(8)) and st["patches"] == 49 * rows * w

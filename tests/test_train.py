@@ -188,6 +188,29 @@ def test_bad_cli_values_name_the_flag(tmp_path, capsys, argv, flag):
     assert flag in capsys.readouterr().err
 
 
+def test_model_flags_reach_the_run_and_resume_keeps_them(tmp_path, capsys):
+    run = tmp_path / "r"
+    base = ["pretrain", "--steps", "2", "--batch-size", "2", "--seconds", "1", "--num-workers", "0", "--no-progress"]
+    assert main([*base, "--out", str(run), "--mask-ratio", "0.2", "0.3", "--predictor-depth", "1",
+                 "--ckpt-every", "1"]) == 0
+    cfg = torch.load(latest_checkpoint(run), weights_only=True)["model_config"]
+    assert (cfg["mask_ratio_min"], cfg["mask_ratio_max"], cfg["predictor_depth"]) == (0.2, 0.3, 1)
+    enc_cfg = json.loads((run / "encoder" / "config.json").read_text())
+    assert enc_cfg["predictor_depth"] == 1
+    # resuming without the flags continues the same model (its config comes from the checkpoint) ...
+    assert main([*base[:2], "3", *base[3:], "--resume", str(run)]) == 0
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 3
+    # ... and flags that differ from the checkpoint's are refused by name
+    capsys.readouterr()
+    assert main([*base[:2], "4", *base[3:], "--resume", str(run), "--mask-ratio", "0.5", "0.6"]) == 2
+    err = capsys.readouterr().err
+    assert "mask_ratio_min" in err and "0.2" in err and "predictor_depth" in err
+    assert main([*base, "--out", str(tmp_path / "x"), "--one-stage", "--predictor-depth", "2"]) == 2
+    assert "--predictor-depth" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "y"), "--mask-ratio", "0.7", "0.5"]) == 2
+    assert "mask_ratio_min" in capsys.readouterr().err
+
+
 def _torchrun(nproc, args, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "bestrq2", "pretrain", *args]

@@ -1,0 +1,392 @@
+"""Why two-step and one-stage tie at CPU scale (issue 8, part 3): the code prior, and what more steps,
+the masking ratio, the predictor depth and the learning rate change. One seed (0): a difference below the
+claim's seed-to-seed spread (about 1-2 points overall) is noise.
+
+    python eval/dig.py                                  # runs/dig, eval/results/dig.{md,json,png}
+    python eval/dig.py --only two_step,one_stage --scale 0.004 --heldout 4 --prior-clips 32 --code-clips 3 \
+        --tasks ufoai_sfx --limit 4 --epochs 2 --claim-out /none --claim-results /none --out /tmp/dig --results /tmp/dig
+                                                        # a smoke run (steps scaled down)
+
+Three measurements per variant:
+1. pretext on held-out clips: masked-code cross-entropy and accuracy on 64 procedural clips the runs never
+   saw (corpus seed 12345), a fixed mask of ratio 0.5 for every variant, against two context-free
+   predictors fitted on 512 training clips: the code frequencies (unigram) and the code frequencies of
+   the patch's frequency row (a model that only learned "which codes live in which band" reaches this);
+2. downstream: linear probe and kNN on the built-in tasks (as eval/claim.py);
+3. the code distribution itself on the procedural corpus and on the eval tasks' real audio, with the raw
+   patches (the paper) and with each patch's mean removed (how much the loudness level alone decides
+   the code).
+Variants at the claim's 500 steps and default config reuse the claim's seed-0 runs (runs/claim) and
+scores (eval/results/claim.json) when present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import claim  # noqa: E402  (the same pretrain subprocess, stats and floors)
+
+SEED = 0
+HELDOUT_SEED = 12345
+PRIOR_CLIPS = 512
+# name: (flags of `bestrq2 pretrain`, steps). Listed in the order they run (most informative first).
+VARIANTS: dict[str, tuple[list[str], int]] = {
+    "two_step": ([], 500),
+    "one_stage": (["--one-stage"], 500),
+    "two_step_2000steps": ([], 2000),
+    "one_stage_2000steps": (["--one-stage"], 2000),
+    "two_step_mask0.2-0.3": (["--mask-ratio", "0.2", "0.3"], 500),
+    "two_step_mask0.7-0.8": (["--mask-ratio", "0.7", "0.8"], 500),
+    "two_step_pred1": (["--predictor-depth", "1"], 500),
+    "two_step_pred4": (["--predictor-depth", "4"], 500),
+    "two_step_lr5e-4": (["--lr", "5e-4"], 500),
+}
+
+
+def steps_of(args, name: str) -> int:
+    return max(2, round(VARIANTS[name][1] * args.scale))
+
+
+def run_path(args, name: str) -> Path:
+    """The claim's own run for the two baselines (same flags, steps, batch and seed), else OUT/<name>."""
+    if name in claim.MODES and args.claim_out is not None:
+        d = claim.run_dir(args.claim_out, name, SEED)
+        if d.exists() and finished(d, steps_of(args, name)):
+            return d
+    return args.out / f"{name}-s{SEED}"
+
+
+def finished(d: Path, steps: int) -> bool:
+    ckpts = sorted((d / "checkpoints").glob("ckpt-*.pt"))
+    return bool(ckpts) and int(ckpts[-1].stem.split("-")[1]) >= steps
+
+
+def train(args, name: str) -> float:
+    """Pretrain one variant (resuming an interrupted run; a finished one is kept); seconds spent."""
+    import subprocess
+
+    d, steps = run_path(args, name), steps_of(args, name)
+    if finished(d, steps):
+        return 0.0
+    resume = any((d / "checkpoints").glob("ckpt-*.pt"))
+    cmd = [sys.executable, "-m", "bestrq2.cli", "pretrain", "--preset", args.preset, *VARIANTS[name][0],
+           "--steps", str(steps), "--batch-size", str(args.batch_size), "--seed", str(SEED),
+           "--ckpt-every", str(max(1, steps // 5)), "--no-progress"]
+    cmd += ["--resume", str(d)] if resume else ["--out", str(d)]
+    d.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] pretrain {name}: {' '.join(cmd[3:])}", flush=True)
+    t0 = time.time()
+    with open(d / "train.log", "a") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return time.time() - t0
+
+
+# ------------------------------------------------------------------------------ the code prior
+def procedural_waves(seed: int, count: int, start: int = 0):
+    import numpy as np
+    import torch
+
+    from bestrq2.data.synthetic import synth_clip
+
+    return torch.from_numpy(np.stack([synth_clip(seed, start + i) for i in range(count)]))
+
+
+def row_prior(codes, rows: int, k: int, alpha: float = 0.01, beta: float = 20.0):
+    """Code log-probs per frequency row [rows, K] and pooled [K]. Pooled: add-alpha frequencies; per row:
+    the row's counts with the pooled distribution as a Dirichlet prior of weight beta (rare codes of a
+    row borrow from the other rows instead of from a flat 8192-way floor)."""
+    import torch
+
+    flat = codes.reshape(codes.shape[0], rows, -1)  # [B, rows, W] (token f * W + t)
+    per_row = torch.stack([torch.bincount(flat[:, f].reshape(-1), minlength=k) for f in range(rows)]).double()
+    pooled = (per_row.sum(0) + alpha) / (per_row.sum() + alpha * k)
+    row = (per_row + beta * pooled) / (per_row.sum(1, keepdim=True) + beta)
+    return row.log(), pooled.log()
+
+
+def code_stats(codes) -> dict[str, float]:
+    """Distribution of a flat tensor of codes: entropy (nats), share of the top code, codes used."""
+    import torch
+
+    counts = torch.bincount(codes.reshape(-1)).double()
+    counts = counts[counts > 0]
+    p = counts / counts.sum()
+    return {"entropy_nats": float(-(p * p.log()).sum()), "top_share": float(p.max()),
+            "codes_used": int(len(counts)), "patches": int(counts.sum())}
+
+
+def pretext(args) -> dict:
+    """Held-out masked-code loss/accuracy of every variant vs the context-free priors (cached)."""
+    path = args.out / "pretext.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    import torch
+
+    from bestrq2 import BestRQ2, BestRQ2Config
+    from bestrq2.masking import sample_mask
+    from bestrq2.train import latest_checkpoint
+
+    cfg0 = BestRQ2Config.preset(args.preset, seed=SEED)
+    ref = BestRQ2(cfg0).eval()  # only its frozen quantizer (seed 0, as every variant's) is used here
+    rows = cfg0.freq_patches
+    k = cfg0.codebook_size
+    if "prior" not in cached:
+        with torch.no_grad():
+            train_codes = torch.cat([ref.targets(procedural_waves(SEED, 32, i))[..., 0]
+                                     for i in range(0, args.prior_clips, 32)])
+        lp_row, lp_pool = row_prior(train_codes, rows, k)
+        cached["prior_tensors"] = {"row": lp_row.tolist(), "pooled": lp_pool.tolist()}
+        cached["prior"] = {"train_codes": code_stats(train_codes)}
+    lp_row = torch.tensor(cached["prior_tensors"]["row"], dtype=torch.float64)
+    lp_pool = torch.tensor(cached["prior_tensors"]["pooled"], dtype=torch.float64)
+    waves = procedural_waves(HELDOUT_SEED, args.heldout)
+    with torch.no_grad():
+        codes = ref.targets(waves)[..., 0]  # [B, N]
+    n = codes.shape[1]
+    mask = sample_mask(1, n, (0.5, 0.5), generator=torch.Generator().manual_seed(0))[0]
+    masked = mask.nonzero()[:, 0]
+    tgt = codes[:, masked]  # [B, M]
+    row_of = masked // (n // rows)
+    if "heldout" not in cached:
+        ce_row = -lp_row[row_of[None, :].expand_as(tgt), tgt].mean()
+        ce_pool = -lp_pool[tgt].mean()
+        acc_row = (lp_row.argmax(1)[row_of][None, :] == tgt).double().mean()
+        acc_pool = (lp_pool.argmax() == tgt).double().mean()
+        cached["heldout"] = {"unigram": {"loss": float(ce_pool), "accuracy": float(acc_pool)},
+                             "row_unigram": {"loss": float(ce_row), "accuracy": float(acc_row)},
+                             "codes": code_stats(tgt), "clips": args.heldout, "mask_ratio": 0.5}
+    for name in args.variants:
+        d = run_path(args, name)
+        if name in cached.get("variants", {}) or not finished(d, steps_of(args, name)):
+            continue
+        state = torch.load(latest_checkpoint(d), map_location="cpu", weights_only=True)
+        model = BestRQ2(BestRQ2Config.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+        model.eval()
+        losses, accs = [], []
+        with torch.no_grad():
+            for i in range(0, args.heldout, 16):
+                w = waves[i:i + 16]
+                out = model(w, mask=mask[None, :].expand(w.shape[0], -1))
+                losses.append(float(out.loss) * w.shape[0])
+                accs.append(float(out.accuracy) * w.shape[0])
+        cached.setdefault("variants", {})[name] = {"loss": sum(losses) / args.heldout,
+                                                   "accuracy": sum(accs) / args.heldout, "run": str(d)}
+        print(f"[{time.strftime('%H:%M:%S')}] pretext {name}: {cached['variants'][name]}", flush=True)
+    path.write_text(json.dumps(cached))
+    return cached
+
+
+def real_audio_codes(args, limit: int) -> dict:
+    """Code statistics of the eval tasks' train-split audio (raw patches, and patch means removed)."""
+    import torch
+
+    from bestrq2 import BestRQ2Config
+    from bestrq2.data.folder import load_audio
+    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
+    from bestrq2.eval.tasks import read_manifest
+    from bestrq2.frontend import LogMel, patchify, truncate_to_patches
+    from bestrq2.quantizer import RandomProjectionQuantizer
+
+    cfg = BestRQ2Config.preset(args.preset, seed=SEED)
+    q = RandomProjectionQuantizer(cfg.patch_dim, cfg.codebook_dim, cfg.codebook_size, cfg.num_codebooks, SEED)
+    mel = LogMel()
+
+    def patches_of(waves):
+        return patchify(truncate_to_patches(mel(waves))).reshape(-1, cfg.patch_dim)
+
+    out = {}
+    sources = {"procedural": [w for w in procedural_waves(SEED, 64)]}
+    made = prepare_tasks(args.cache or DEFAULT_CACHE, names=args.tasks, seed=0, limit=args.limit)
+    for name, (domain, manifest) in made.items():
+        items = read_manifest(str(manifest), domain=domain, seed=0).split("train")[:limit]
+        sources[name] = [torch.from_numpy(load_audio(it["path"])) for it in items]
+    for name, waves in sources.items():
+        patches = torch.cat([patches_of(w[None]) for w in waves if w.numel() >= cfg.min_samples + 1])
+        out[name] = {"raw": code_stats(q(patches)[:, 0]),
+                     "mean_removed": code_stats(q(patches - patches.mean(1, keepdim=True))[:, 0]),
+                     "mean_db": float(patches.mean()), "std_db_within_patch": float(patches.std(1).mean())}
+    return out
+
+
+# ------------------------------------------------------------------------------ downstream
+def downstream(args, names: list[str]) -> dict:
+    """Probe/kNN scores per variant (seed 0), cached per variant in OUT/eval.json."""
+    path = args.out / "eval.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if args.claim_results is not None and (args.claim_results / "claim.json").exists() and args.scale == 1:
+        base = json.loads((args.claim_results / "claim.json").read_text())["per_seed"].get(str(SEED))
+        for enc in ("two_step", "one_stage", "random_init", "logmel_stats"):
+            if base and enc not in cached:
+                cached[enc] = {"summary": {sc: {k.split("/")[1]: v for k, v in vals.items() if k.startswith(enc + "/")}
+                                           for sc, vals in base["summary"].items()}, "from": "claim.json"}
+    todo = [n for n in names if n not in cached and finished(run_path(args, n), steps_of(args, n))]
+    floors = [f for f in ("random_init", "logmel_stats") if f not in cached]
+    if not todo and not floors:
+        return cached
+    import torch
+
+    from bestrq2.encoder import BestRQ2Encoder
+    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
+    from bestrq2.eval.suite import LogMelStats, evaluate_task, summarize
+    from bestrq2.eval.tasks import read_manifest
+
+    encoders = {n: BestRQ2Encoder.from_pretrained(run_path(args, n) / "encoder") for n in todo}
+    if "random_init" in floors:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            cfg = BestRQ2Encoder.from_pretrained(run_path(args, names[0]) / "encoder").config
+            encoders["random_init"] = BestRQ2Encoder(cfg).eval()
+    if "logmel_stats" in floors:
+        encoders["logmel_stats"] = LogMelStats()
+    made = prepare_tasks(args.cache or DEFAULT_CACHE, names=args.tasks, seed=0, limit=args.limit)
+    results = []
+    for name, (domain, manifest) in made.items():
+        task = read_manifest(str(manifest), domain=domain, seed=0)
+        task.name = name
+        print(f"[{time.strftime('%H:%M:%S')}] eval {name}: {', '.join(encoders)}", flush=True)
+        results.append(evaluate_task(task, encoders, epochs=args.epochs, seed=SEED))
+    summary = summarize(results)
+    for enc in encoders:
+        cached[enc] = {"summary": {sc: {k.split("/")[1]: v for k, v in vals.items() if k.startswith(enc + "/")}
+                                   for sc, vals in summary.items()},
+                       "tasks": {r.task: {k.split("/")[1]: v for k, v in r.scores.items() if k.startswith(enc + "/")}
+                                 for r in results}}
+    path.write_text(json.dumps(cached, indent=1))
+    return cached
+
+
+# ------------------------------------------------------------------------------ report
+def write_report(args, pre: dict, down: dict, codes: dict, train_s: dict) -> None:
+    h = pre["heldout"]
+    lines = ["# Digging into the tie: code prior, steps, masking ratio, predictor depth, learning rate", "",
+             f"Command: `python eval/dig.py` (seed {SEED}, {args.preset} preset, batch {args.batch_size}, "
+             "procedural corpus; one seed, so differences under ~2 points overall are within the claim's "
+             "seed-to-seed spread). Pretraining wall time per variant on this machine (2-core CPU): "
+             + ", ".join(f"{n} {s / 60:.0f} min" for n, s in train_s.items() if s) + ".", "",
+             "## 1. Pretext: masked-code prediction on held-out clips", "",
+             f"{h['clips']} procedural clips no run saw, the same fixed mask (ratio {h['mask_ratio']}) for every "
+             f"variant; {h['codes']['codes_used']} distinct codes among the {h['codes']['patches']} masked "
+             f"patches, the top one {100 * h['codes']['top_share']:.1f}%. Context-free predictors fitted on "
+             f"{args.prior_clips} training clips: *unigram* (always the code frequencies) and *row unigram* (the "
+             "code frequencies of the patch's frequency band). A model has used the context only where it "
+             "beats the row unigram.", "",
+             "| predictor | steps | held-out loss (nats) | accuracy | loss − row unigram |", "|---|---|---|---|---|",
+             f"| unigram | – | {h['unigram']['loss']:.3f} | {100 * h['unigram']['accuracy']:.1f}% | "
+             f"{h['unigram']['loss'] - h['row_unigram']['loss']:+.3f} |",
+             f"| row unigram | – | {h['row_unigram']['loss']:.3f} | {100 * h['row_unigram']['accuracy']:.1f}% | 0 |"]
+    for name in args.variants:
+        v = pre.get("variants", {}).get(name)
+        if v:
+            lines.append(f"| {name} | {steps_of(args, name)} | {v['loss']:.3f} | {100 * v['accuracy']:.1f}% | "
+                         f"{v['loss'] - h['row_unigram']['loss']:+.3f} |")
+    lines += ["", "## 2. Downstream (test accuracy %, built-in tasks, seed 0)", "",
+              "| encoder | probe overall | kNN overall | probe speech | probe music | probe environment |",
+              "|---|---|---|---|---|---|"]
+    for name in [*args.variants, "random_init", "logmel_stats"]:
+        if name in down:
+            s = down[name]["summary"]
+            cell = lambda sc, p: f"{100 * s[sc][p]:.1f}" if sc in s and p in s[sc] else "–"  # noqa: E731
+            lines.append(f"| {name} | {cell('overall', 'probe')} | {cell('overall', 'knn')} | {cell('speech', 'probe')} "
+                         f"| {cell('music', 'probe')} | {cell('environment', 'probe')} |")
+    lines += ["", "## 3. Where the codes come from", "",
+              "RPQ codes (seed-0 quantizer) over the patches of 64 procedural clips and of each task's train "
+              "split: raw patches as the paper quantizes them, and the same patches with each patch's own mean "
+              "(its loudness level) removed.", "",
+              "| audio | patches | mean dB | within-patch std dB | codes used (raw) | top code (raw) | entropy (raw, nats) "
+              "| codes used (mean removed) | top code (mean removed) | entropy (mean removed) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, c in codes.items():
+        r, m = c["raw"], c["mean_removed"]
+        lines.append(f"| {name} | {r['patches']} | {c['mean_db']:.1f} | {c['std_db_within_patch']:.1f} | "
+                     f"{r['codes_used']} | {100 * r['top_share']:.1f}% | {r['entropy_nats']:.2f} | {m['codes_used']} | "
+                     f"{100 * m['top_share']:.1f}% | {m['entropy_nats']:.2f} |")
+    lines += ["", "![dig](dig.png)", ""]
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "dig.md").write_text("\n".join(lines))
+    (args.results / "dig.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": train_s,
+         "pretext": {k: v for k, v in pre.items() if k != "prior_tensors"}, "downstream": down, "codes": codes},
+        indent=1))
+    plot(args, pre)
+    print("\n".join(lines))
+
+
+def plot(args, pre: dict) -> None:
+    """Training loss curves of every variant against the held-out row-unigram loss."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name in args.variants:
+        f = run_path(args, name) / "metrics.csv"
+        if not f.exists():
+            continue
+        rows = list(csv.DictReader(open(f)))
+        xs, ys = [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+        k = max(1, len(ys) // 40)  # a running mean: single steps of 16 clips are noisy
+        sm = [sum(ys[max(0, i - k):i + 1]) / len(ys[max(0, i - k):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, sm, label=name, lw=1.2, ls="--" if "one_stage" in name else "-")
+    h = pre["heldout"]
+    for key, ls in (("row_unigram", ":"), ("unigram", "-.")):
+        ax.axhline(h[key]["loss"], color="k", ls=ls, lw=1, label=f"{key.replace('_', ' ')} prior (held-out)")
+    ax.set_ylim(bottom=min(2.0, h["row_unigram"]["loss"] - 0.5), top=6)
+    ax.set_xlabel("step (batch 16)")
+    ax.set_ylabel("training masked-code loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("pretext loss against the context-free code priors")
+    fig.tight_layout()
+    fig.savefig(args.results / "dig.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--only", default=None, help="comma list of variants (default: all, in order)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every variant's steps (smoke runs)")
+    ap.add_argument("--heldout", type=int, default=64, help="held-out clips for the pretext measurement")
+    ap.add_argument("--prior-clips", type=int, default=PRIOR_CLIPS, help="training clips the priors are fitted on")
+    ap.add_argument("--code-clips", type=int, default=200, help="train clips per task for the code statistics")
+    ap.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
+    ap.add_argument("--tasks", default=None, type=lambda s: s.split(","), help="comma list of built-in tasks")
+    ap.add_argument("--limit", type=int, default=None, help="files per class in the tasks (smoke runs)")
+    ap.add_argument("--cache", type=Path, default=None, help="eval task cache (default ~/.cache/bestrq2/eval)")
+    ap.add_argument("--out", type=Path, default=Path("runs/dig"))
+    ap.add_argument("--claim-out", type=Path, default=Path("runs/claim"), help="the claim's runs, reused")
+    ap.add_argument("--claim-results", type=Path, default=Path("eval/results"), help="the claim's claim.json, reused")
+    ap.add_argument("--results", type=Path, default=Path("eval/results"))
+    ap.add_argument("--no-train", action="store_true", help="report on the runs that exist, train nothing")
+    args = ap.parse_args(argv)
+    args.variants = list(VARIANTS) if args.only is None else args.only.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    timing = args.out / "train_seconds.json"
+    train_s = json.loads(timing.read_text()) if timing.exists() else {}
+    if not args.no_train:
+        for name in args.variants:
+            train_s[name] = train_s.get(name, 0.0) + train(args, name)
+            timing.write_text(json.dumps(train_s))
+    pre = pretext(args)
+    down = downstream(args, args.variants)
+    codes_path = args.out / "codes.json"
+    if not codes_path.exists():
+        codes_path.write_text(json.dumps(real_audio_codes(args, args.code_clips), indent=1))
+    write_report(args, pre, down, json.loads(codes_path.read_text()), train_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
