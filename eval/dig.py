@@ -266,8 +266,11 @@ def write_report(args, pre: dict, down: dict, codes: dict, train_s: dict) -> Non
     lines = ["# Digging into the tie: code prior, steps, masking ratio, predictor depth, learning rate", "",
              f"Command: `python eval/dig.py` (seed {SEED}, {args.preset} preset, batch {args.batch_size}, "
              "procedural corpus; one seed, so differences under ~2 points overall are within the claim's "
-             "seed-to-seed spread). Pretraining wall time per variant on this machine (2-core CPU): "
-             + ", ".join(f"{n} {s / 60:.0f} min" for n, s in train_s.items() if s) + ".", "",
+             "seed-to-seed spread). Summed step times per variant on this machine (2-core CPU; some runs "
+             "shared the cores with other jobs for a while, so these compare only roughly): "
+             + ", ".join(f"{n} {m:.0f} min" for n in args.variants
+                         if (m := step_minutes(run_path(args, n), args.batch_size))) + ".",
+             "",
              "## 1. Pretext: masked-code prediction on held-out clips", "",
              f"{h['clips']} procedural clips no run saw, the same fixed mask (ratio {h['mask_ratio']}) for every "
              f"variant; {h['codes']['codes_used']} distinct codes among the {h['codes']['patches']} masked "
@@ -314,6 +317,17 @@ def write_report(args, pre: dict, down: dict, codes: dict, train_s: dict) -> Non
         indent=1))
     plot(args, pre)
     print("\n".join(lines))
+
+
+def step_minutes(d: Path, batch: int) -> float:
+    """Minutes of a run's optimizer steps, from metrics.csv (step time = batch / clips_per_s)."""
+    import csv
+
+    f = d / "metrics.csv"
+    if not f.exists():
+        return 0.0
+    rows = [r for r in csv.DictReader(open(f)) if float(r["clips_per_s"]) > 0]
+    return sum(batch / float(r["clips_per_s"]) for r in rows) / 60 if rows else 0.0
 
 
 def plot(args, pre: dict) -> None:
@@ -367,6 +381,7 @@ def main(argv=None) -> int:
     ap.add_argument("--claim-results", type=Path, default=Path("eval/results"), help="the claim's claim.json, reused")
     ap.add_argument("--results", type=Path, default=Path("eval/results"))
     ap.add_argument("--no-train", action="store_true", help="report on the runs that exist, train nothing")
+    ap.add_argument("--train-only", action="store_true", help="train the variants, measure and report nothing")
     args = ap.parse_args(argv)
     args.variants = list(VARIANTS) if args.only is None else args.only.split(",")
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -379,6 +394,8 @@ def main(argv=None) -> int:
         for name in args.variants:
             train_s[name] = train_s.get(name, 0.0) + train(args, name)
             timing.write_text(json.dumps(train_s))
+    if args.train_only:
+        return 0
     pre = pretext(args)
     down = downstream(args, args.variants)
     codes_path = args.out / "codes.json"

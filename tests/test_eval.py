@@ -302,29 +302,36 @@ def test_tts_digits_train_espeak_test_flite(tmp_path, monkeypatch):
     import bestrq2.eval.debian as D
 
     fake = tmp_path / "synth.py"
-    fake.write_text("import sys, numpy as np, soundfile as sf\n"
-                    "a = sys.argv\nout = a[a.index('-w') + 1] if '-w' in a else a[a.index('-o') + 1]\n"
-                    "f = 100 + 30 * len(a[-1] if '-w' in a else a[a.index('-t') + 1])\n"
+    fake.write_text("import re, sys, numpy as np, soundfile as sf\n"
+                    "a = sys.argv\n"
+                    "if '-w' in a: out, text = a[a.index('-w') + 1], a[-1]\n"
+                    "elif '-o' in a: out, text = a[a.index('-o') + 1], a[a.index('-t') + 1]\n"
+                    "else: text, out = re.search(r'Text \"(\\w+)\"\\)\\) \"([^\"]+)\"', a[-1]).groups()\n"
+                    "f = 100 + 30 * len(text)\n"
                     "sf.write(out, 0.3 * np.sin(2 * np.pi * f * np.arange(4000) / 16000), 16000)\n")
-    for name in ("espeak", "flite"):
+    for name in ("espeak", "flite", "festival"):
         exe = tmp_path / name
         exe.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
         exe.chmod(0o755)
     monkeypatch.setattr(D, "_tts_env", lambda cache: ({"PATH": "/usr/bin:/bin"}, tmp_path / "espeak",
-                                                       tmp_path / "flite", tmp_path))
+                                                       tmp_path / "flite", tmp_path, tmp_path / "festival"))
     task = read_manifest(D.build_tts_digits(tmp_path, limit=3), domain="speech")
     assert set(task.classes) == set(D.DIGITS)
     assert {it["group"].split(":")[0] for it in task.split("test")} == {"flite"}
-    assert {it["group"].split(":")[0] for it in task.split("train") + task.split("val")} == {"espeak"}
+    assert {it["group"].split(":")[0] for it in task.split("train") + task.split("val")} == {"espeak", "festival"}
+    assert {it["group"] for it in task.split("train")} & {it["group"] for it in task.split("test")} == set()
     assert len(task.split("test")) == 3 * 3 * 10  # 3 voices x 3 rates x 10 digits
-    monkeypatch.setattr(D, "_tts_env", lambda cache: ({"PATH": "/bin"}, tmp_path / "nope", tmp_path / "nope", tmp_path))
+    assert sum(it["group"] == "festival:ked" for it in task.items) == 2 * 3 * 10  # 2 builds x 3 rates
+    monkeypatch.setattr(D, "_tts_env", lambda cache: ({"PATH": "/bin"}, tmp_path / "nope", tmp_path / "nope", tmp_path,
+                                                      tmp_path / "nope"))
     with pytest.raises((ValueError, OSError)):
         D.build_tts_digits(tmp_path / "other", limit=1)
 
 
 def test_builtin_tts_digits_real_packages(tmp_path):
-    """The real espeak-ng and flite, run from their unpacked Debian packages (about 20 MB), two voices
-    each: the clips are speech-length, non-silent, and differ between synthesisers."""
+    """The real espeak-ng, Festival and flite, run from their unpacked Debian packages (about 35 MB): two
+    voices each of espeak-ng and flite, Festival's ked in its 16 and 8 kHz builds; the clips are
+    speech-length and non-silent."""
     import shutil
 
     import bestrq2.eval.debian as D
@@ -332,13 +339,15 @@ def test_builtin_tts_digits_real_packages(tmp_path):
     if shutil.which("apt-get") is None:
         pytest.fail("the built-in tasks need a Debian-based machine (apt-get, dpkg-deb)")
     task = read_manifest(D.build_tts_digits(tmp_path, limit=2), domain="speech")
-    assert len(task.items) == 2 * 3 * 10 * 2
+    assert len(task.items) == 2 * 3 * 10 * 2 + 2 * 3 * 10
     base = tmp_path / "tasks" / "tts_digits_2"
-    for it in task.items[::7]:
+    festival = [it for it in task.items if it["group"] == "festival:ked"]
+    assert len(festival) == 60 and all(it["split"] == "train" for it in festival)
+    for it in task.items[::7] + festival[::13]:
         x, sr = sf.read(base / it["path"])
         assert 0.2 < len(x) / sr < 2.5 and np.abs(x).max() > 0.05
     meta = json.loads((tmp_path / "packages.json").read_text())
-    assert meta["espeak-ng"]["version"] and meta["flite"]["version"]
+    assert meta["espeak-ng"]["version"] and meta["flite"]["version"] and meta["festival"]["version"]
 
 
 def test_dig_priors_and_code_stats_on_known_codes():

@@ -10,7 +10,7 @@ Tasks (see ``TASKS``; each builder's docstring says how it splits):
   within each class (``hurt1`` ... ``hurt9`` of one creature stay together).
 - ``hedgewars_voice_id`` / ``hedgewars_phrase_id`` (speech): which of the Hedgewars voice packs speaks
   (split by phrase) / which phrase is said (split by voice pack).
-- ``tts_digits`` (speech): spoken digits, espeak-ng voices for training, flite's for test.
+- ``tts_digits`` (speech): spoken digits, espeak-ng and Festival voices for training, flite's for test.
 - ``hydrogen_drums`` (music): drum piece, split by Hydrogen drum kit.
 - ``gm_instruments`` (music): General MIDI instrument family, one soundfont per split.
 """
@@ -254,14 +254,19 @@ def build_hydrogen_drums(cache: Path, seed: int = 0, limit: int | None = None) -
 # libraries those need that a minimal Debian 12 image lacks (names are Debian 12's).
 TTS_PACKAGES = ["espeak-ng", "libespeak-ng1", "espeak-ng-data", "libpcaudio0", "libsonic0", "libpulse0",
                 "libsndfile1", "libasyncns0", "libflac12", "libvorbis0a", "libvorbisenc2", "libopus0", "libogg0",
-                "libmpg123-0", "libmp3lame0", "flite", "libflite1"]
+                "libmpg123-0", "libmp3lame0", "flite", "libflite1",
+                "festival", "libestools2.5", "libasound2", "libgomp1", "festlex-cmu", "festlex-poslex",
+                "festvox-kdlpc16k", "festvox-kdlpc8k"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2",
                    "klatt3", "klatt4", "croak", "whisper", "Andy", "Annie", "Denis", "Gene", "Mr serious", "edward"]
 FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
+# Festival's English voices in Debian 12 are kal (the speaker of flite's kal/kal16), ked (16 and 8 kHz
+# diphone sets) and the US slt HTS voice (the speaker of flite's slt): only ked is a speaker flite lacks.
+FESTIVAL_VOICES = {"ked": "ked_diphone"}  # group name: Festival voice (its kdlpc16k and kdlpc8k builds)
 
 
-def _tts_env(cache: Path) -> tuple[dict, Path, Path, Path]:
+def _tts_env(cache: Path) -> tuple[dict, Path, Path, Path, Path]:
     import os
 
     roots = [fetch_package(p, cache) for p in TTS_PACKAGES]
@@ -271,16 +276,33 @@ def _tts_env(cache: Path) -> tuple[dict, Path, Path, Path]:
     flite = cache / "root" / "flite" / "usr" / "bin" / "flite"
     data = next((d for d in (cache / "root" / "espeak-ng-data").rglob("espeak-ng-data") if (d / "phontab").exists()),
                 None)
-    if data is None or not espeak.exists() or not flite.exists():
-        raise ValueError("espeak-ng/flite: unpacked packages lack the programs or espeak-ng-data")
-    return env, espeak, flite, data.parent
+    festival = cache / "root" / "festival" / "usr" / "bin" / "festival"
+    if data is None or not espeak.exists() or not flite.exists() or not festival.exists():
+        raise ValueError("espeak-ng/flite/festival: unpacked packages lack the programs or espeak-ng-data")
+    return env, espeak, flite, data.parent, festival
+
+
+def _festival_cmd(cache: Path, festival: Path, voice_dir: Path, voice: str, stretch: float, text: str) -> list[str]:
+    """A Festival batch call that writes `text` in `voice` to OUT. Festival reads its Scheme files from
+    --libdir/--datadir; the voice and the lexicons sit in other packages' unpacked trees, so the lexicon
+    folders are set (and pos.scm reloaded to pick up its one), the voice registered in voice-locations
+    and its definition loaded by path."""
+    share = cache / "root" / "festival" / "usr" / "share" / "festival"
+    dicts = [cache / "root" / p / "usr" / "share" / "festival" / "dicts" for p in ("festlex-cmu", "festlex-poslex")]
+    setup = [f'(set! lexdir "{dicts[0]}/")', f'(set! pos_model_dir "{dicts[1]}/")',
+             f'(load "{share}/pos.scm")',  # it defines the POS lexicon from pos_model_dir when loaded
+             f'(set! voice-locations (cons (cons (quote {voice}) "{voice_dir}/{voice}/") voice-locations))',
+             f'(load "{voice_dir}/{voice}/festvox/{voice}.scm")',
+             f"(voice_{voice})", f"(Parameter.set 'Duration_Stretch {stretch})",
+             f'(utt.save.wave (utt.synth (Utterance Text "{text}")) "OUT" (quote riff))']
+    return [str(festival), "--libdir", f"{share}/", "--datadir", f"{share}/", "-b", *setup]
 
 
 def build_tts_digits(cache: Path, seed: int = 0, limit: int | None = None) -> Path:
-    """Speech: spoken digit (zero ... nine), trained on espeak-ng voices (val: other espeak-ng voices),
-    tested on flite's voices, a synthesiser never heard in training. Each voice at three speaking
-    rates. ``limit`` keeps that many voices per synthesiser (smoke runs)."""
-    env, espeak, flite, data = _tts_env(cache)
+    """Speech: spoken digit (zero ... nine), trained on espeak-ng voices and Festival's ked voice (val:
+    other espeak-ng voices), tested on flite's voices, a synthesiser (and speakers) never heard in
+    training. Each voice at three speaking rates. ``limit`` keeps that many voices per synthesiser."""
+    env, espeak, flite, data, festival = _tts_env(cache)
     out = cache / "tasks" / ("tts_digits" if limit is None else f"tts_digits_{limit}")
     audio = out / "audio"
     audio.mkdir(parents=True, exist_ok=True)
@@ -294,7 +316,8 @@ def build_tts_digits(cache: Path, seed: int = 0, limit: int | None = None) -> Pa
         if dest.exists():
             return
         tmp = dest.with_name(dest.stem + ".part.wav")
-        res = subprocess.run([str(tmp) if c == "OUT" else c for c in cmd], env=env, capture_output=True, text=True)
+        cmd = [str(tmp) if c == "OUT" else c.replace('"OUT"', f'"{tmp}"') for c in cmd]  # an argument, or a
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)              # Scheme string
         if res.returncode or not tmp.exists():
             raise ValueError(f"{Path(cmd[0]).name} failed: {res.stderr.strip()[-300:]}")
         tmp.rename(dest)
@@ -306,6 +329,15 @@ def build_tts_digits(cache: Path, seed: int = 0, limit: int | None = None) -> Pa
                 render([str(espeak), f"--path={data}", "-v", f"en+{v}", "-s", str(rate), "-w", "OUT", d], dest)
                 rows.append({"path": str(dest.relative_to(out)), "label": d, "group": f"espeak:{v}",
                              "split": "val" if v in val else "train"})
+    for group, voice in list(FESTIVAL_VOICES.items())[: limit or None]:
+        for pkg in ("festvox-kdlpc16k", "festvox-kdlpc8k"):
+            voice_dir = cache / "root" / pkg / "usr" / "share" / "festival" / "voices" / "english"
+            for stretch in (0.8, 1.0, 1.25):
+                for d in DIGITS:
+                    dest = audio / f"festival_{voice}_{pkg[-3:]}_{stretch}_{d}.wav"
+                    render(_festival_cmd(cache, festival, voice_dir, voice, stretch, d), dest)
+                    rows.append({"path": str(dest.relative_to(out)), "label": d, "group": f"festival:{group}",
+                                 "split": "train"})
     for v in voices:
         for stretch in (0.8, 1.0, 1.25):
             for d in DIGITS:
