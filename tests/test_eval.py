@@ -372,3 +372,27 @@ def test_dig_priors_and_code_stats_on_known_codes():
     st = dig.code_stats(codes[1:])
     assert st["codes_used"] == 8 and st["top_share"] == pytest.approx(1 / 8)
     assert st["entropy_nats"] == pytest.approx(math.log(8)) and st["patches"] == 49 * rows * w
+
+
+def test_dig_neighbour_model_reads_the_context():
+    """Each clip repeats one code (of 4) along every row: a visible neighbour gives the masked code away
+    (accuracy ~1), the context-free predictors stay at the 1-in-4 prior."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
+    import dig
+
+    g = torch.Generator().manual_seed(0)
+    rows, w, k = 8, 16, 32
+
+    def clips(n):
+        per_clip = torch.randint(0, 4, (n, rows, 1), generator=g) * 5 + torch.arange(rows)[None, :, None]
+        return per_clip.expand(n, rows, w).reshape(n, rows * w).clone()
+
+    mask = torch.zeros(rows * w, dtype=torch.bool)
+    mask[torch.randperm(rows * w, generator=g)[:64]] = True
+    res = dig.context_free_and_neighbour(clips(200), clips(20), mask, rows, k)
+    assert res["neighbour"]["accuracy"] > 0.99 and res["neighbour"]["loss"] < 0.1
+    assert 0.1 < res["row_unigram"]["accuracy"] < 0.45 and res["row_unigram"]["loss"] > 1.2
+    assert set(res["neighbour_by_beta"]) == {"1", "5", "20", "100"}
