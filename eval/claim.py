@@ -3,7 +3,8 @@ fills the masks) against the one-stage BEST-RQ (ViT) baseline (all patches throu
 ones as mask tokens, no predictor), same encoder size, data, steps and seeds.
 
     python eval/claim.py                        # pretrain 2 modes x 3 seeds, evaluate, write results
-    python eval/claim.py --steps 20 --seeds 0 --out /tmp/claim --results /tmp/claim  # a smoke run
+    python eval/claim.py --steps 2 --seeds 0 --tasks ufoai_sfx --limit 4 --epochs 2 --out /tmp/claim --results /tmp/claim
+                                                # a smoke run
 
 Pretraining uses the built-in procedural corpus (synthetic tones, chirps, noise bursts), so nothing it
 sees overlaps the evaluation tasks (Debian-packaged game sound effects and voice packs). Each run is a
@@ -54,28 +55,43 @@ def evaluate(args, seed: int) -> dict:
     path = args.out / f"eval-s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
+    from bestrq2.encoder import BestRQ2Encoder
+
+    encoders = {m: BestRQ2Encoder.from_pretrained(run_dir(args.out, m, seed) / "encoder") for m in MODES}
+    encoders.update(floors(encoders["two_step"].config, seed))
+    results, summary = score_encoders(args, encoders, seed)
+    res = {"tasks": [r.__dict__ for r in results], "summary": summary}
+    path.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def floors(config, seed: int) -> dict:
+    """The two floors: a random-init encoder of `config` (weights from `seed`) and log-mel statistics."""
     import torch
 
     from bestrq2.encoder import BestRQ2Encoder
-    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
-    from bestrq2.eval.suite import LogMelStats, evaluate_task, summarize
-    from bestrq2.eval.tasks import read_manifest
+    from bestrq2.eval.suite import LogMelStats
 
-    encoders = {m: BestRQ2Encoder.from_pretrained(run_dir(args.out, m, seed) / "encoder") for m in MODES}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoders["random_init"] = BestRQ2Encoder(encoders["two_step"].config).eval()
-    encoders["logmel_stats"] = LogMelStats()
-    made = prepare_tasks(args.cache or DEFAULT_CACHE, seed=0, limit=args.limit)
+        return {"random_init": BestRQ2Encoder(config).eval(), "logmel_stats": LogMelStats()}
+
+
+def score_encoders(args, encoders: dict, seed: int) -> tuple[list, dict]:
+    """Linear probe + kNN of every encoder on the built-in tasks (args.cache, args.limit, args.epochs and,
+    if set, args.tasks): (per-task TaskScore list, summary per domain and overall)."""
+    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
+    from bestrq2.eval.suite import evaluate_task, summarize
+    from bestrq2.eval.tasks import read_manifest
+
+    made = prepare_tasks(args.cache or DEFAULT_CACHE, names=getattr(args, "tasks", None), seed=0, limit=args.limit)
     results = []
     for name, (domain, manifest) in made.items():
         task = read_manifest(str(manifest), domain=domain, seed=0)
         task.name = name
-        print(f"[{time.strftime('%H:%M:%S')}] eval seed {seed}: {name}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] eval seed {seed}: {name} ({', '.join(encoders)})", flush=True)
         results.append(evaluate_task(task, encoders, epochs=args.epochs, seed=seed))
-    res = {"tasks": [r.__dict__ for r in results], "summary": summarize(results)}
-    path.write_text(json.dumps(res, indent=1))
-    return res
+    return results, summarize(results)
 
 
 def pretrain_stats(d: Path) -> dict[str, float]:
@@ -181,10 +197,11 @@ def plot(args, rows: dict, scopes: list[str]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
+    ap.add_argument("--tasks", default=None, type=lambda s: s.split(","), help="comma list of built-in tasks")
     ap.add_argument("--limit", type=int, default=None, help="files per class in the tasks (smoke runs)")
     ap.add_argument("--cache", type=Path, default=None, help="eval task cache (default ~/.cache/bestrq2/eval)")
     ap.add_argument("--out", type=Path, default=Path("runs/claim"), help="run directories")

@@ -245,6 +245,11 @@ def real_audio_codes(args, limit: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ downstream
+def of(encoder: str, scores: dict) -> dict:
+    """{"<encoder>/<probe|knn>": acc} -> {"probe": acc, "knn": acc} for one encoder."""
+    return {k.split("/")[1]: v for k, v in scores.items() if k.startswith(encoder + "/")}
+
+
 def downstream(args, names: list[str]) -> dict:
     """Probe/kNN scores per variant (seed 0), cached per variant in OUT/eval.json."""
     path = args.out / "eval.json"
@@ -253,40 +258,22 @@ def downstream(args, names: list[str]) -> dict:
         base = json.loads((args.claim_results / "claim.json").read_text())["per_seed"].get(str(SEED))
         for enc in ("two_step", "one_stage", "random_init", "logmel_stats"):
             if base and enc not in cached:
-                cached[enc] = {"summary": {sc: {k.split("/")[1]: v for k, v in vals.items() if k.startswith(enc + "/")}
-                                           for sc, vals in base["summary"].items()}, "from": "claim.json"}
+                cached[enc] = {"summary": {sc: of(enc, vals) for sc, vals in base["summary"].items()},
+                               "from": "claim.json"}
     todo = [n for n in names if n not in cached and finished(run_path(args, n), steps_of(args, n))]
     floors = [f for f in ("random_init", "logmel_stats") if f not in cached]
     if not todo and not floors:
         return cached
-    import torch
-
     from bestrq2.encoder import BestRQ2Encoder
-    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
-    from bestrq2.eval.suite import LogMelStats, evaluate_task, summarize
-    from bestrq2.eval.tasks import read_manifest
 
     encoders = {n: BestRQ2Encoder.from_pretrained(run_path(args, n) / "encoder") for n in todo}
-    if "random_init" in floors:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)
-            cfg = BestRQ2Encoder.from_pretrained(run_path(args, names[0]) / "encoder").config
-            encoders["random_init"] = BestRQ2Encoder(cfg).eval()
-    if "logmel_stats" in floors:
-        encoders["logmel_stats"] = LogMelStats()
-    made = prepare_tasks(args.cache or DEFAULT_CACHE, names=args.tasks, seed=0, limit=args.limit)
-    results = []
-    for name, (domain, manifest) in made.items():
-        task = read_manifest(str(manifest), domain=domain, seed=0)
-        task.name = name
-        print(f"[{time.strftime('%H:%M:%S')}] eval {name}: {', '.join(encoders)}", flush=True)
-        results.append(evaluate_task(task, encoders, epochs=args.epochs, seed=SEED))
-    summary = summarize(results)
+    if floors:
+        config = BestRQ2Encoder.from_pretrained(run_path(args, names[0]) / "encoder").config
+        encoders.update({f: e for f, e in claim.floors(config, SEED).items() if f in floors})
+    results, summary = claim.score_encoders(args, encoders, SEED)
     for enc in encoders:
-        cached[enc] = {"summary": {sc: {k.split("/")[1]: v for k, v in vals.items() if k.startswith(enc + "/")}
-                                   for sc, vals in summary.items()},
-                       "tasks": {r.task: {k.split("/")[1]: v for k, v in r.scores.items() if k.startswith(enc + "/")}
-                                 for r in results}}
+        cached[enc] = {"summary": {sc: of(enc, vals) for sc, vals in summary.items()},
+                       "tasks": {r.task: of(enc, r.scores) for r in results}}
     path.write_text(json.dumps(cached, indent=1))
     return cached
 
