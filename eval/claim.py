@@ -32,22 +32,34 @@ def run_dir(out: Path, mode: str, seed: int) -> Path:
     return out / f"{mode}-s{seed}"
 
 
-def pretrain(args, mode: str, seed: int) -> float:
-    """Train one run to completion (resuming if it has checkpoints); seconds spent in this call."""
-    d = run_dir(args.out, mode, seed)
+def finished(d: Path, steps: int) -> bool:
+    """A run has a checkpoint at `steps` or later (its encoder/ is written at every checkpoint, so the
+    encoder alone proves nothing)."""
     ckpts = sorted((d / "checkpoints").glob("ckpt-*.pt")) if d.exists() else []
-    if ckpts and int(ckpts[-1].stem.split("-")[1]) >= args.steps:  # finished (the encoder is written at
-        return 0.0                                                   # every checkpoint, so it proves nothing)
-    cmd = [sys.executable, "-m", "bestrq2.cli", "pretrain", "--preset", args.preset, *MODES[mode],
-           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(seed),
-           "--ckpt-every", str(max(1, args.steps // 5)), "--no-progress"]
-    cmd += ["--resume", str(d)] if ckpts else ["--out", str(d)]
+    return bool(ckpts) and int(ckpts[-1].stem.split("-")[1]) >= steps
+
+
+def run_pretrain(d: Path, flags: list[str], preset: str, steps: int, batch_size: int, seed: int) -> float:
+    """`bestrq2 pretrain` into run dir d (logged to d/train.log), resuming it if it has checkpoints and
+    skipping it if it is finished; seconds spent in this call."""
+    if finished(d, steps):
+        return 0.0
+    resume = d.exists() and any((d / "checkpoints").glob("ckpt-*.pt"))
+    cmd = [sys.executable, "-m", "bestrq2.cli", "pretrain", "--preset", preset, *flags, "--steps", str(steps),
+           "--batch-size", str(batch_size), "--seed", str(seed), "--ckpt-every", str(max(1, steps // 5)),
+           "--no-progress"]
+    cmd += ["--resume", str(d)] if resume else ["--out", str(d)]
     d.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] pretrain {mode} seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] pretrain {d.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
     with open(d / "train.log", "a") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
     return time.time() - t0
+
+
+def pretrain(args, mode: str, seed: int) -> float:
+    """Train one mode's run to completion; seconds spent in this call."""
+    return run_pretrain(run_dir(args.out, mode, seed), MODES[mode], args.preset, args.steps, args.batch_size, seed)
 
 
 def evaluate(args, seed: int) -> dict:
@@ -194,16 +206,22 @@ def plot(args, rows: dict, scopes: list[str]) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_args(doc: str) -> argparse.ArgumentParser:
+    """The options claim.py and dig.py share: model size, batch, and how the tasks are scored."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
     ap.add_argument("--tasks", default=None, type=lambda s: s.split(","), help="comma list of built-in tasks")
     ap.add_argument("--limit", type=int, default=None, help="files per class in the tasks (smoke runs)")
     ap.add_argument("--cache", type=Path, default=None, help="eval task cache (default ~/.cache/bestrq2/eval)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = common_args(__doc__)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=Path("runs/claim"), help="run directories")
     ap.add_argument("--results", type=Path, default=Path("eval/results"), help="where claim.md/json/png go")
     args = ap.parse_args(argv)

@@ -21,9 +21,7 @@ scores (eval/results/claim.json) when present.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -55,34 +53,15 @@ def run_path(args, name: str) -> Path:
     """The claim's own run for the two baselines (same flags, steps, batch and seed), else OUT/<name>."""
     if name in claim.MODES and args.claim_out is not None:
         d = claim.run_dir(args.claim_out, name, SEED)
-        if d.exists() and finished(d, steps_of(args, name)):
+        if d.exists() and claim.finished(d, steps_of(args, name)):
             return d
     return args.out / f"{name}-s{SEED}"
 
 
-def finished(d: Path, steps: int) -> bool:
-    ckpts = sorted((d / "checkpoints").glob("ckpt-*.pt"))
-    return bool(ckpts) and int(ckpts[-1].stem.split("-")[1]) >= steps
-
-
 def train(args, name: str) -> float:
     """Pretrain one variant (resuming an interrupted run; a finished one is kept); seconds spent."""
-    import subprocess
-
-    d, steps = run_path(args, name), steps_of(args, name)
-    if finished(d, steps):
-        return 0.0
-    resume = any((d / "checkpoints").glob("ckpt-*.pt"))
-    cmd = [sys.executable, "-m", "bestrq2.cli", "pretrain", "--preset", args.preset, *VARIANTS[name][0],
-           "--steps", str(steps), "--batch-size", str(args.batch_size), "--seed", str(SEED),
-           "--ckpt-every", str(max(1, steps // 5)), "--no-progress"]
-    cmd += ["--resume", str(d)] if resume else ["--out", str(d)]
-    d.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] pretrain {name}: {' '.join(cmd[3:])}", flush=True)
-    t0 = time.time()
-    with open(d / "train.log", "a") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return time.time() - t0
+    return claim.run_pretrain(run_path(args, name), VARIANTS[name][0], args.preset, steps_of(args, name),
+                              args.batch_size, SEED)
 
 
 # ------------------------------------------------------------------------------ the code prior
@@ -192,7 +171,7 @@ def pretext(args) -> dict:
                              "codes": code_stats(codes[:, mask]), "clips": args.heldout, "mask_ratio": 0.5}
     for name in args.variants:
         d = run_path(args, name)
-        if name in cached.get("variants", {}) or not finished(d, steps_of(args, name)):
+        if name in cached.get("variants", {}) or not claim.finished(d, steps_of(args, name)):
             continue
         state = torch.load(latest_checkpoint(d), map_location="cpu", weights_only=True)
         model = BestRQ2(BestRQ2Config.from_dict(state["model_config"]))
@@ -260,7 +239,7 @@ def downstream(args, names: list[str]) -> dict:
             if base and enc not in cached:
                 cached[enc] = {"summary": {sc: of(enc, vals) for sc, vals in base["summary"].items()},
                                "from": "claim.json"}
-    todo = [n for n in names if n not in cached and finished(run_path(args, n), steps_of(args, n))]
+    todo = [n for n in names if n not in cached and claim.finished(run_path(args, n), steps_of(args, n))]
     floors = [f for f in ("random_init", "logmel_stats") if f not in cached]
     if not todo and not floors:
         return cached
@@ -386,18 +365,12 @@ def plot(args, pre: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap = claim.common_args(__doc__)
     ap.add_argument("--only", default=None, help="comma list of variants (default: all, in order)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every variant's steps (smoke runs)")
     ap.add_argument("--heldout", type=int, default=64, help="held-out clips for the pretext measurement")
     ap.add_argument("--prior-clips", type=int, default=PRIOR_CLIPS, help="training clips the priors are fitted on")
     ap.add_argument("--code-clips", type=int, default=200, help="train clips per task for the code statistics")
-    ap.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
-    ap.add_argument("--tasks", default=None, type=lambda s: s.split(","), help="comma list of built-in tasks")
-    ap.add_argument("--limit", type=int, default=None, help="files per class in the tasks (smoke runs)")
-    ap.add_argument("--cache", type=Path, default=None, help="eval task cache (default ~/.cache/bestrq2/eval)")
     ap.add_argument("--out", type=Path, default=Path("runs/dig"))
     ap.add_argument("--claim-out", type=Path, default=Path("runs/claim"), help="the claim's runs, reused")
     ap.add_argument("--claim-results", type=Path, default=Path("eval/results"), help="the claim's claim.json, reused")
