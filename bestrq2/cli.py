@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--drop-path", type=float, default=None, help="encoder drop-path rate (default: the preset's, 0.1)")
     pt.add_argument("--one-stage", action="store_true",
                     help="the paper's one-stage BEST-RQ (ViT) baseline: all tokens through the encoder, "
-                         "masked ones replaced by the mask token, no predictor (give it again with --resume)")
+                         "masked ones replaced by the mask token, no predictor (a resumed run keeps its own setting)")
     pt.add_argument("--mask-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                     help="masked fraction drawn uniformly from [MIN, MAX] per step (paper: 0.4 0.6)")
     pt.add_argument("--predictor-depth", type=_positive_int("--predictor-depth"), default=None,
