@@ -68,6 +68,16 @@ def _blocks(rows: int, d: int) -> tuple[int, int]:
     return 32, min(128, block_for(d, 128))
 
 
+def _batch_sum_grid(n: int, d: int, b: int, device: torch.device):
+    """Blocks and grid of a backward kernel that sums over the batch: (BLOCK_N, BLOCK_D, N x D tiles,
+    clips per program, batch slices). Slicing the batch lets a small tile count still fill the GPU
+    (``gpu_splits``; ``BESTRQ2_BATCH_CHUNKS=n`` forces n); the slices' partial sums are added after."""
+    bn, bd = _blocks(n, d)
+    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
+    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, device, "BESTRQ2_BATCH_CHUNKS"))
+    return bn, bd, tiles, b_per, triton.cdiv(b, b_per)
+
+
 def inverse_index(idx: torch.Tensor, n: int) -> torch.Tensor:
     """idx int [B, M] (unique per row) -> int32 [B, N]: inv[b, idx[b, i]] = i, else -1."""
     b, m = idx.shape
@@ -95,10 +105,7 @@ def _gather_bwd(grad: torch.Tensor, inv: torch.Tensor, x_dtype: torch.dtype, pos
     b, m, d = grad.shape
     n = inv.shape[1]
     gx = torch.empty(b, n, d, dtype=x_dtype, device=grad.device)
-    bn, bd = _blocks(n, d)
-    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, grad.device, "BESTRQ2_BATCH_CHUNKS"))
-    chunks = triton.cdiv(b, b_per)
+    bn, bd, tiles, b_per, chunks = _batch_sum_grid(n, d, b, grad.device)
     partial = torch.empty(chunks if pos_dtype is not None else 0, n, d, dtype=torch.float32, device=grad.device)
     wrap_triton(_gather_tokens_bwd_kernel)[(*tiles, chunks)](
         grad, inv, gx, partial, b, m, n, d, b_per, HAS_POS=pos_dtype is not None, BLOCK_N=bn, BLOCK_D=bd)

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
-from .gather_tokens import _gather_fwd, inverse_index
+from ._dispatch import check_tensor, checking, need, same_device, use_triton
+from .gather_tokens import _batch_sum_grid, _blocks, _gather_fwd, inverse_index
 
 
 def scatter_tokens_ref(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor,
@@ -68,12 +68,6 @@ def _scatter_tokens_bwd_pos_kernel(gout_ptr, inv_ptr, gpos_ptr, B, N, D, B_PER,
     tl.store(gpos_ptr + (chunk * N + n.to(tl.int64))[:, None] * D + d[None, :], acc, mask=mask)
 
 
-def _blocks(rows: int, d: int) -> tuple[int, int]:
-    if interpreting():
-        return block_for(rows, 512), block_for(d, 1024)
-    return 32, min(128, block_for(d, 128))
-
-
 @triton_op("bestrq2::scatter_tokens_fwd", mutates_args={})
 def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_pos: torch.Tensor) -> torch.Tensor:
     b, m, d = ctx.shape
@@ -89,10 +83,7 @@ def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_
 @triton_op("bestrq2::scatter_tokens_bwd_pos", mutates_args={})
 def _scatter_bwd_pos(grad: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     b, n, d = grad.shape
-    bn, bd = _blocks(n, d)
-    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, grad.device, "BESTRQ2_BATCH_CHUNKS"))
-    chunks = triton.cdiv(b, b_per)
+    bn, bd, tiles, b_per, chunks = _batch_sum_grid(n, d, b, grad.device)
     partial = torch.empty(chunks, n, d, dtype=torch.float32, device=grad.device)
     wrap_triton(_scatter_tokens_bwd_pos_kernel)[(*tiles, chunks)](
         grad, inv, partial, b, n, d, b_per, BLOCK_N=bn, BLOCK_D=bd)
