@@ -9,9 +9,10 @@ claim's seed-to-seed spread (about 1-2 points overall) is noise.
 
 Three measurements per variant:
 1. pretext on held-out clips: masked-code cross-entropy and accuracy on 64 procedural clips the runs never
-   saw (corpus seed 12345), a fixed mask of ratio 0.5 for every variant, against two context-free
-   predictors fitted on 512 training clips: the code frequencies (unigram) and the code frequencies of
-   the patch's frequency row (a model that only learned "which codes live in which band" reaches this);
+   saw (corpus seed 12345), a fixed mask of ratio 0.5 for every variant, against count models fitted on
+   512 training clips: the code frequencies (unigram), the code frequencies of the patch's frequency row
+   (a model that only learned "which codes live in which band" reaches this), and the row's codes given
+   the code of the nearest visible patch in the row (neighbour);
 2. downstream: linear probe and kNN on the built-in tasks (as eval/claim.py);
 3. the code distribution itself on the procedural corpus and on the eval tasks' real audio, with the raw
    patches (the paper) and with each patch's mean removed (how much the loudness level alone decides
@@ -58,9 +59,9 @@ def run_path(args, name: str) -> Path:
     return args.out / f"{name}-s{SEED}"
 
 
-def train(args, name: str) -> float:
-    """Pretrain one variant (resuming an interrupted run; a finished one is kept); seconds spent."""
-    return claim.run_pretrain(run_path(args, name), VARIANTS[name][0], args.preset, steps_of(args, name),
+def train(args, name: str) -> None:
+    """Pretrain one variant (resuming an interrupted run; a finished one is kept)."""
+    claim.run_pretrain(run_path(args, name), VARIANTS[name][0], args.preset, steps_of(args, name),
                               args.batch_size, SEED)
 
 
@@ -258,15 +259,15 @@ def downstream(args, names: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
-def write_report(args, pre: dict, down: dict, codes: dict, train_s: dict) -> None:
+def write_report(args, pre: dict, down: dict, codes: dict) -> None:
     h = pre["heldout"]
+    minutes = {n: m for n in args.variants if (m := step_minutes(run_path(args, n), args.batch_size))}
     lines = ["# Digging into the tie: code prior, steps, masking ratio, predictor depth", "",
              f"Command: `python eval/dig.py` (seed {SEED}, {args.preset} preset, batch {args.batch_size}, "
              "procedural corpus; one seed, so differences under ~2 points overall are within the claim's "
              "seed-to-seed spread). Summed step times per variant on this machine (2-core CPU; some runs "
              "shared the cores with other jobs for a while, so these compare only roughly): "
-             + ", ".join(f"{n} {m:.0f} min" for n in args.variants
-                         if (m := step_minutes(run_path(args, n), args.batch_size))) + ".",
+             + ", ".join(f"{n} {m:.0f} min" for n, m in minutes.items()) + ".",
              "",
              "## 1. Pretext: masked-code prediction on held-out clips", "",
              f"{h['clips']} procedural clips no run saw, the same fixed mask (ratio {h['mask_ratio']}) for every "
@@ -313,7 +314,7 @@ def write_report(args, pre: dict, down: dict, codes: dict, train_s: dict) -> Non
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "dig.md").write_text("\n".join(lines))
     (args.results / "dig.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": train_s,
+        {"args": {k: str(v) for k, v in vars(args).items()}, "step_minutes": minutes,
          "pretext": pre, "downstream": down, "codes": codes},
         indent=1))
     plot(args, pre)
@@ -383,12 +384,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    timing = args.out / "train_seconds.json"
-    train_s = json.loads(timing.read_text()) if timing.exists() else {}
     if not args.no_train:
         for name in args.variants:
-            train_s[name] = train_s.get(name, 0.0) + train(args, name)
-            timing.write_text(json.dumps(train_s))
+            train(args, name)
     if args.train_only:
         return 0
     pre = pretext(args)
@@ -396,7 +394,7 @@ def main(argv=None) -> int:
     codes_path = args.out / "codes.json"
     if not codes_path.exists():
         codes_path.write_text(json.dumps(real_audio_codes(args, args.code_clips), indent=1))
-    write_report(args, pre, down, json.loads(codes_path.read_text()), train_s)
+    write_report(args, pre, down, json.loads(codes_path.read_text()))
     return 0
 
 
