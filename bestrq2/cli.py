@@ -7,17 +7,25 @@ from pathlib import Path
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, pretrain
+    from .train import TrainConfig, pretrain, run_total_steps
 
     out = args.resume or args.out
     if args.resume and args.out and args.out != args.resume:
         raise ValueError(f"--resume {args.resume} continues that run in place; drop --out {args.out}")
-    tc = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    if args.extend and not args.resume:
+        raise ValueError("--extend changes the length of a resumed run; use it with --resume DIR")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite starts a new run and --resume continues one: give one of them")
+    steps = args.steps
+    if steps is None:  # a resumed run keeps its own length; a new one runs 300 steps
+        steps = run_total_steps(args.resume) if args.resume else 300
+    tc = TrainConfig(preset=args.preset, steps=steps, batch_size=args.batch_size, lr=args.lr,
                      weight_decay=args.weight_decay, seed=args.seed, out=out or "runs/demo", data=args.data,
                      seconds=args.seconds, ckpt_every=args.ckpt_every, keep=args.keep, num_workers=args.num_workers,
                      device=args.device, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                      warmup_pct=args.warmup_pct, compile=args.compile, fsdp=args.fsdp,
-                     max_bad_steps=args.max_bad_steps, progress=not args.no_progress)
+                     max_bad_steps=args.max_bad_steps, progress=not args.no_progress,
+                     overwrite=args.overwrite, extend=args.extend)
     model_cfg = None
     overrides = model_overrides(args)
     if overrides:
@@ -181,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
     pt.add_argument("--data", default=None, help="folder of audio files (wav/flac/ogg/mp3) or a corpus made by "
                     "`bestrq2 prepare`; default: the procedural corpus")
-    pt.add_argument("--steps", type=_positive_int("--steps"), default=300)
+    pt.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                    help="optimizer steps in all (default 300; a resumed run: its own total)")
     pt.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8, help="global batch (clips per step)")
     pt.add_argument("--grad-accum", type=_positive_int("--grad-accum"), default=1, help="micro-batches per step")
     pt.add_argument("--lr", type=float, default=1e-4)
@@ -200,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=None, help="run directory (default runs/demo)")
     pt.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    pt.add_argument("--extend", action="store_true",
+                    help="with --resume and a new --steps: continue the cosine from the current learning rate to "
+                         "the new total, without a jump (the warm-up is kept as it was)")
+    pt.add_argument("--overwrite", action="store_true",
+                    help="start a new run in an --out folder that holds one: the old run is moved aside to "
+                         "OUT.old-<time> (renamed, not deleted)")
     pt.add_argument("--ckpt-every", type=_positive_int("--ckpt-every"), default=100)
     pt.add_argument("--keep", type=_positive_int("--keep"), default=3, help="checkpoints kept")
     pt.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"), default=5,

@@ -29,17 +29,19 @@ def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
 
 
 def mel_filterbank(n_freqs: int = N_FFT // 2 + 1, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE,
-                   f_min: float = 0.0, f_max: float = 8000.0) -> torch.Tensor:
-    """Triangular HTK filters without area normalisation, float32 [n_freqs, n_mels].
+                   f_min: float = 0.0, f_max: float = 8000.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triangular HTK filters without area normalisation, [n_freqs, n_mels] in ``dtype``.
 
     Same construction as torchaudio's ``melscale_fbanks(norm=None, mel_scale="htk")``:
     filter edges equally spaced in mel, slopes evaluated at the linear FFT bin frequencies.
-    Computed in float32 like torchaudio so the result matches it bit for bit.
+    Computed in float32 like torchaudio (``dtype=float64`` gives the exact filters the tests compare
+    against). The float32 result depends on the CPU's vector path for ``10 ** x`` by up to ~1.5e-5
+    (seen: AVX512 vs ATen's scalar path), which is why official checkpoints bring their own buffer.
     """
-    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs)
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=dtype)
     m_min = 2595.0 * math.log10(1.0 + f_min / 700.0)
     m_max = 2595.0 * math.log10(1.0 + f_max / 700.0)
-    m_pts = torch.linspace(m_min, m_max, n_mels + 2)
+    m_pts = torch.linspace(m_min, m_max, n_mels + 2, dtype=dtype)
     f_pts = 700.0 * (10.0 ** (m_pts / 2595.0) - 1.0)
     f_diff = f_pts[1:] - f_pts[:-1]  # [n_mels + 1]
     slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)  # [n_freqs, n_mels + 2]
@@ -61,7 +63,10 @@ def num_time_patches(num_samples: int) -> int:
 class LogMel(torch.nn.Module):
     """waveform [B, T] -> log-mel dB [B, 128, frames] (not yet cut to a multiple of 16).
 
-    Buffers are non-persistent: they are a pure function of the paper's constants.
+    Buffers are non-persistent: they are a pure function of the paper's constants (an official
+    checkpoint's own buffers replace them through ``use_buffers``). Computes in the buffers' dtype
+    (float32; float64 after ``.double()``, for error bounds) with autocast off, whatever the caller's
+    autocast: the spectrogram feeds the quantizer's targets, which must not depend on training dtype.
     Runs on whatever device the input is on (move the module with ``.to``).
     """
 
@@ -70,8 +75,19 @@ class LogMel(torch.nn.Module):
         self.register_buffer("window", torch.hann_window(N_FFT, periodic=True), persistent=False)
         self.register_buffer("fb", mel_filterbank(), persistent=False)
 
+    @torch.no_grad()
+    def use_buffers(self, window: torch.Tensor | None = None, fb: torch.Tensor | None = None) -> None:
+        """Take these STFT window / mel filterbank values (an official checkpoint's own buffers)."""
+        if window is not None:
+            self.window.copy_(window.reshape(self.window.shape))
+        if fb is not None:
+            self.fb.copy_(fb.reshape(self.fb.shape))
+
     def power_mel(self, wave: torch.Tensor) -> torch.Tensor:
-        wave = wave.float()
+        with torch.autocast(wave.device.type, enabled=False):
+            return self._power_mel(wave.to(self.fb.dtype))
+
+    def _power_mel(self, wave: torch.Tensor) -> torch.Tensor:
         window = self.window.to(wave.device)
         spec = torch.stft(wave, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, window=window,
                           center=True, pad_mode="reflect", normalized=False, onesided=True,
@@ -81,7 +97,8 @@ class LogMel(torch.nn.Module):
         return torch.matmul(power.transpose(-1, -2), self.fb.to(wave.device)).transpose(-1, -2)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return 10.0 * torch.log10(torch.clamp(self.power_mel(wave), min=AMIN))
+        with torch.autocast(wave.device.type, enabled=False):
+            return 10.0 * torch.log10(torch.clamp(self.power_mel(wave), min=AMIN))
 
 
 def truncate_to_patches(spec: torch.Tensor) -> torch.Tensor:

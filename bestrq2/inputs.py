@@ -14,7 +14,7 @@ def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torc
 
     wave: float tensor [B, T] (or [B, 1, T], the authors' layout) of samples in [-1, 1] at 16 kHz.
     lengths: optional int [B], the true sample count of each clip (the rest is padding).
-    Returns (wave [B, T] float32, lengths int64 [B] or None).
+    Returns (wave [B, T] float32 (float64 stays float64), lengths int64 [B] or None).
     """
     if isinstance(wave, np.ndarray):
         wave = torch.from_numpy(wave)
@@ -23,9 +23,15 @@ def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torc
     if sample_rate is not None and int(sample_rate) != SAMPLE_RATE:
         raise ValueError(f"audio is at {sample_rate} Hz; bestrq2 models take {SAMPLE_RATE} Hz mono. "
                          "Resample first (for example scipy.signal.resample_poly).")
-    if not (wave.is_floating_point()):
+    if wave.dtype == torch.bool:
+        raise ValueError("wave has dtype torch.bool: a mask, not audio. Pass float samples in [-1, 1]")
+    if wave.is_complex():
+        raise ValueError(f"wave has dtype {wave.dtype}: complex values are not audio samples. Pass the real "
+                         "float signal in [-1, 1] (a spectrum must be turned back into a waveform first)")
+    if not wave.is_floating_point():
         raise ValueError(f"wave has dtype {wave.dtype}: integer PCM is not accepted. Convert to float "
-                         "in [-1, 1] first (int16: divide by 32768).")
+                         "in [-1, 1] first (int16: divide by 32768; int32: by 2147483648; uint8: "
+                         "subtract 128, divide by 128).")
     if wave.dim() == 3:
         if wave.shape[1] != 1:
             raise ValueError(f"wave [B, C, T] must be mono (C = 1), got {wave.shape[1]} channels; mix down first")
@@ -35,7 +41,7 @@ def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torc
     b, t = wave.shape
     if b == 0 or t == 0:
         raise ValueError(f"wave is empty (shape {list(wave.shape)})")
-    wave = wave.float()
+    wave = wave if wave.dtype == torch.float64 else wave.float()  # float64 stays: exact-arithmetic runs
     finite = torch.isfinite(wave)
     if not bool(finite.all()):
         bad = (~finite).any(dim=1).nonzero().flatten().tolist()

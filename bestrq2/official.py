@@ -71,11 +71,43 @@ def infer_config_fields(sd: dict[str, torch.Tensor]) -> dict:
     return fields
 
 
+# How far a checkpoint's mel filterbank may sit from ours and still be the paper's frontend.
+# Rounding: torchaudio builds the filters in float32 from 10 ** (mel / 2595); the edge frequencies
+# (up to 8 kHz, ulp 4.9e-4 Hz) carry a few ulps of error that depend on the CPU's vector path, and
+# the narrowest filter is ~14 Hz wide, so weights move by at most ~2e-3 Hz / 14 Hz ~ 1.5e-4 (seen:
+# 1.5e-5 between AVX512 and ATen's scalar path). Another configuration moves them by orders more:
+# f_max 7999 instead of 8000 Hz shifts the top edges by ~1 Hz over ~100 Hz (~1e-2), the Slaney
+# scale or area normalisation change weights by O(0.1-1). 1e-3 lies between the two.
+FILTERBANK_ATOL = 1e-3
+_FB_KEY, _WINDOW_KEY = "spectrogram.mel_spec.mel_scale.fb", "spectrogram.mel_spec.spectrogram.window"
+
+
+def check_frontend(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's STFT window and filterbank if they are the paper's frontend up to float32
+    rounding (see ``FILTERBANK_ATOL``); a ValueError naming the difference otherwise."""
+    found = {}
+    if _FB_KEY in sd:
+        fb, ours = sd[_FB_KEY].float(), mel_filterbank()
+        if fb.shape != ours.shape:
+            raise ValueError(f"the checkpoint's mel filterbank is {list(fb.shape)}, the paper's frontend has "
+                             f"{list(ours.shape)} (n_fft 2048, 128 mels); this frontend cannot run it")
+        diff = float((fb - ours).abs().max())
+        if diff > FILTERBANK_ATOL:
+            raise ValueError(f"the checkpoint's mel filterbank differs from the paper's (HTK, 0-8 kHz, no "
+                             f"normalisation) by up to {diff:.3g}, beyond float32 rounding ({FILTERBANK_ATOL:g}): "
+                             "it was trained on another frontend, which this one cannot run")
+        found["fb"] = fb
+    if _WINDOW_KEY in sd:
+        win = sd[_WINDOW_KEY].float()
+        hann = torch.hann_window(win.numel(), periodic=True)
+        if win.numel() != hann.numel() or float((win - hann).abs().max()) > 1e-6:
+            raise ValueError("the checkpoint's STFT window is not the periodic Hann window of 2048")
+        found["window"] = win
+    return found
+
+
 def convert_state_dict(sd: dict[str, torch.Tensor], cfg: BestRQ2Config) -> dict[str, torch.Tensor]:
     """Rename the authors' keys to ours and reshape where our layout differs."""
-    if "spectrogram.mel_spec.mel_scale.fb" in sd:  # a model trained on another frontend would embed garbage
-        if not torch.allclose(sd["spectrogram.mel_spec.mel_scale.fb"].float(), mel_filterbank(), atol=1e-6):
-            raise ValueError("the checkpoint's mel filterbank differs from the paper's; this frontend cannot run it")
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k.startswith(_DROPPED):
@@ -109,7 +141,11 @@ def load_official(cls, path, allow_pickle: bool = False, **config_fields):
     fields["pos_layout"] = "official"
     fields.update(config_fields)
     cfg = BestRQ2Config(**fields)
+    frontend_buffers = check_frontend(sd)  # before building anything: a foreign frontend fails first
     model = cls(cfg)
+    # the authors' own buffers, not ours recomputed: their float32 filterbank is what their model
+    # saw, and ours differs from it by CPU-dependent rounding (see FILTERBANK_ATOL)
+    model.frontend.use_buffers(**frontend_buffers)
     state = convert_state_dict(sd, cfg)
     wanted = model.state_dict()
     if not hasattr(model, "head"):  # the inference encoder keeps patch_embed.* and encoder.* only

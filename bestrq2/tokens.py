@@ -58,7 +58,7 @@ def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | N
     w_max = num_time_patches(t)
     fp = frontend.fb.shape[1] // PATCH
     if exact_lengths:
-        spec = torch.zeros(b, frontend.fb.shape[1], w_max * PATCH, device=wave.device)
+        spec = torch.zeros(b, frontend.fb.shape[1], w_max * PATCH, device=wave.device, dtype=frontend.fb.dtype)
         for n in torch.unique(lengths).tolist():  # one STFT call per distinct length
             rows = (lengths == n).nonzero().flatten().to(wave.device)
             s = truncate_to_patches(frontend(wave[rows, :n]))

@@ -58,6 +58,8 @@ class TrainConfig:
     fsdp: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
     progress: bool = True
+    overwrite: bool = False  # a fresh run in a folder holding one: move the old run aside first
+    extend: bool = False  # resume with another --steps: continue the cosine to the new total (LRSchedule)
 
     def validate(self, world: int = 1) -> None:
         for name in ("steps", "batch_size", "ckpt_every", "keep", "grad_accum", "max_bad_steps"):
@@ -78,13 +80,46 @@ class TrainConfig:
                              f"= {world} x {self.grad_accum}")
 
 
+@dataclass
+class LRSchedule:
+    """Learning-rate factor of optimizer step s (0-based): linear warm-up over ``warmup`` steps, then a
+    cosine from ``anchor_factor`` at ``anchor_step`` down to ``final_ratio`` at ``total``.
+
+    A fresh run anchors the cosine at the end of the warm-up (factor 1). Extending a run that has done
+    ``s0`` steps to a new total (``--resume --extend``) keeps the steps done and re-anchors the cosine
+    at (s0, f(s0)): the learning rate continues from where it is, without a jump, and reaches
+    ``final_ratio`` at the new total. A run extended during its warm-up keeps the warm-up length (in
+    steps) and runs the cosine over the new length. Stored in checkpoints as a plain dict."""
+
+    total: int
+    warmup: int
+    final_ratio: float
+    anchor_step: int
+    anchor_factor: float = 1.0
+
+    @classmethod
+    def fresh(cls, total: int, warmup_pct: float, final_ratio: float) -> "LRSchedule":
+        warm = int(total * warmup_pct)
+        return cls(total, warm, final_ratio, warm, 1.0)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, max(0.0, (step - self.anchor_step) / max(1, self.total - self.anchor_step)))
+        return self.final_ratio + (self.anchor_factor - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def extended(self, done: int, total: int) -> "LRSchedule":
+        """The schedule of a run that has done ``done`` steps, continued to ``total`` steps."""
+        if total <= done:
+            raise ValueError(f"--steps {total}: the run has already done {done} steps; give a larger total")
+        if done <= self.warmup:
+            return dataclasses.replace(self, total=total)
+        return dataclasses.replace(self, total=total, anchor_step=done, anchor_factor=self(done))
+
+
 def lr_factor(step: int, total: int, warmup_pct: float, final_ratio: float) -> float:
     """Linear warm-up over warmup_pct of the steps, then cosine from 1 to final_ratio."""
-    warm = int(total * warmup_pct)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return LRSchedule.fresh(total, warmup_pct, final_ratio)(step)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -121,9 +156,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    if os.environ.get("BESTRQ2_TEST_SLOW_SAVE"):  # test hook: a window to kill the process mid-save
-        print(f"SAVING {path.name}", flush=True)
-        time.sleep(float(os.environ["BESTRQ2_TEST_SLOW_SAVE"]))
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -161,6 +193,73 @@ def export_encoder(ckpt: str | Path, out: str | Path) -> Path:
     model.load_state_dict(state["model"])
     model.to_encoder().save_pretrained(out)
     return path
+
+
+def run_contents(out: Path) -> list[str]:
+    """What in ``out`` belongs to a training run (checkpoints, metrics, encoder); empty if none."""
+    found = [str(c.relative_to(out)) for c in list_checkpoints(out)]
+    found += [name for name in ("metrics.csv", "encoder") if (out / name).exists()]
+    return found
+
+
+def move_aside(out: Path) -> Path:
+    """Rename the run folder ``out`` to ``out.old-<UTC time>`` (``-2``, ``-3`` ... if taken) and fsync
+    the parent, as checkpoints are made durable: one rename, nothing deleted, never half moved."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = out.with_name(f"{out.name}.old-{stamp}")
+    k = 2
+    while dest.exists():
+        dest = out.with_name(f"{out.name}.old-{stamp}-{k}")
+        k += 1
+    os.rename(out, dest)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dest
+
+
+def _check_fresh_out(out: Path, tc: TrainConfig, main: bool, world: int) -> None:
+    """A fresh run never writes into a folder holding another run, unless ``--overwrite`` moved it aside."""
+    held = run_contents(out) if out.is_dir() else []
+    if held and not tc.overwrite:
+        shown = ", ".join(held[:4]) + (" ..." if len(held) > 4 else "")
+        raise ValueError(f"{out} already holds a run ({shown}). Continue it with --resume {out}, pick "
+                         f"another --out, or pass --overwrite to move it aside to {out.name}.old-<time> "
+                         "and start over")
+    if held and main:
+        print(f"--overwrite: moved the previous run to {move_aside(out)}", flush=True)
+    if world > 1:
+        dist.barrier()
+
+
+def run_total_steps(run: str | Path) -> int:
+    """The total steps the run in ``run`` is scheduled for (its latest checkpoint's)."""
+    state = torch.load(latest_checkpoint(run), map_location="cpu", weights_only=True, mmap=True)
+    if state.get("schedule"):
+        return int(state["schedule"]["total"])
+    return int(state["train_config"]["steps"])
+
+
+def _resumed_schedule(resumed: dict, tc: TrainConfig, path: Path) -> LRSchedule:
+    """The checkpoint's schedule; another total only with ``--extend`` (see LRSchedule.extended)."""
+    saved_tc = resumed.get("train_config", {})
+    if resumed.get("schedule"):
+        sched = LRSchedule(**resumed["schedule"])
+    else:  # checkpoints written before schedules were stored: the fresh schedule of their own config
+        sched = LRSchedule.fresh(int(saved_tc.get("steps", tc.steps)), float(saved_tc.get("warmup_pct", tc.warmup_pct)),
+                                 float(saved_tc.get("final_lr_ratio", tc.final_lr_ratio)))
+    if tc.steps == sched.total:
+        return sched
+    done = int(resumed["step"])
+    if not tc.extend:
+        raise ValueError(
+            f"{path} belongs to a run of {sched.total} steps and --steps is {tc.steps}. Its learning rate "
+            f"follows a cosine to step {sched.total}; recomputing it for {tc.steps} would make the learning "
+            f"rate jump at step {done}. Pass --extend to continue the cosine from its current value "
+            f"(factor {sched(done):.4g} at step {done}) to the new total without a jump, or drop --steps")
+    return sched.extended(done, tc.steps)
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -246,16 +345,20 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     tc.validate(world)
     main = rank == 0
     out = Path(tc.out)
+    if not resume:
+        _check_fresh_out(out, tc, main, world)
     if main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
     start = 0
     resumed = None
+    schedule = LRSchedule.fresh(tc.steps, tc.warmup_pct, tc.final_lr_ratio)
     if resume:
         path = latest_checkpoint(out)
         resumed = torch.load(path, map_location="cpu", weights_only=True)
         start = int(resumed["step"])
         model_cfg = _resumed_config(resumed, model_cfg, path)
+        schedule = _resumed_schedule(resumed, tc, path)
     cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
     model = BestRQ2(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -263,7 +366,9 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     wrapped = _wrap(model, tc, world, device)
     if tc.fsdp:  # FSDP2 shards parameters in place: build the optimizer on the sharded ones
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.steps, tc.warmup_pct, tc.final_lr_ratio))
+    # a lambda, not the schedule object: LambdaLR would save a callable object's fields and restore the
+    # old ones over an extended schedule on load; the schedule is saved on its own
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s))
     if resumed is not None:
         _load_state(model, opt, resumed["model"], resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
@@ -291,7 +396,8 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
             "model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
             "mask_rng": mask_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "step": step,
-            "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc), "world_size": world})
+            "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc), "world_size": world,
+            "schedule": dataclasses.asdict(schedule)})
         for old in list_checkpoints(out)[: -tc.keep]:
             old.unlink(missing_ok=True)
         with torch.random.fork_rng(devices=[]):

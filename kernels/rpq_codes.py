@@ -33,11 +33,13 @@ PATCH = 16
 
 # --------------------------------------------------------------------------------------- reference
 def rpq_scores_ref(patches: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Cosine of every patch with every code: patches [..., 256] -> [..., C, K] float32."""
-    x = patches.float()
-    proj = torch.einsum("...i,cid->...cd", x, projection.float())
-    proj = F.normalize(proj, dim=-1)
-    return torch.einsum("...cd,ckd->...ck", proj, codebooks.float())
+    """Cosine of every patch with every code: patches [..., 256] -> [..., C, K] in float32 (float64
+    when the patches are float64), whatever the caller's autocast."""
+    dt = torch.float64 if patches.dtype == torch.float64 else torch.float32
+    with torch.autocast(patches.device.type, enabled=False):
+        proj = torch.einsum("...i,cid->...cd", patches.to(dt), projection.to(dt))
+        proj = F.normalize(proj, dim=-1)
+        return torch.einsum("...cd,ckd->...ck", proj, codebooks.to(dt))
 
 
 def spec_patches(spec: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,7 +210,7 @@ def rpq_codes(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor
     _validate(x, projection, codebooks, index)
     if index is not None and index.shape[1] == 0:
         return torch.empty(0, codebooks.shape[0], dtype=torch.int64, device=x.device)
-    if not use_triton(x):
+    if not use_triton(x, projection, codebooks):
         return rpq_codes_ref(x, projection, codebooks, index)
     if index is not None:
         index = index.contiguous()

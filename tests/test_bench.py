@@ -1,9 +1,12 @@
 """The benchmark commands keep working: the CPU suite's smoke mode, the GPU suite's code at tiny sizes
 under the Triton interpreter, and the report renderer on their rows."""
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -16,8 +19,16 @@ def run_bench(args, tmp_path):
     return list(csv.DictReader(open(out))), res.stdout
 
 
-def test_cpu_suite_smoke(tmp_path):
-    rows, text = run_bench(["--suite", "cpu", "--smoke"], tmp_path)
+@pytest.fixture(scope="module")
+def cpu_smoke(tmp_path_factory):
+    """One smoke run of the CPU suite, shared by the tests that read its rows."""
+    d = tmp_path_factory.mktemp("cpu_smoke")
+    rows, text = run_bench(["--suite", "cpu", "--smoke"], d)
+    return rows, text, d / "rows.csv"
+
+
+def test_cpu_suite_smoke(cpu_smoke):
+    rows, text, _ = cpu_smoke
     ops = {r["op"] for r in rows}
     assert {"bound", "rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention",
             "encoder_inference", "data_pipeline"} <= ops
@@ -44,13 +55,13 @@ def test_bad_arguments_fail_fast():
     assert res.returncode == 2 and "invalid choice" in res.stderr
 
 
-def test_report_renders(tmp_path, monkeypatch):
+def test_report_renders(tmp_path, monkeypatch, cpu_smoke):
     import bench.report as report
 
-    rows, _ = run_bench(["--suite", "cpu", "--smoke", "--only", "gather,inference"], tmp_path)
+    rows, _, csv_path = cpu_smoke
     res_dir = tmp_path / "results"
     res_dir.mkdir()
-    (tmp_path / "rows.csv").rename(res_dir / "cpu.csv")
+    shutil.copy(csv_path, res_dir / "cpu.csv")
     monkeypatch.setattr(report, "RESULTS", res_dir)
     md = report.render()
     assert "| gather_tokens |" in md and "Encoder inference" in md and "Device: **" in md

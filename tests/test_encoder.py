@@ -65,7 +65,11 @@ def test_long_audio_chunks():
     (torch.zeros(1, 9_000), "shorter than one patch"),
     (torch.zeros(20_000), r"\[B, T\]"),
     (torch.zeros(1, 2, 20_000), "mono"),
-    (torch.zeros(1, 20_000, dtype=torch.int16), "integer PCM"),
+    (torch.zeros(1, 20_000, dtype=torch.int16), "int16: integer PCM"),
+    (torch.zeros(1, 20_000, dtype=torch.uint8), "uint8: integer PCM"),
+    (torch.zeros(1, 20_000, dtype=torch.bool), "bool: a mask, not audio"),
+    (torch.zeros(1, 20_000, dtype=torch.complex64), "complex64: complex values are not audio"),
+    (np.zeros((1, 20_000), dtype=np.complex128), "complex128: complex"),
     (torch.full((1, 20_000), 300.0), "unscaled integer PCM"),
     ([0.0] * 20_000, "torch.Tensor"),
 ])

@@ -302,16 +302,19 @@ def test_tts_digits_train_espeak_test_flite(tmp_path, monkeypatch):
     import bestrq2.eval.debian as D
 
     fake = tmp_path / "synth.py"
-    fake.write_text("import re, sys, numpy as np, soundfile as sf\n"
+    # standard library only, run with -S: ~240 calls start in ~20 ms each instead of ~150 ms with numpy
+    fake.write_text("import math, re, struct, sys, wave\n"
                     "a = sys.argv\n"
                     "if '-w' in a: out, text = a[a.index('-w') + 1], a[-1]\n"
                     "elif '-o' in a: out, text = a[a.index('-o') + 1], a[a.index('-t') + 1]\n"
                     "else: text, out = re.search(r'Text \"(\\w+)\"\\)\\) \"([^\"]+)\"', a[-1]).groups()\n"
                     "f = 100 + 30 * len(text)\n"
-                    "sf.write(out, 0.3 * np.sin(2 * np.pi * f * np.arange(4000) / 16000), 16000)\n")
+                    "w = wave.open(out, 'wb'); w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)\n"
+                    "w.writeframes(b''.join(struct.pack('<h', int(9830 * math.sin(2 * math.pi * f * i / 16000)))\n"
+                    "                       for i in range(4000))); w.close()\n")
     for name in ("espeak", "flite", "festival"):
         exe = tmp_path / name
-        exe.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+        exe.write_text(f"#!/bin/sh\nexec {sys.executable} -S -E {fake} \"$@\"\n")
         exe.chmod(0o755)
     monkeypatch.setattr(D, "_tts_env", lambda cache: ({"PATH": "/usr/bin:/bin"}, tmp_path / "espeak",
                                                        tmp_path / "flite", tmp_path, tmp_path / "festival"))

@@ -93,6 +93,67 @@ def test_exact_resume_and_keep_last(tmp_path):
     assert (tmp_path / "b" / "loss.png").is_file()
 
 
+def test_a_run_is_never_overwritten_by_accident(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = pretrain(tc(run, steps=2, ckpt_every=1))["losses"]
+    before = (run / "metrics.csv").read_text()
+    with pytest.raises(ValueError, match="already holds a run .*--resume.*--overwrite"):
+        pretrain(tc(run, steps=2))
+    assert (run / "metrics.csv").read_text() == before and len(list_checkpoints(run)) == 2  # untouched
+    # the CLI says the same and exits 2; contradictory flags are refused by name
+    cli = ["pretrain", "--steps", "2", "--batch-size", "2", "--seconds", "1", "--num-workers", "0", "--no-progress"]
+    assert main([*cli, "--out", str(run)]) == 2 and "already holds a run" in capsys.readouterr().err
+    assert main([*cli, "--resume", str(run), "--overwrite"]) == 2 and "give one of them" in capsys.readouterr().err
+    assert main([*cli, "--out", str(run), "--extend"]) == 2 and "--resume" in capsys.readouterr().err
+    # --overwrite moves the old run aside whole (renamed, nothing deleted) and starts afresh
+    second = pretrain(tc(run, steps=3, overwrite=True))["losses"]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.csv").read_text() == before
+    assert len(list_checkpoints(aside[0])) == 2 and (aside[0] / "encoder" / "model.safetensors").is_file()
+    assert len(second) == 3 and second[:2] == first and len(losses_of(run)) == 3
+    pretrain(tc(run, steps=1, overwrite=True))  # a second move aside in the same second gets its own name
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]) == 2
+    # an empty folder, or one holding other files, is not a run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    assert len(pretrain(tc(tmp_path / "empty", steps=1))["losses"]) == 1
+
+
+def test_lr_schedule_extension_rule():
+    from bestrq2.train import LRSchedule
+
+    old = LRSchedule.fresh(100, 0.1, 1e-3)
+    assert old.warmup == 10 and old(9) == 1.0 and old(10) == 1.0 and old(100) == pytest.approx(1e-3)
+    ext = old.extended(60, 300)
+    assert ext(60) == old(60)  # no jump where the run stands
+    assert all(ext(s) >= ext(s + 1) for s in range(60, 300)) and ext(300) == pytest.approx(1e-3)
+    assert max(abs(ext(s + 1) - ext(s)) for s in range(60, 300)) < max(abs(old(s + 1) - old(s)) for s in range(10, 100))
+    early = old.extended(5, 300)  # during warm-up: the warm-up as it was, then the cosine over 300
+    assert [early(s) for s in range(10)] == [old(s) for s in range(10)] and early == LRSchedule.fresh(300, 10 / 300, 1e-3)
+    shorter = old.extended(60, 80)  # shortening works the same way
+    assert shorter(60) == old(60) and shorter(80) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="already done 60 steps"):
+        old.extended(60, 60)
+
+
+def test_resume_with_another_length_needs_extend_and_keeps_the_lr_continuous(tmp_path):
+    run = tmp_path / "run"
+    pretrain(tc(run, steps=10, warmup_pct=0.2), stop_after=6)
+    with pytest.raises(ValueError, match="run of 10 steps and --steps is 20.*--extend"):
+        pretrain(tc(run, steps=20, warmup_pct=0.2), resume=True)
+    pretrain(tc(run, steps=20, warmup_pct=0.2, extend=True), resume=True, stop_after=4)  # 6 -> 10
+    pretrain(tc(run, steps=20, warmup_pct=0.2), resume=True)  # the extended length is the run's own now
+    lr = [float(r["lr"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert len(lr) == 20
+    plain = [1e-3 * lr_f for lr_f in (__import__("bestrq2.train", fromlist=["lr_factor"]).lr_factor(s, 10, 0.2, 1e-3)
+                                      for s in range(1, 7))]
+    np.testing.assert_allclose(lr[:6], plain, rtol=1e-3)  # steps before the extension: the old schedule
+    steps_down = np.diff(lr[5:])
+    assert (steps_down <= 0).all()  # from where it stood, down: no jump up ...
+    assert np.abs(steps_down).max() <= np.abs(np.diff(lr[1:6])).max()  # ... and no step bigger than before
+    assert lr[-1] == pytest.approx(1e-3 * 1e-3, rel=1e-2)  # the final ratio at the new total
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
     cfg = BestRQ2Config.preset("tiny", encoder_drop_path=0.0)
     a = pretrain(tc(tmp_path / "a", steps=3, batch_size=4), model_cfg=cfg)["losses"]
@@ -129,26 +190,42 @@ def _spawn(args, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env})
 
 
+# The CLI with one change: the second checkpoint's rename waits, so the test can kill the process
+# between the write of ckpt-2.pt.tmp and its rename (the window a crash could hit).
+SLOW_SECOND_RENAME = """
+import os, sys, time
+real, seen = os.replace, []
+def replace(src, dst):
+    if str(src).endswith(".pt.tmp"):
+        seen.append(src)
+        if len(seen) == 2:
+            print("SAVING", dst, flush=True)
+            time.sleep(120)
+    return real(src, dst)
+os.replace = replace
+from bestrq2.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
-    p = _spawn(["--steps", "5", "--batch-size", "2", "--seconds", "1", "--ckpt-every", "1", "--num-workers", "0",
-                "--no-progress", "--out", str(run)], BESTRQ2_TEST_SLOW_SAVE="30")
-    saves = 0
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SECOND_RENAME, "pretrain", "--steps", "5", "--batch-size", "2",
+                          "--seconds", "1", "--ckpt-every", "1", "--num-workers", "0", "--no-progress", "--out", str(run)],
+                         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline, line = time.time() + 120, ""
+    while time.time() < deadline and not line.startswith("SAVING"):
         line = p.stdout.readline()
-        if line.startswith("SAVING"):
-            saves += 1
-            if saves == 2:  # the second save is in its window between write and rename
-                break
+        if not line and p.poll() is not None:
+            break
     os.kill(p.pid, signal.SIGKILL)
     p.wait(30)
-    assert saves == 2
+    assert line.startswith("SAVING") and line.strip().endswith("ckpt-00000002.pt")
     ck = latest_checkpoint(run)
     state = torch.load(ck, weights_only=True)
     assert state["step"] == 1 and ck.name == "ckpt-00000001.pt"
     assert (run / "checkpoints" / "ckpt-00000002.pt.tmp").exists()  # the torn write is never picked up
-    res = pretrain(tc(run, steps=3), resume=True)  # and the run continues from step 1
+    res = pretrain(tc(run, steps=3, extend=True), resume=True)  # and the run continues from step 1
     assert len(res["losses"]) == 2
 
 
@@ -198,11 +275,11 @@ def test_model_flags_reach_the_run_and_resume_keeps_them(tmp_path, capsys):
     enc_cfg = json.loads((run / "encoder" / "config.json").read_text())
     assert enc_cfg["predictor_depth"] == 1
     # resuming without the flags continues the same model (its config comes from the checkpoint) ...
-    assert main([*base[:2], "3", *base[3:], "--resume", str(run)]) == 0
+    assert main([*base[:2], "3", *base[3:], "--resume", str(run), "--extend"]) == 0
     assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 3
     # ... and flags that differ from the checkpoint's are refused by name
     capsys.readouterr()
-    assert main([*base[:2], "4", *base[3:], "--resume", str(run), "--mask-ratio", "0.5", "0.6"]) == 2
+    assert main([*base[:2], "4", *base[3:], "--resume", str(run), "--extend", "--mask-ratio", "0.5", "0.6"]) == 2
     err = capsys.readouterr().err
     assert "mask_ratio_min" in err and "0.2" in err and "predictor_depth" in err
     assert main([*base, "--out", str(tmp_path / "x"), "--one-stage", "--predictor-depth", "2"]) == 2
@@ -219,25 +296,27 @@ def _torchrun(nproc, args, timeout=600):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_processes_match_one_and_resume_in_one(tmp_path, fsdp):
+def test_two_processes_match_one_and_resume_in_one(tmp_path):
+    """DDP and FSDP2 with 2 processes give the losses of 1 process with the same global batch; a
+    2-process checkpoint resumes in 1 process (plain, no torchrun). One test: the 1-process run is shared."""
     common = ["--steps", "3", "--batch-size", "4", "--seconds", "1", "--num-workers", "0", "--no-progress",
               "--drop-path", "0", "--lr", "1e-3"]
-    _torchrun(2, common + ["--out", str(tmp_path / "two")] + (["--fsdp"] if fsdp else []))
     _torchrun(1, common + ["--out", str(tmp_path / "one")])
-    np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=1e-5)
-    assert len(list(csv.DictReader(open(tmp_path / "two" / "metrics.csv")))) == 3  # rank 0 alone logs
-    state = torch.load(latest_checkpoint(tmp_path / "two"), weights_only=True)
-    assert state["world_size"] == 2 and state["step"] == 3
-    # the 2-process checkpoint resumes in 1 process (plain, no torchrun)
-    assert main(["pretrain", "--resume", str(tmp_path / "two"), "--steps", "4", "--batch-size", "4", "--seconds", "1",
-                 "--num-workers", "0", "--no-progress", "--drop-path", "0", "--lr", "1e-3"]) == 0
-    assert len(losses_of(tmp_path / "two")) == 4
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        _torchrun(2, common + ["--out", str(tmp_path / name)] + extra)
+        np.testing.assert_allclose(losses_of(tmp_path / name), losses_of(tmp_path / "one"), rtol=1e-5, err_msg=name)
+        assert len(list(csv.DictReader(open(tmp_path / name / "metrics.csv")))) == 3  # rank 0 alone logs
+        state = torch.load(latest_checkpoint(tmp_path / name), weights_only=True)
+        assert state["world_size"] == 2 and state["step"] == 3
+        assert main(["pretrain", "--resume", str(tmp_path / name), "--steps", "4", "--extend", "--batch-size", "4",
+                     "--seconds", "1", "--num-workers", "0", "--no-progress", "--drop-path", "0", "--lr", "1e-3"]) == 0
+        assert len(losses_of(tmp_path / name)) == 4
 
 
 def test_compile_and_tensorboard(tmp_path):
     """--compile trains (torch.compile of the model, inductor on CPU) and TensorBoard events are written."""
-    res = pretrain(tc(tmp_path / "run", steps=2, compile=True))
+    cfg = BestRQ2Config.preset("tiny", encoder_depth=1, predictor_depth=1)  # compile time grows with depth
+    res = pretrain(tc(tmp_path / "run", steps=2, compile=True), model_cfg=cfg)
     assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
