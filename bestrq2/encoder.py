@@ -61,7 +61,7 @@ class BestRQ2Encoder(nn.Module):
         return self._tokens(wave.to(self.device), lengths)
 
     def _tokens(self, wave: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=True)
+        grid = wave_to_grid(self.frontend, wave, lengths)
         x = self.patch_embed(grid.raw.to(self.patch_embed.weight.dtype))
         x = x + grid.positions(self.config.encoder_dim, self.config.pos_layout).to(x.dtype)
         out = self.encoder(x, grid.key_padding)

@@ -65,3 +65,12 @@ def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torc
         short = (lengths < MIN_SAMPLES).nonzero().flatten().tolist()
         raise ValueError(f"clips {short} are shorter than one patch ({MIN_SAMPLES} samples)")
     return wave, lengths
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device``; without blocking when it is in pinned memory (the training
+    loader pins its batches), since a copy from pageable memory waits for the device's queue."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda" and t.is_pinned())

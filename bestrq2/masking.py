@@ -7,6 +7,9 @@ rectangular. Randomness comes from torch's generator so a resumed run replays it
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 
@@ -89,3 +92,53 @@ def ragged_indices(mask: torch.Tensor):
     mask_idx, keep_idx = mask_order[:, :m_max], keep_order[:, :v_max]
     return (mask_idx, torch.gather(mask, 1, mask_idx), keep_idx, torch.gather(mask, 1, keep_idx),
             keep_order[:, v_max:])
+
+
+@dataclass
+class MaskPlan:
+    """Where a batch's masked and visible tokens are, as index tensors.
+
+    mask bool [B, N] (True = masked); mask_idx [B, M] and keep_idx [B, V], each ascending per row.
+    Ragged batches (unequal counts) pad the rows: ``mask_valid`` [B, M] and ``keep_pad`` [B, V] flag
+    the padding, ``rest`` [B, N - V] holds the slots the predictor fills; all three are None otherwise.
+    Built on the host from a CPU mask (``from_mask``), then moved with ``to`` (pinned, non-blocking on
+    CUDA), so drawing masks never reads the device back.
+    """
+
+    mask: torch.Tensor
+    mask_idx: torch.Tensor
+    keep_idx: torch.Tensor
+    mask_valid: torch.Tensor | None = None
+    keep_pad: torch.Tensor | None = None
+    rest: torch.Tensor | None = None
+
+    @property
+    def ragged(self) -> bool:
+        return self.keep_pad is not None
+
+    @property
+    def fill_idx(self) -> torch.Tensor:
+        """The slots the predictor fills with mask tokens: the masked ones (all but the visible, if ragged)."""
+        return self.rest if self.rest is not None else self.mask_idx
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "MaskPlan":
+        """bool [B, N] (checked: ``check_mask``) -> the index sets."""
+        counts = mask.sum(1)
+        if bool((counts != counts[0]).any()):
+            mask_idx, mask_valid, keep_idx, keep_pad, rest = ragged_indices(mask)
+            return cls(mask, mask_idx, keep_idx, mask_valid, keep_pad, rest)
+        mask_idx, keep_idx = mask_to_indices(mask)
+        return cls(mask, mask_idx, keep_idx)
+
+    def to(self, device: torch.device | str) -> "MaskPlan":
+        device = torch.device(device)
+
+        def move(t):
+            if t is None or t.device == device:
+                return t
+            if device.type == "cuda" and t.device.type == "cpu":  # pageable copies would sync the stream
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        return MaskPlan(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))

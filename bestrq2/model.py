@@ -12,17 +12,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import BestRQ2Config
-from .frontend import LogMel
-from .inputs import check_wave
+from .config import PATCH, BestRQ2Config
+from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
+from .inputs import check_wave, to_device
 from .kernels import gather_tokens, linear_cross_entropy, rpq_codes, scatter_tokens
-from .masking import check_mask, mask_to_indices, ragged_indices, sample_mask
+from .masking import MaskPlan, check_mask, sample_mask
 from .positions import positions_for
 from .quantizer import RandomProjectionQuantizer
-from .tokens import wave_to_grid
+from .tokens import target_padding
 from .transformer import Transformer
 
 IGNORE = -100
+
+
+@dataclass
+class PretrainBatch:
+    """One step's inputs on the model's device (``BestRQ2.prepare``)."""
+
+    wave: torch.Tensor  # float32 [B, T]
+    plan: MaskPlan
+    target_padding: torch.Tensor | None  # bool [B, N]: patches wholly in padding (not targets), or None
 
 
 @dataclass
@@ -73,9 +82,9 @@ class BestRQ2(nn.Module):
     def targets(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of every patch: int64 [B, N, num_codebooks]."""
         wave, lengths = check_wave(wave, lengths)
-        grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=False)
+        spec = truncate_to_patches(self.frontend(wave.to(self.head.weight.device)))
         q = self.quantizer
-        return rpq_codes(grid.spec, q.projection, q.codebooks).reshape(wave.shape[0], grid.num_tokens, -1)
+        return rpq_codes(spec, q.projection, q.codebooks).reshape(wave.shape[0], -1, q.num_codebooks)
 
     def _pos_table(self, num_tokens: int, width: int, dim: int) -> torch.Tensor:
         """Sincos rows of the N grid slots, [N, dim] (the pretraining grid is the same for every clip)."""
@@ -86,48 +95,63 @@ class BestRQ2(nn.Module):
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> PretrainOutput:
         """wave float32 [B, T] at 16 kHz; lengths int [B] (true samples) or None;
-        mask bool [N] or [B, N] (True = masked) to fix the step, else drawn (``config.mask_mode``)."""
+        mask bool [N] or [B, N] (True = masked) to fix the step, else drawn (``config.mask_mode``).
+        ``prepare`` (host) then ``forward_batch`` (device); a ``PretrainBatch`` (already prepared, as the
+        training loop passes through DDP / FSDP / torch.compile wrappers) goes straight to the device side."""
+        if isinstance(wave, PretrainBatch):
+            return self.forward_batch(wave)
+        return self.forward_batch(self.prepare(wave, lengths, mask, generator))
+
+    def prepare(self, wave: torch.Tensor, lengths: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> PretrainBatch:
+        """Host side of a step: check the wave where it lies (pass CPU tensors, pinned for a CUDA model,
+        and nothing reads the device back), draw or check the mask on the host, build the index sets and
+        the padding targets, and copy them to the model's device without blocking."""
         cfg = self.config
         wave, lengths = check_wave(wave, lengths)
-        wave = wave.to(self.head.weight.device)
-        # the paper's code analyses padding as audio; lengths only mark which targets are padding
-        grid = wave_to_grid(self.frontend, wave, lengths, exact_lengths=False)
-        b, n = grid.raw.shape[:2]
+        b, t = wave.shape
+        n = cfg.freq_patches * num_time_patches(t)
         if mask is None:
             mask = sample_mask(b, n, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
-                               generator=generator, device=wave.device, equal_counts=cfg.mask_equal_counts)
-        mask = check_mask(mask.to(wave.device), b, n, equal_counts=cfg.mask_equal_counts)
-        counts = mask.sum(1)
-        ragged = bool((counts != counts[0]).any())
-        if ragged:  # unequal counts: padded index sets, padding flagged
-            mask_idx, mask_valid, keep_idx, keep_pad, rest = ragged_indices(mask)
-        else:
-            mask_idx, keep_idx = mask_to_indices(mask)
-            mask_valid, keep_pad, rest = None, None, mask_idx
+                               generator=generator, equal_counts=cfg.mask_equal_counts)
+        mask = check_mask(mask.cpu(), b, n, equal_counts=cfg.mask_equal_counts)  # a CUDA mask is read once here
+        device = self.head.weight.device
+        pad = target_padding(lengths, t)
+        if pad is not None and cfg.loss_on_padding:
+            pad = None
+        return PretrainBatch(to_device(wave, device), MaskPlan.from_mask(mask).to(device),
+                             None if pad is None else to_device(pad, device))
 
-        with torch.no_grad():  # codes of the masked patches only, read straight from the spectrogram
-            q = self.quantizer
-            targets = rpq_codes(grid.spec, q.projection, q.codebooks, index=mask_idx).reshape(b, -1, q.num_codebooks)
-            if grid.target_padding is not None and not cfg.loss_on_padding:
-                pad = torch.gather(grid.target_padding, 1, mask_idx)
-                targets = targets.masked_fill(pad[..., None], IGNORE)
-            if mask_valid is not None:
-                targets = targets.masked_fill(~mask_valid[..., None], IGNORE)
-
-        tokens = self.patch_embed(grid.raw)  # [B, N, De]
+    def forward_batch(self, batch: PretrainBatch) -> PretrainOutput:
+        """Device side of a step: grid -> targets -> context -> predict -> loss. No host reads (ragged
+        masks excepted), so it runs asynchronously and compiles to one graph."""
+        cfg, plan = self.config, batch.plan
+        spec = truncate_to_patches(self.frontend(batch.wave))  # [B, 128, 16 W], float32 under any autocast
+        width = spec.shape[-1] // PATCH
+        targets = self._masked_targets(spec, plan, batch.target_padding)
+        tokens = self.patch_embed(patchify(spec))  # [B, N, De]
         if cfg.one_stage:
-            h = self._one_stage(tokens, mask, mask_idx, grid.width)
+            h = self._one_stage(tokens, plan, width)
         else:
-            h = self._two_stage(tokens, mask_idx, keep_idx, grid.width, mask, keep_pad, rest)
-        loss, acc = self._head_loss(h, targets, check_empty=grid.target_padding is not None or ragged)
-        return PretrainOutput(loss, targets, mask, mask_idx, acc, h, self.head, cfg.num_codebooks)
+            h = self._two_stage(tokens, plan, width)
+        loss, acc = self._head_loss(h, targets)
+        return PretrainOutput(loss, targets, plan.mask, plan.mask_idx, acc, h, self.head, cfg.num_codebooks)
 
-    def _head_loss(self, h: torch.Tensor, targets: torch.Tensor, check_empty: bool):
+    @torch.no_grad()
+    def _masked_targets(self, spec: torch.Tensor, plan: MaskPlan, padding: torch.Tensor | None) -> torch.Tensor:
+        """Codes of the masked patches only, read straight from the spectrogram: int64 [B, M, C], IGNORE
+        where a patch lies wholly in padding or fills a ragged row."""
+        q = self.quantizer
+        b = spec.shape[0]
+        targets = rpq_codes(spec, q.projection, q.codebooks, index=plan.mask_idx).reshape(b, -1, q.num_codebooks)
+        ignore = None if padding is None else torch.gather(padding, 1, plan.mask_idx)
+        if plan.mask_valid is not None:
+            ignore = ~plan.mask_valid if ignore is None else ignore | ~plan.mask_valid
+        return targets if ignore is None else targets.masked_fill(ignore[..., None], IGNORE)
+
+    def _head_loss(self, h: torch.Tensor, targets: torch.Tensor):
+        """Head + cross-entropy over the counted targets (a batch with none gives loss 0, no branch)."""
         cfg = self.config
-        if check_empty and not bool((targets != IGNORE).any()):  # a batch of padding only
-            return h.sum() * 0.0 + self.head.weight.sum() * 0.0, torch.zeros((), device=h.device)
-        if not cfg.fused_head:
-            return masked_code_loss(self.head(h).unflatten(-1, (cfg.num_codebooks, cfg.codebook_size)), targets)
         w, b = self.head.weight, self.head.bias
         if h.is_cuda and torch.is_autocast_enabled("cuda"):  # what nn.Linear would run in under autocast
             dt = torch.get_autocast_dtype("cuda")
@@ -137,28 +161,29 @@ class BestRQ2(nn.Module):
         c, d = cfg.num_codebooks, h.shape[-1]
         with torch.autocast(h.device.type, enabled=False):
             loss, acc = linear_cross_entropy(h.reshape(-1, d), w.view(c, -1, d), b.view(c, -1),
-                                             targets.reshape(-1, c), IGNORE)
+                                             targets.reshape(-1, c), IGNORE,
+                                             impl=None if cfg.fused_head else "reference")
         return loss, acc.mean()
 
-    def _two_stage(self, tokens, mask_idx, keep_idx, width, mask, keep_pad=None, rest=None):
+    def _two_stage(self, tokens: torch.Tensor, plan: MaskPlan, width: int) -> torch.Tensor:
         cfg = self.config
         n = tokens.shape[1]
-        visible = gather_tokens(tokens, keep_idx, self._pos_table(n, width, cfg.encoder_dim))
-        context = self.encoder(visible, keep_pad)  # [B, V, De]; a ragged row's tail is padding
+        visible = gather_tokens(tokens, plan.keep_idx, self._pos_table(n, width, cfg.encoder_dim))
+        context = self.encoder(visible, plan.keep_pad)  # [B, V, De]; a ragged row's tail is padding
         ctx = self.predictor_input_proj(context)
         # grid order: context at its slots (no position added), mask token + position elsewhere
         pos_pred = self._pos_table(n, width, cfg.predictor_dim)
-        pred_in = scatter_tokens(ctx, keep_idx, self.mask_token, rest, pos_pred)
-        if keep_pad is not None:  # padding slots of short rows are masked tokens: give them the mask token
-            pred_in = torch.where(mask[..., None], (self.mask_token + pos_pred).to(pred_in.dtype), pred_in)
+        pred_in = scatter_tokens(ctx, plan.keep_idx, self.mask_token, plan.fill_idx, pos_pred)
+        if plan.ragged:  # padding slots of short rows are masked tokens: give them the mask token
+            pred_in = torch.where(plan.mask[..., None], (self.mask_token + pos_pred).to(pred_in.dtype), pred_in)
         pred = self.predictor(pred_in)
-        return gather_tokens(pred, mask_idx)
+        return gather_tokens(pred, plan.mask_idx)
 
-    def _one_stage(self, tokens, mask, mask_idx, width):
+    def _one_stage(self, tokens: torch.Tensor, plan: MaskPlan, width: int) -> torch.Tensor:
         cfg = self.config
-        x = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        x = torch.where(plan.mask[..., None], self.mask_token.to(tokens.dtype), tokens)
         x = x + self._pos_table(tokens.shape[1], width, cfg.encoder_dim)
-        return gather_tokens(self.encoder(x), mask_idx)
+        return gather_tokens(self.encoder(x), plan.mask_idx)
 
     # ---------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
@@ -182,18 +207,3 @@ class BestRQ2(nn.Module):
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
-def masked_code_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, M, C, K], targets [B, M, C] (IGNORE skipped) -> (mean over codebooks of each
-    codebook's mean CE, top-1 accuracy). A batch with no counted target gives loss 0 with a grad."""
-    c, k = logits.shape[-2:]
-    flat_logits = logits.reshape(-1, c, k).float()
-    flat_t = targets.reshape(-1, c)
-    valid = flat_t != IGNORE
-    if not bool(valid.any()):
-        return logits.sum() * 0.0, torch.zeros((), device=logits.device)
-    losses = [F.cross_entropy(flat_logits[:, i], flat_t[:, i], ignore_index=IGNORE) for i in range(c)]
-    with torch.no_grad():
-        acc = ((flat_logits.argmax(-1) == flat_t) & valid).sum() / valid.sum()
-    return torch.stack(losses).mean(), acc

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import HOP, N_FFT, PATCH
+from .config import HOP, N_FFT, N_MELS, PATCH
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
 from .positions import positions_for
 
@@ -39,14 +39,12 @@ class PatchGrid:
         return positions_for(self.token_index(), w, dim, layout).to(self.raw.device)
 
 
-def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | None = None,
-                 exact_lengths: bool = True) -> PatchGrid:
-    """wave [B, T] (checked) -> PatchGrid.
+def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> PatchGrid:
+    """wave [B, T] (checked) -> PatchGrid, each clip exactly as if alone (the inference encoder).
 
-    With ``lengths`` and ``exact_lengths`` each clip's spectrogram is computed at its own length,
-    so its reflect-padded last frames equal running it alone. Without ``exact_lengths`` the padded
-    batch is analysed as one signal (the paper's training code does this: padding is -100 dB audio)
-    and only the wholly padded patch columns are flagged.
+    With ``lengths`` each clip's spectrogram is computed at its own length, so its reflect-padded
+    last frames equal running it alone, and the padding columns are flagged. (Pretraining analyses a
+    padded batch as one signal instead, as the paper's code does: see ``target_padding``.)
     """
     b, t = wave.shape
     if lengths is None or bool((lengths == t).all()):
@@ -57,28 +55,30 @@ def wave_to_grid(frontend: LogMel, wave: torch.Tensor, lengths: torch.Tensor | N
     widths = torch.tensor([num_time_patches(int(n)) for n in lengths], dtype=torch.int64)
     w_max = num_time_patches(t)
     fp = frontend.fb.shape[1] // PATCH
-    if exact_lengths:
-        spec = torch.zeros(b, frontend.fb.shape[1], w_max * PATCH, device=wave.device, dtype=frontend.fb.dtype)
-        for n in torch.unique(lengths).tolist():  # one STFT call per distinct length
-            rows = (lengths == n).nonzero().flatten().to(wave.device)
-            s = truncate_to_patches(frontend(wave[rows, :n]))
-            spec[rows, :, : s.shape[-1]] = s
-        raw = patchify(spec)
-        pad_cols = torch.arange(w_max)[None, :] >= widths[:, None]  # [B, W_max]
-        raw = raw.masked_fill(pad_cols.repeat(1, fp).to(wave.device)[..., None], 0.0)
-        w_layout = w_max
-    else:
-        spec = truncate_to_patches(frontend(wave))
-        w_layout = spec.shape[-1] // PATCH
-        # a column lies wholly in padding when even its first frame's window (centre 16 t * 625,
-        # half-width n_fft / 2) starts at or after the clip's end
-        first_sample = torch.arange(w_layout)[None, :] * PATCH * HOP - N_FFT // 2
-        pad_cols = (first_sample >= lengths[:, None]).repeat(1, fp).to(wave.device)
-        widths = torch.full((b,), w_layout, dtype=torch.int64)  # the grid stays the padded one
-        return PatchGrid(patchify(spec), widths, w_layout, None, pad_cols if bool(pad_cols.any()) else None, spec)
+    spec = torch.zeros(b, frontend.fb.shape[1], w_max * PATCH, device=wave.device, dtype=frontend.fb.dtype)
+    for n in torch.unique(lengths).tolist():  # one STFT call per distinct length
+        rows = (lengths == n).nonzero().flatten().to(wave.device)
+        s = truncate_to_patches(frontend(wave[rows, :n]))
+        spec[rows, :, : s.shape[-1]] = s
+    raw = patchify(spec)
+    pad_cols = torch.arange(w_max)[None, :] >= widths[:, None]  # [B, W_max]
+    raw = raw.masked_fill(pad_cols.repeat(1, fp).to(wave.device)[..., None], 0.0)
     key_padding = pad_cols.repeat(1, fp).to(wave.device)  # [B, 8 * W_max], f-major like the tokens
     key_padding = key_padding if bool(key_padding.any()) else None
-    return PatchGrid(raw, widths, w_layout, key_padding, key_padding)
+    return PatchGrid(raw, widths, w_max, key_padding, key_padding)
 
 
-__all__ = ["PatchGrid", "wave_to_grid"]
+def target_padding(lengths: torch.Tensor | None, num_samples: int) -> torch.Tensor | None:
+    """Host side, for a padded batch analysed as one signal (pretraining): bool [B, 8 * W] (CPU),
+    True where a patch lies wholly in padding; None when none does. A column lies wholly in padding
+    when even its first frame's window (centre 16 t * 625, half-width n_fft / 2) starts at or after
+    the clip's end."""
+    if lengths is None:
+        return None
+    w = num_time_patches(num_samples)
+    first_sample = torch.arange(w)[None, :] * PATCH * HOP - N_FFT // 2
+    pad_cols = (first_sample >= lengths.cpu()[:, None]).repeat(1, N_MELS // PATCH)
+    return pad_cols if bool(pad_cols.any()) else None
+
+
+__all__ = ["PatchGrid", "target_padding", "wave_to_grid"]

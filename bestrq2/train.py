@@ -15,6 +15,7 @@ sizes, DDP and FSDP2.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -337,6 +338,48 @@ def _resumed_config(state: dict, given: BestRQ2Config | None, path: Path) -> Bes
     return saved
 
 
+def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA (one kernel per step, and it can skip a non-finite step on the device),
+    foreach elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused, foreach=not fused)
+
+
+def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: torch.Tensor, lengths: torch.Tensor,
+               mask: torch.Tensor, device: torch.device, world: int, stop_flag: bool) -> torch.Tensor:
+    """One optimizer step over this rank's share of the batch (``grad_accum`` micro-batches); host
+    tensors in. Returns device stats [loss, accuracy, stop flag] of the global batch, unread: on CUDA
+    nothing here waits for the device (masks and indices go over from pinned memory, a non-finite
+    loss skips the update through the fused optimizer's ``found_inf``)."""
+    micro = wave.shape[0] // tc.grad_accum
+    opt.zero_grad(set_to_none=True)
+    loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    for k in range(tc.grad_accum):
+        sl = slice(k * micro, (k + 1) * micro)
+        sync = k == tc.grad_accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
+        batch = model.prepare(wave[sl], lengths[sl], mask[sl])  # host checks, non-blocking copies
+        with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            res = forward(batch)
+        (res.loss / tc.grad_accum).backward()
+        loss_sum += res.loss.detach() / tc.grad_accum
+        acc_sum += res.accuracy.detach() / tc.grad_accum
+    stats = torch.stack([loss_sum, acc_sum, torch.tensor(float(stop_flag), device=device)])
+    if world > 1:  # one all-reduce: the global batch's loss and accuracy, and whether any rank must stop
+        dist.all_reduce(stats)
+        stats[:2] /= world
+    if device.type == "cuda":
+        opt.found_inf = (~torch.isfinite(stats[0])).float()  # the fused step leaves everything as it was
+        opt.grad_scale = None
+    elif not math.isfinite(float(stats[0])):  # CPU: reading costs nothing
+        opt.zero_grad(set_to_none=True)
+        return stats
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    return stats
+
+
 def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
              stop_after: int | None = None) -> dict:
     """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
@@ -361,11 +404,11 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
         schedule = _resumed_schedule(resumed, tc, path)
     cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
     model = BestRQ2(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(model.parameters(), tc, device)
     mask_gen = torch.Generator().manual_seed(tc.seed + 1)
     wrapped = _wrap(model, tc, world, device)
     if tc.fsdp:  # FSDP2 shards parameters in place: build the optimizer on the sharded ones
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = make_optimizer(model.parameters(), tc, device)
     # a lambda, not the schedule object: LambdaLR would save a callable object's fields and restore the
     # old ones over an extended schedule on load; the schedule is saved on its own
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s))
@@ -379,12 +422,12 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     forward = torch.compile(wrapped) if tc.compile else wrapped
 
     local = tc.batch_size // world
-    micro = local // tc.grad_accum
     source = make_source(tc)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(StepBatches(source, tc.batch_size, rank * local, (rank + 1) * local),
                                 range(start, tc.steps)),
         batch_size=None, num_workers=tc.num_workers, prefetch_factor=4 if tc.num_workers else None,
+        pin_memory=device.type == "cuda",  # so the wave's copy to the device does not block
         generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
     num_tokens = 8 * num_time_patches(int(tc.seconds * 16000))
 
@@ -442,80 +485,84 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     model.train()
     losses: list[float] = []
     bad_total = bad_run = 0
-    step = start
+    # CUDA: a step's loss is read one step late, once the next step is queued, so the host never waits
+    # for the device inside a step (non-finite steps are skipped on the device by the fused optimizer).
+    # CPU: read at once (no queue to keep full), and the update is skipped on the host.
+    lag = 1 if device.type == "cuda" else 0
+    pending: collections.deque = collections.deque()  # (step, stats [loss, acc, stop flag], lr, launch time)
+    t_last = [time.perf_counter()]
+
+    def read_oldest() -> bool:
+        """Log the oldest launched step (reads the device); True when the run must stop."""
+        nonlocal bad_total, bad_run
+        s_, stats, lr, _ = pending.popleft()
+        loss, acc, flag = stats.tolist()
+        now = time.perf_counter()
+        dt, t_last[0] = now - t_last[0], now
+        cps = tc.batch_size / dt
+        mfu = flops / dt / peak if peak else float("nan")
+        if not math.isfinite(loss):  # its update was skipped; a run of them stops the job
+            bad_total += 1
+            bad_run += 1
+            bar.write(f"step {s_ + 1}: non-finite loss ({loss}); update skipped ({bad_run} in a row)")
+        else:
+            bad_run = 0
+        losses.append(loss)
+        skipped = len(getattr(source, "skipped", {}))
+        if main:
+            writer.writerow([s_ + 1, f"{loss:.6f}", f"{acc:.4f}", f"{lr:.3e}", f"{cps:.2f}", f"{mfu:.4f}",
+                             bad_total, skipped])
+            if tb is not None:
+                tb.add_scalar("loss", loss, s_ + 1)
+                tb.add_scalar("accuracy", acc, s_ + 1)
+                tb.add_scalar("lr", lr, s_ + 1)
+        post = dict(loss=f"{loss:.3f}", acc=f"{acc:.3f}", clips_s=f"{cps:.1f}")
+        if peak:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        if skipped:
+            post["skipped_files"] = skipped
+        bar.set_postfix(post)
+        bar.update(1)
+        if bad_run >= tc.max_bad_steps:
+            raise _Stop(f"{bad_run} non-finite losses in a row")
+        # every rank stops at the same step when any was signalled (the flag is in the reduced stats)
+        return flag > 0 if world > 1 else bool(stop_request)
+
+    def drain() -> bool:
+        stop = False
+        while pending:
+            stop = read_oldest() or stop
+        return stop
+
     try:
-        t_last = time.perf_counter()
         for step, (wave, lengths) in zip(range(start, tc.steps), loader):
             mask = sample_mask(tc.batch_size, num_tokens, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
                                generator=mask_gen, equal_counts=cfg.mask_equal_counts)[rank * local:(rank + 1) * local]
-            opt.zero_grad(set_to_none=True)
-            loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-            for k in range(tc.grad_accum):
-                sl = slice(k * micro, (k + 1) * micro)
-                sync = k == tc.grad_accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-                ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    res = forward(wave[sl].to(device, non_blocking=True), lengths[sl], mask=mask[sl].to(device))
-                (res.loss / tc.grad_accum).backward()
-                loss_sum += res.loss.detach() / tc.grad_accum
-                acc_sum += res.accuracy.detach() / tc.grad_accum
-            if world > 1:  # the logged loss is the global batch's (every rank's targets count the same)
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(acc_sum)
-                loss_sum /= world
-                acc_sum /= world
-            loss = loss_sum.item()
-            if not math.isfinite(loss):  # skip the update, count it; a run of them stops the job
-                bad_total += 1
-                bad_run += 1
-                opt.zero_grad(set_to_none=True)
-                bar.write(f"step {step + 1}: non-finite loss ({loss}); update skipped ({bad_run} in a row)")
-            else:
-                bad_run = 0
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
+            stats = train_step(model, wrapped, forward, opt, tc, wave, lengths, mask, device, world, bool(stop_request))
             sched.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            cps = tc.batch_size / dt
-            mfu = flops / dt / peak if peak else float("nan")
-            losses.append(loss)
-            skipped = len(getattr(source, "skipped", {}))
-            if main:
-                writer.writerow([step + 1, f"{loss:.6f}", f"{float(acc_sum):.4f}", f"{sched.get_last_lr()[0]:.3e}",
-                                 f"{cps:.2f}", f"{mfu:.4f}", bad_total, skipped])
-                if tb is not None:
-                    tb.add_scalar("loss", loss, step + 1)
-                    tb.add_scalar("accuracy", float(acc_sum), step + 1)
-                    tb.add_scalar("lr", sched.get_last_lr()[0], step + 1)
-            post = dict(loss=f"{loss:.3f}", acc=f"{float(acc_sum):.3f}", clips_s=f"{cps:.1f}")
-            if peak:
-                post["mfu"] = f"{100 * mfu:.1f}%"
-            if skipped:
-                post["skipped_files"] = skipped
-            bar.set_postfix(post)
-            bar.update(1)
-            if bad_run >= tc.max_bad_steps:
-                raise _Stop(f"{bad_run} non-finite losses in a row")
-            if world > 1:  # every rank stops at the same step when any of them was signalled
-                flag = torch.tensor([float(bool(stop_request))], device=device)
-                dist.all_reduce(flag)
-                if flag.item() and not stop_request:
-                    stop_request.append("a signal to another rank")
-            if stop_request:
-                raise _Stop(stop_request[0])
-            if stop_after is not None and len(losses) >= stop_after:
+            pending.append((step, stats, sched.get_last_lr()[0], time.perf_counter()))
+            stop = False
+            while len(pending) > lag:
+                stop = read_oldest() or stop
+            if stop:
+                drain()
+                raise _Stop(stop_request[0] if stop_request else "a signal to another rank")
+            if stop_after is not None and step + 1 - start >= stop_after:
                 break
             if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                if drain():
+                    raise _Stop(stop_request[0] if stop_request else "a signal to another rank")
                 log_f and log_f.flush()
                 checkpoint(step + 1)
+        drain()
         if log_f:
             log_f.flush()
         checkpoint(start + len(losses))
     except (KeyboardInterrupt, _Stop) as why:
+        try:
+            drain()  # the steps already launched are done: log them, the checkpoint holds their updates
+        except _Stop:
+            pass
         done = start + len(losses)
         bar.write(f"stopping ({why or 'interrupted'}): saving a checkpoint at step {done}")
         if log_f:

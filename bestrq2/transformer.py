@@ -40,10 +40,13 @@ class Attention(nn.Module):
         """x [B, L, D], or [T, D] packed when ``packed = (cu_seqlens, max_seqlen)``."""
         d = x.shape[-1]
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, d // self.heads))
+        # unbind, not three selects: its backward stacks the three grads into one tensor, where selects
+        # would each write a zero tensor of qkv's size and add them up
+        q, k, v = qkv.unbind(-3)
         if packed is not None:
-            out = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], packed[0], packed[1], backend)
+            out = varlen_attention(q, k, v, packed[0], packed[1], backend)
         else:
-            out = dense_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], backend, key_padding)
+            out = dense_attention(q, k, v, backend, key_padding)
         return self.proj(out.flatten(-2))
 
 

@@ -36,17 +36,20 @@ IGNORE = -100
 
 def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              targets: torch.Tensor, ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unfused: full logits [M, C, K], then F.cross_entropy per codebook."""
+    """Unfused: full logits [M, C, K], then F.cross_entropy per codebook in float32 (a codebook with no
+    counted target contributes loss 0, as in the fused path: no host-side branch)."""
     logits = torch.einsum("md,ckd->mck", h, weight)
     if bias is not None:
         logits = logits + bias
     c = weight.shape[0]
     t = targets.long()
-    losses = [F.cross_entropy(logits[:, i], t[:, i], ignore_index=ignore_index) for i in range(c)]
+    valid = t != ignore_index
+    count = valid.sum(0).clamp_min(1)  # no counted target: loss 0 (with a zero grad), no host branch
+    losses = [F.cross_entropy(logits[:, i].float(), t[:, i], ignore_index=ignore_index, reduction="sum") / count[i]
+              for i in range(c)]
     with torch.no_grad():
-        valid = t != ignore_index
         hit = (logits.argmax(-1) == t) & valid
-        acc = hit.sum(0).float() / valid.sum(0).clamp_min(1).float()
+        acc = hit.sum(0).float() / count.float()
     return torch.stack(losses).mean(), acc
 
 
@@ -147,7 +150,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hits = torch.zeros(c, dtype=torch.float32, device=h.device)
         # d loss / d logit scale: mean over each codebook's valid rows, then over codebooks. A tensor,
         # so nothing syncs with the host (a codebook with no valid row gives nan, as F.cross_entropy)
-        scales = 1.0 / (n_valid.float() * c)
+        scales = 1.0 / (n_valid.clamp_min(1).float() * c)  # no counted target: loss and grads 0
         for ci in range(c):
             w = weight[ci]
             for r0 in range(0, m, chunk):
@@ -162,7 +165,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w[ci] += (logits.T @ hc).float()
                 if grad_b is not None:
                     grad_b[ci] += logits.float().sum(0)
-        per_cb = loss_sum / n_valid.float()
+        per_cb = loss_sum / n_valid.clamp_min(1).float()
         loss = per_cb.mean()
         acc = hits / n_valid.clamp_min(1).float()
         ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_h.new_empty(0))
