@@ -6,12 +6,15 @@ ops, ``torch.set_float32_matmul_precision("medium")`` as their training script s
 autocast + SDPA; (c) every fast path (auto attention, Triton gather/scatter/quantizer, fused head);
 (d) (c) under torch.compile. MFU's FLOP count is ``bestrq2.flops.pretrain_step_flops`` (encoder on
 visible tokens, predictor on all, head on masked, x3), divided by the bf16 matmul rate measured in the
-same run.
+same run and against the card's dense bf16 spec. All variants live in one process and are timed
+interleaved, 3 repeats each (median, min-max); inputs come from pinned host memory through
+``model.prepare``, as in the training loop, and the optimizer is fused AdamW on CUDA.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 
 import torch
@@ -43,67 +46,106 @@ def _env(**kv):
                 os.environ[k] = v
 
 
-def run_variant(name: str, device, preset: str, batch: int, steps: int, warmup: int):
-    v = VARIANTS[name]
-    torch.manual_seed(0)
-    cfg = BestRQ2Config.preset(preset, attention=v["attention"], fused_head=v["fused_head"])
-    model = BestRQ2(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    wave = torch.randn(batch, 160_000, device=device) * 0.1
-    mask = torch.zeros(128, dtype=torch.bool)
-    mask[torch.randperm(128)[:64]] = True
-    mask = mask.to(device)
-    fwd = torch.compile(model) if v["compile"] else model
-    prec = torch.get_float32_matmul_precision()
-    if name == "a_eager_fp32":
-        torch.set_float32_matmul_precision("medium")
-    try:
-        with _env(BESTRQ2_KERNELS=v["kernels"]):
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v["bf16"] and device.type == "cuda"):
-                    out = fwd(wave, mask=mask)
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return out
+class Variant:
+    """One variant's model, optimizer and step, built once; ``time(steps)`` runs and times steps. Every
+    variant is fed as the training loop feeds it: a pinned host wave and a host mask through
+    ``model.prepare`` (non-blocking copies), fused AdamW on CUDA (``make_optimizer``)."""
 
-            for _ in range(warmup):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                out = step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / steps
-            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            backend = model.encoder.attention_backend
-    finally:
-        torch.set_float32_matmul_precision(prec)
-    flops = pretrain_step_flops(cfg, batch, 128, 64)
-    return dict(step_s=dt, clips_per_s=batch / dt, flops=flops, peak=peak, loss=float(out.loss), backend=backend)
+    def __init__(self, name: str, device, preset: str, batch: int) -> None:
+        from bestrq2.train import TrainConfig, make_optimizer
+
+        self.name, self.device, self.batch = name, device, batch
+        self.v = v = VARIANTS[name]
+        torch.manual_seed(0)
+        self.cfg = BestRQ2Config.preset(preset, attention=v["attention"], fused_head=v["fused_head"])
+        self.model = BestRQ2(self.cfg).to(device)
+        self.opt = make_optimizer(self.model.parameters(), TrainConfig(lr=1e-4, weight_decay=0.05), device)
+        wave = torch.randn(batch, 160_000) * 0.1
+        self.wave = wave.pin_memory() if device.type == "cuda" else wave
+        self.mask = torch.zeros(128, dtype=torch.bool)
+        self.mask[torch.randperm(128)[:64]] = True
+        self.fwd = torch.compile(self.model) if v["compile"] else self.model
+        self.out = None
+
+    def step(self):
+        v = self.v
+        batch = self.model.prepare(self.wave, mask=self.mask)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=v["bf16"] and self.device.type == "cuda"):
+            out = self.fwd(batch)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.out = out
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps (device synchronised at both ends only)."""
+        prec = torch.get_float32_matmul_precision()
+        if self.name == "a_eager_fp32":
+            torch.set_float32_matmul_precision("medium")
+        try:
+            with _env(BESTRQ2_KERNELS=self.v["kernels"]):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    self.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                return (time.perf_counter() - t0) / steps
+        finally:
+            torch.set_float32_matmul_precision(prec)
 
 
-def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None) -> dict:
-    preset, batch, steps, warmup = ("tiny", 2, 2, 1) if smoke else ("base", 256, 10, 3)
+def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats: int | None = None) -> dict:
+    """All variants in one process, built once, then timed interleaved (a b c d, a b c d, ...) so drift
+    and clock changes hit them alike; median and spread over the repeats."""
+    preset, batch, steps, warmup = ("tiny", 2, 2, 1) if smoke else ("base", 256, 5, 3)
+    repeats = repeats or (1 if smoke else 3)
     shape = f"preset={preset},B={batch},10s"
-    res = {}
     if variants is None:  # smoke runs skip torch.compile (compiling is what takes the time)
         variants = [v for v in VARIANTS if not (smoke and VARIANTS[v]["compile"])]
-    for name in variants:
-        r = run_variant(name, device, preset, batch, steps, warmup)
+    built = {name: Variant(name, device, preset, batch) for name in variants}
+    for var in built.values():
+        var.time(warmup)  # compiles, autotunes, fills caches
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for _ in range(repeats):
+        for name, var in built.items():
+            times[name].append(var.time(steps))
+    res = {}
+    peak_all = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    for name, var in built.items():
+        ts = sorted(times[name])
+        med = statistics.median(ts)
+        r = dict(step_s=med, clips_per_s=batch / med, spread=(batch / ts[-1], batch / ts[0]),
+                 flops=pretrain_step_flops(var.cfg, batch, 128, 64), loss=float(var.out.loss),
+                 backend=var.model.encoder.attention_backend)
         res[name] = r
         rec.add("pretrain_step", name, "full", shape, "clips_per_s", r["clips_per_s"])
-        rec.add("pretrain_step", name, "full", shape, "step_ms", 1e3 * r["step_s"])
-        mfu = r["flops"] / r["step_s"] / (bounds["matmul_tflops"] * 1e12)
+        rec.add("pretrain_step", name, "full", shape, "clips_per_s_min", r["spread"][0])
+        rec.add("pretrain_step", name, "full", shape, "clips_per_s_max", r["spread"][1])
+        rec.add("pretrain_step", name, "full", shape, "step_ms", 1e3 * med)
+        mfu = r["flops"] / med / (bounds["matmul_tflops"] * 1e12)
         rec.add("pretrain_step", name, "full", shape, "mfu_vs_measured_matmul", mfu)
-        if r["peak"] is not None:
-            rec.add("pretrain_step", name, "full", shape, "peak_mem_bytes", r["peak"])
-        print(f"  {name:16s} {r['clips_per_s']:9.1f} clips/s  MFU {100 * mfu:5.1f}%  attention={r['backend']}"
+        spec = _spec_peak(device)
+        if spec:
+            rec.add("pretrain_step", name, "full", shape, "mfu_vs_spec_bf16", r["flops"] / med / spec)
+        print(f"  {name:16s} {r['clips_per_s']:9.1f} clips/s (median of {repeats}; {r['spread'][0]:.1f}-"
+              f"{r['spread'][1]:.1f})  MFU {100 * mfu:5.1f}% of measured matmul  attention={r['backend']}"
               f"  loss={r['loss']:.3f}")
+    if peak_all is not None:
+        rec.add("pretrain_step", "all_variants", "full", shape, "peak_mem_bytes", peak_all)
     if "a_eager_fp32" in res:
         for name, r in res.items():
             rec.add("pretrain_step", name, "full", shape, "speedup_vs_a", r["clips_per_s"] / res["a_eager_fp32"]["clips_per_s"])
     return res
+
+
+def _spec_peak(device) -> float | None:
+    """The card's dense bf16 spec (H100/H200 SXM: 989 TFLOP/s), for MFU against a fixed peak."""
+    if device.type != "cuda":
+        return None
+    from bestrq2.train import _peak_flops
+
+    return _peak_flops(device)

@@ -23,7 +23,7 @@ for m in ("safetensors", "soundfile", "scipy", "tqdm", "numpy", "matplotlib", "f
         print(m, "MISSING", e)
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
-timeout ${T_TESTS:-150} python -m pytest -v -m cuda tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
+timeout ${T_TESTS:-150} python -m pytest -v -m cuda tests/ 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
 piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log and the CSV
   local t=$1; shift
   echo "== bench $* (limit ${t}s)" | tee -a "$OUT/bench_gpu.txt"
@@ -34,8 +34,8 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
 piece 60 --only rpq,gather,head
 piece 30 --only attention
 piece 30 --only inference
-piece 40 --only e2e --variants a_eager_fp32,b_bf16_sdpa,c_fast
-piece 150 --only e2e --variants d_fast_compile
+# all four variants in one process, interleaved, 3 repeats each (compile included in the warm-up)
+piece 240 --only e2e
 echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
 timeout 50 python -m bench.gpu_probe 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14
 cp bench/results/sweeps/gpu-attention.csv "$OUT/" 2>/dev/null || true

@@ -119,8 +119,11 @@ class BestRQ2(nn.Module):
         pad = target_padding(lengths, t)
         if pad is not None and cfg.loss_on_padding:
             pad = None
-        return PretrainBatch(to_device(wave, device), MaskPlan.from_mask(mask).to(device),
-                             None if pad is None else to_device(pad, device))
+        plan = MaskPlan.from_mask(mask).to(device)
+        for t in (plan.mask_idx, plan.keep_idx, plan.mask_valid, plan.keep_pad, plan.rest):
+            if t is not None:  # the masked count varies per step (26 sizes at the paper's U[0.4, 0.6] of
+                torch._dynamo.maybe_mark_dynamic(t, 1)  # 128): compile one graph for all, not one each
+        return PretrainBatch(to_device(wave, device), plan, None if pad is None else to_device(pad, device))
 
     def forward_batch(self, batch: PretrainBatch) -> PretrainOutput:
         """Device side of a step: grid -> targets -> context -> predict -> loss. No host reads (ragged

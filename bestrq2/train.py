@@ -348,9 +348,9 @@ def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim
 def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: torch.Tensor, lengths: torch.Tensor,
                mask: torch.Tensor, device: torch.device, world: int, stop_flag: bool) -> torch.Tensor:
     """One optimizer step over this rank's share of the batch (``grad_accum`` micro-batches); host
-    tensors in. Returns device stats [loss, accuracy, stop flag] of the global batch, unread: on CUDA
-    nothing here waits for the device (masks and indices go over from pinned memory, a non-finite
-    loss skips the update through the fused optimizer's ``found_inf``)."""
+    tensors in. Returns device stats [loss, accuracy, stop flag] of the global batch, unread: with a
+    fused optimizer (CUDA) nothing here waits for the device (masks and indices go over from pinned
+    memory, a non-finite loss skips the update through the optimizer's ``found_inf``)."""
     micro = wave.shape[0] // tc.grad_accum
     opt.zero_grad(set_to_none=True)
     loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -368,10 +368,10 @@ def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: tor
     if world > 1:  # one all-reduce: the global batch's loss and accuracy, and whether any rank must stop
         dist.all_reduce(stats)
         stats[:2] /= world
-    if device.type == "cuda":
+    if opt.defaults.get("fused"):
         opt.found_inf = (~torch.isfinite(stats[0])).float()  # the fused step leaves everything as it was
         opt.grad_scale = None
-    elif not math.isfinite(float(stats[0])):  # CPU: reading costs nothing
+    elif not math.isfinite(float(stats[0])):  # foreach (CPU): read the loss, skip on the host
         opt.zero_grad(set_to_none=True)
         return stats
     if tc.grad_clip > 0:

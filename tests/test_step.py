@@ -1,0 +1,142 @@
+"""The training step without host reads: fp32 targets under autocast, the fused optimizer (and its
+device-side skip of non-finite steps), one graph for torch.compile whatever the mask size, and, on a
+GPU, a step under CUDA's sync debug mode."""
+import pytest
+import torch
+
+from bestrq2 import BestRQ2, BestRQ2Config
+from bestrq2.train import TrainConfig, make_optimizer, train_step
+
+
+def tiny(**kw):
+    return BestRQ2Config.preset("tiny", encoder_depth=1, predictor_depth=1, codebook_size=512, **kw)
+
+
+def test_targets_and_spectrogram_stay_float32_under_bf16_autocast():
+    """Under autocast the frontend's matmul would run in bf16 and move codes near a tie; it must not."""
+    model = BestRQ2(tiny())
+    wave = torch.randn(2, 48_000) * 0.1
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[torch.randperm(32)[:14]] = True
+    ref_spec = model.frontend(wave)
+    ref_codes = model.targets(wave)[:, mask]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        spec = model.frontend(wave)
+        out = model(wave, mask=mask)
+        assert torch.matmul(wave[:, :64], wave[:, :64].T).dtype == torch.bfloat16  # autocast is on
+    assert spec.dtype == torch.float32 and torch.equal(spec, ref_spec)
+    assert torch.equal(out.targets, ref_codes)
+
+
+def _batches(n, b=2, t=48_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, t, generator=g) * 0.1, torch.full((b,), t)) for _ in range(n)]
+
+
+def test_fused_and_foreach_adamw_agree():
+    """Five steps on the same gradients (the model's shapes; well above Adam's eps: a model's key biases,
+    whose true gradient is zero, get rounding noise that Adam amplifies differently on either path)."""
+    shapes = [p.shape for p in BestRQ2(tiny()).parameters()]
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(5)]
+    result = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, fused=fused, foreach=not fused)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        result[fused] = params
+    for a, b in zip(result[True], result[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(result[True][0], init[0])
+    assert make_optimizer(BestRQ2(tiny()).parameters(), TrainConfig(), torch.device("cpu")).defaults["foreach"]
+
+
+def test_non_finite_step_is_skipped_on_the_device(monkeypatch):
+    """With a fused optimizer the skip needs no host read: found_inf leaves weights, moments and step
+    counts as they were; the next finite step updates again."""
+    torch.manual_seed(0)
+    model = BestRQ2(tiny())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    (wave, lengths), = _batches(1)
+    mask = model.prepare(wave).plan.mask
+    tc = TrainConfig(batch_size=2)
+    train_step(model, model, model, opt, tc, wave, lengths, mask, torch.device("cpu"), 1, False)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    steps = [s["step"].clone() for s in opt.state.values()]
+    real = BestRQ2.forward_batch
+
+    def poisoned(self, batch):
+        out = real(self, batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BestRQ2, "forward_batch", poisoned)
+    stats = train_step(model, model, model, opt, tc, wave, lengths, mask, torch.device("cpu"), 1, False)
+    assert torch.isnan(stats[0]) and float(opt.found_inf) == 1.0
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    assert [s["step"] for s in opt.state.values()] == steps
+    monkeypatch.setattr(BestRQ2, "forward_batch", real)
+    train_step(model, model, model, opt, tc, wave, lengths, mask, torch.device("cpu"), 1, False)
+    assert not torch.equal(model.head.weight, before["head.weight"])
+
+
+@pytest.mark.parametrize("one_stage", [False, True])
+def test_device_side_of_a_step_is_one_graph(one_stage):
+    """torch._dynamo.explain: no graph break in forward_batch (grid -> targets -> context -> predict ->
+    loss); fullgraph compile (aot_eager: forward and backward traced) runs and matches eager."""
+    torch.manual_seed(0)
+    model = BestRQ2(tiny(one_stage=one_stage, encoder_drop_path=0.0))
+    wave = torch.randn(2, 48_000) * 0.1
+    batch = model.prepare(wave)
+    explain = torch._dynamo.explain(model.forward_batch)(batch)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_batch, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(batch), model.forward_batch(batch)
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
+    assert model.head.weight.grad is not None
+
+
+def test_mask_sizes_do_not_recompile():
+    """U[0.4, 0.6] of 128 tokens gives 26 mask sizes; the index tensors are marked dynamic, so one
+    compiled graph serves them all (counted here over 5 sizes, 3 s clips: 32 tokens)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BestRQ2(tiny(encoder_drop_path=0.0))
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model.forward_batch, backend=counter)
+    wave = torch.randn(2, 48_000) * 0.1
+    for m in (10, 13, 15, 17, 19):
+        mask = torch.zeros(32, dtype=torch.bool)
+        mask[torch.randperm(32)[:m]] = True
+        out = compiled(model.prepare(wave, mask=mask))
+        assert out.targets.shape[1] == m
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 5 mask sizes"
+
+
+@pytest.mark.cuda
+def test_step_reads_nothing_back_on_cuda():
+    """A whole training step (prepare from pinned host tensors, forward, backward, fused AdamW with
+    found_inf) under torch.cuda.set_sync_debug_mode('error')."""
+    dev = torch.device("cuda")
+    model = BestRQ2(tiny()).to(dev)
+    opt = make_optimizer(model.parameters(), TrainConfig(lr=1e-3), dev)
+    (wave, lengths), = _batches(1)
+    wave, lengths = wave.pin_memory(), lengths
+    mask = model.prepare(wave).plan.mask
+    tc = TrainConfig(batch_size=2)
+    train_step(model, model, model, opt, tc, wave, lengths, mask, dev, 1, False)  # warm-up: lazy inits
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = train_step(model, model, model, opt, tc, wave, lengths, mask, dev, 1, False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(stats[0]).item()
