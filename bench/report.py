@@ -61,14 +61,17 @@ def ops_table(idx) -> list[str]:
 
 
 def e2e_table(idx) -> list[str]:
-    keys = sorted(k for k in idx if k[0] == "pretrain_step")
+    keys = sorted(k for k in idx if k[0] == "pretrain_step" and "clips_per_s" in idx[k])
     if not keys:
         return []
-    lines = ["| variant | shape | clips/s | step ms | MFU (vs measured matmul) | x (a) | peak mem |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | shape | clips/s (min-max) | step ms | MFU (vs measured matmul) | MFU (vs spec) | x (a) | peak mem |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in keys:
         m = idx[k]
-        lines.append(f"| {k[1]} | {k[3]} | {m['clips_per_s']:.1f} | {m['step_ms']:.1f} | "
-                     f"{100 * m['mfu_vs_measured_matmul']:.1f}% | {_x(m.get('speedup_vs_a'))} | "
+        spread = f" ({m['clips_per_s_min']:.0f}-{m['clips_per_s_max']:.0f})" if "clips_per_s_min" in m else ""
+        spec = f"{100 * m['mfu_vs_spec_bf16']:.1f}%" if "mfu_vs_spec_bf16" in m else "-"
+        lines.append(f"| {k[1]} | {k[3]} | {m['clips_per_s']:.1f}{spread} | {m['step_ms']:.1f} | "
+                     f"{100 * m['mfu_vs_measured_matmul']:.1f}% | {spec} | {_x(m.get('speedup_vs_a'))} | "
                      f"{fmt_bytes(m.get('peak_mem_bytes'))} |")
     return lines
 
@@ -149,7 +152,7 @@ def plots(name: str, idx, out_dir: Path) -> list[str]:
         fig.savefig(p, dpi=120)
         plt.close(fig)
         made.append(p)
-    e2e = sorted((k[1], m["clips_per_s"]) for k, m in idx.items() if k[0] == "pretrain_step")
+    e2e = sorted((k[1], m["clips_per_s"]) for k, m in idx.items() if k[0] == "pretrain_step" and "clips_per_s" in m)
     if e2e:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.bar([n for n, _ in e2e], [v for _, v in e2e], color="tab:green")
