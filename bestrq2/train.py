@@ -158,7 +158,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (its entry list reaches the disk)."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -213,11 +218,7 @@ def move_aside(out: Path) -> Path:
         dest = out.with_name(f"{out.name}.old-{stamp}-{k}")
         k += 1
     os.rename(out, dest)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
     return dest
 
 
