@@ -14,7 +14,10 @@ from .attention import VARLEN, dense_attention, resolve, varlen_attention
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch per sample with probability p (train only)."""
+    """Stochastic depth: drop the residual branch per sample with probability p (train only).
+
+    ``add(x, branch)`` is the residual add with the drop folded in: one ``addcmul`` pass,
+    x + branch * (noise / keep), where ``x + drop(branch)`` would write the scaled branch first."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -23,9 +26,21 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
+        return x * self.scale(x, x.shape[0])
+
+    def scale(self, like: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-sample factors noise / keep, shape [n, 1, ...] broadcasting against ``like``."""
         keep = 1.0 - self.p
-        noise = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * noise / keep
+        return like.new_empty((n,) + (1,) * (like.dim() - 1)).bernoulli_(keep).div_(keep)
+
+    def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor:
+        """x + drop(branch); packed tokens (``sample_of[t]`` = clip of token t) drop per clip, not per token."""
+        if self.p == 0.0 or not self.training:
+            return x + branch
+        if sample_of is None:
+            return torch.addcmul(x, branch, self.scale(branch, branch.shape[0]))
+        per_clip = self.scale(branch[:, 0], int(sample_of.max()) + 1)  # [clips]
+        return torch.addcmul(x, branch, per_clip[sample_of][:, None])
 
 
 class Attention(nn.Module):
@@ -72,18 +87,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
                 packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.norm1(x), key_padding, backend, packed), sample_of)
-        return x + self._drop(self.mlp(self.norm2(x)), sample_of)
-
-    def _drop(self, branch: torch.Tensor, sample_of: torch.Tensor | None) -> torch.Tensor:
-        if sample_of is None:
-            return self.drop_path(branch)
-        # packed tokens: drop per clip, not per token (sample_of[t] = clip of token t)
-        if self.drop_path.p == 0.0 or not self.training:
-            return branch
-        keep = 1.0 - self.drop_path.p
-        per_clip = branch.new_empty(int(sample_of.max()) + 1).bernoulli_(keep) / keep
-        return branch * per_clip[sample_of][:, None]
+        x = self.drop_path.add(x, self.attn(self.norm1(x), key_padding, backend, packed), sample_of)
+        return self.drop_path.add(x, self.mlp(self.norm2(x)), sample_of)
 
 
 class Transformer(nn.Module):

@@ -140,3 +140,26 @@ def test_step_reads_nothing_back_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(stats[0]).item()
+
+
+def test_drop_path_folded_into_the_residual_add():
+    """x + drop(branch) in one addcmul: each sample keeps its whole branch scaled by 1 / keep or drops it
+    (about p of them), packed tokens drop per clip, eval mode adds the branch as it is."""
+    from bestrq2.transformer import DropPath
+
+    d = DropPath(0.25).train()
+    x, b = torch.randn(4000, 3, 8), torch.randn(4000, 3, 8, requires_grad=True)
+    out = d.add(x, b)
+    dropped = (out - x).reshape(4000, -1).abs().amax(1) < 1e-6  # per sample: the branch is gone, or ...
+    factor = torch.where(dropped, 0.0, 1 / 0.75)[:, None, None]
+    torch.testing.assert_close(out, x + b.detach() * factor)  # ... all of it is there, scaled by 1 / keep
+    assert abs(float(dropped.float().mean()) - 0.25) < 0.03
+    out.sum().backward()
+    torch.testing.assert_close(b.grad, factor.expand_as(b))
+    sample_of = torch.tensor([0, 0, 0, 1, 1, 2])
+    xp, bp = torch.randn(6, 8), torch.randn(6, 8)
+    for _ in range(20):  # every clip's tokens share one draw
+        gone = (d.add(xp, bp, sample_of) - xp).abs().amax(1) < 1e-6
+        assert len(set(gone[:3].tolist())) == 1 and len(set(gone[3:5].tolist())) == 1
+    d.eval()
+    assert torch.equal(d.add(x, b.detach()), x + b.detach())
