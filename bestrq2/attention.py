@@ -92,10 +92,10 @@ def resolve(requested: str, x: torch.Tensor, head_dim: int, max_len: int) -> str
                 if why is None:
                     chosen = cand
                     break
-                if cand not in _warned:
+                if cand not in _warned and not torch.compiler.is_compiling():
                     _warned.add(cand)
                     warnings.warn(f"bestrq2 attention: {cand} {why}; using sdpa", stacklevel=3)
-    if chosen not in _logged:
+    if chosen not in _logged and not torch.compiler.is_compiling():  # a log call would break the graph
         _logged.add(chosen)
         log.info("bestrq2 attention backend: %s", chosen)
     return chosen

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import VARLEN, dense_attention, resolve, varlen_attention
+from .kernels import bias_gelu, layer_norm, residual_drop_path
+from .kernels._dispatch import use_triton
 
 
 class DropPath(nn.Module):
@@ -23,24 +25,44 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = float(p)
 
+    @property
+    def active(self) -> bool:
+        return self.p > 0.0 and self.training
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.active:
             return x
         return x * self.scale(x, x.shape[0])
 
-    def scale(self, like: torch.Tensor, n: int) -> torch.Tensor:
-        """Per-sample factors noise / keep, shape [n, 1, ...] broadcasting against ``like``."""
+    def factors(self, n: int, device: torch.device) -> torch.Tensor:
+        """float32 [n]: 0 for a dropped sample, 1 / keep for a kept one."""
         keep = 1.0 - self.p
-        return like.new_empty((n,) + (1,) * (like.dim() - 1)).bernoulli_(keep).div_(keep)
+        return torch.empty(n, device=device).bernoulli_(keep).div_(keep)
+
+    def scale(self, like: torch.Tensor, n: int) -> torch.Tensor:
+        """The factors shaped [n, 1, ...] to broadcast against ``like``."""
+        return self.factors(n, like.device).view((n,) + (1,) * (like.dim() - 1))
 
     def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor:
         """x + drop(branch); packed tokens (``sample_of[t]`` = clip of token t) drop per clip, not per token."""
-        if self.p == 0.0 or not self.training:
+        if not self.active:
             return x + branch
         if sample_of is None:
             return torch.addcmul(x, branch, self.scale(branch, branch.shape[0]))
-        per_clip = self.scale(branch[:, 0], int(sample_of.max()) + 1)  # [clips]
+        per_clip = self.factors(int(sample_of.max()) + 1, branch.device)
         return torch.addcmul(x, branch, per_clip[sample_of][:, None])
+
+    def add_fused(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor:
+        """``add`` through the fused kernel (``kernels.residual_drop_path``): the same draws, one pass
+        forward and one backward."""
+        if not self.active:
+            return x + branch
+        if sample_of is None:
+            rows = self.factors(x.shape[0], x.device).repeat_interleave(x[0].numel() // x.shape[-1])
+        else:
+            rows = self.factors(int(sample_of.max()) + 1, x.device)[sample_of]
+        d = x.shape[-1]
+        return residual_drop_path(x.reshape(-1, d), branch.reshape(-1, d), rows).view(x.shape)
 
 
 class Attention(nn.Module):
@@ -87,8 +109,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
                 packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None) -> torch.Tensor:
+        if use_triton(x):  # CUDA (BESTRQ2_KERNELS): fused LayerNorm, bias + GELU, drop-path + residual
+            return self._forward_fused(x, key_padding, backend, packed, sample_of)
         x = self.drop_path.add(x, self.attn(self.norm1(x), key_padding, backend, packed), sample_of)
         return self.drop_path.add(x, self.mlp(self.norm2(x)), sample_of)
+
+    def _forward_fused(self, x, key_padding, backend, packed, sample_of) -> torch.Tensor:
+        """The same block with its eager elementwise passes fused: LayerNorm with float32 statistics
+        whose output is already in the matmul's dtype (no cast pass), fc1 without bias then bias +
+        GELU in one pass, and each residual add with its drop-path scale in one pass."""
+        n1, n2, mlp = self.norm1, self.norm2, self.mlp
+        h = self.attn(layer_norm(x, n1.weight, n1.bias, n1.eps), key_padding, backend, packed)
+        x = self.drop_path.add_fused(x, h, sample_of)
+        h = layer_norm(x, n2.weight, n2.bias, n2.eps)
+        h = mlp.fc2(bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias))
+        return self.drop_path.add_fused(x, h, sample_of)
 
 
 class Transformer(nn.Module):

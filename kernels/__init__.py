@@ -6,11 +6,15 @@ Each op lives in its own file next to its plain-PyTorch reference ``<op>_ref``. 
 ops are registered with ``torch.library`` (``bestrq2::*``) so torch.compile traces through them.
 """
 from ._dispatch import backend
+from .bias_gelu import bias_gelu, bias_gelu_ref
 from .gather_tokens import gather_tokens, gather_tokens_ref
+from .layer_norm import layer_norm, layer_norm_ref
 from .linear_cross_entropy import choose_chunk, linear_cross_entropy, linear_cross_entropy_ref
+from .residual_drop_path import residual_drop_path, residual_drop_path_ref
 from .rpq_codes import rpq_codes, rpq_codes_ref, rpq_scores_ref, spec_patches
 from .scatter_tokens import scatter_tokens, scatter_tokens_ref
 
-__all__ = ["backend", "choose_chunk", "gather_tokens", "gather_tokens_ref", "linear_cross_entropy",
-           "linear_cross_entropy_ref", "rpq_codes", "rpq_codes_ref", "rpq_scores_ref",
+__all__ = ["backend", "bias_gelu", "bias_gelu_ref", "choose_chunk", "gather_tokens", "gather_tokens_ref",
+           "layer_norm", "layer_norm_ref", "linear_cross_entropy", "linear_cross_entropy_ref",
+           "residual_drop_path", "residual_drop_path_ref", "rpq_codes", "rpq_codes_ref", "rpq_scores_ref",
            "scatter_tokens", "scatter_tokens_ref", "spec_patches"]

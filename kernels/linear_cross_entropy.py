@@ -135,52 +135,71 @@ def _ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Ten
     return loss, hit
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index, chunk, row_step="triton"):
-        m, d = h.shape
-        c, k, _ = weight.shape
-        t = targets.long()
-        valid = t != ignore_index  # [M, C]
-        n_valid = valid.sum(0)  # [C]
-        grad_h = torch.zeros(m, d, dtype=torch.float32, device=h.device)
-        grad_w = torch.zeros(c, k, d, dtype=torch.float32, device=h.device)
-        grad_b = torch.zeros(c, k, dtype=torch.float32, device=h.device) if bias is not None else None
-        loss_sum = torch.zeros(c, dtype=torch.float32, device=h.device)
-        hits = torch.zeros(c, dtype=torch.float32, device=h.device)
-        # d loss / d logit scale: mean over each codebook's valid rows, then over codebooks. A tensor,
-        # so nothing syncs with the host (a codebook with no valid row gives nan, as F.cross_entropy)
-        scales = 1.0 / (n_valid.clamp_min(1).float() * c)  # no counted target: loss and grads 0
-        for ci in range(c):
-            w = weight[ci]
-            for r0 in range(0, m, chunk):
-                hc = h[r0: r0 + chunk]
-                logits = hc @ w.T if bias is None else torch.addmm(bias[ci], hc, w.T)
-                tc = t[r0: r0 + chunk, ci].contiguous()
-                step = _ce_rows if row_step == "triton" else _ce_rows_torch
-                loss_rows, hit_rows = step(logits, tc, scales[ci: ci + 1], ignore_index)  # logits now hold the grad
-                loss_sum[ci] += loss_rows.sum()
-                hits[ci] += hit_rows.sum()
-                grad_h[r0: r0 + chunk] += (logits @ w).float()
-                grad_w[ci] += (logits.T @ hc).float()
-                if grad_b is not None:
-                    grad_b[ci] += logits.float().sum(0)
-        per_cb = loss_sum / n_valid.clamp_min(1).float()
-        loss = per_cb.mean()
-        acc = hits / n_valid.clamp_min(1).float()
-        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_h.new_empty(0))
-        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(acc)
-        return loss, acc
+@torch.library.custom_op("bestrq2::linear_cross_entropy_fused", mutates_args=())
+def _lce_fused(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+               ignore_index: int, chunk: int, row_step: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, accuracy and the gradients (float32) in one pass over row chunks. An opaque custom op:
+    torch.compile sees only its shapes, so the chunk loop (which depends on M) never specialises a
+    compiled graph on the masked count. ``chunk`` <= 0: ``choose_chunk``."""
+    m, d = h.shape
+    c, k, _ = weight.shape
+    if chunk <= 0:
+        chunk = choose_chunk(m, k, h.element_size(), h.device)
+    t = targets.long()
+    valid = t != ignore_index  # [M, C]
+    n_valid = valid.sum(0)  # [C]
+    grad_h = torch.zeros(m, d, dtype=torch.float32, device=h.device)
+    grad_w = torch.zeros(c, k, d, dtype=torch.float32, device=h.device)
+    grad_b = torch.zeros(c if bias is not None else 0, k, dtype=torch.float32, device=h.device)
+    loss_sum = torch.zeros(c, dtype=torch.float32, device=h.device)
+    hits = torch.zeros(c, dtype=torch.float32, device=h.device)
+    # d loss / d logit scale: mean over each codebook's valid rows, then over codebooks. A tensor, so
+    # nothing syncs with the host; no counted target gives loss and grads 0
+    scales = 1.0 / (n_valid.clamp_min(1).float() * c)
+    step = _ce_rows if row_step == "triton" else _ce_rows_torch
+    for ci in range(c):
+        w = weight[ci]
+        for r0 in range(0, m, chunk):
+            hc = h[r0: r0 + chunk]
+            logits = hc @ w.T if bias is None else torch.addmm(bias[ci], hc, w.T)
+            tc = t[r0: r0 + chunk, ci].contiguous()
+            loss_rows, hit_rows = step(logits, tc, scales[ci: ci + 1], ignore_index)  # logits now hold the grad
+            loss_sum[ci] += loss_rows.sum()
+            hits[ci] += hit_rows.sum()
+            grad_h[r0: r0 + chunk] += (logits @ w).float()
+            grad_w[ci] += (logits.T @ hc).float()
+            if bias is not None:
+                grad_b[ci] += logits.float().sum(0)
+    loss = (loss_sum / n_valid.clamp_min(1).float()).mean()
+    acc = hits / n_valid.clamp_min(1).float()
+    return loss, acc, grad_h, grad_w, grad_b
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_acc):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        hd, wd, bd = ctx.dtypes
-        gh = (grad_h * grad_loss).to(hd) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_loss).to(wd) if ctx.needs_input_grad[1] else None
-        gb = (grad_b * grad_loss).to(bd) if bd is not None and ctx.needs_input_grad[2] else None
-        return gh, gw, gb, None, None, None, None
+
+@_lce_fused.register_fake
+def _lce_fused_fake(h, weight, bias, targets, ignore_index, chunk, row_step):
+    m, d = h.shape
+    c, k, _ = weight.shape
+    f32 = torch.float32
+    return (h.new_empty((), dtype=f32), h.new_empty(c, dtype=f32), h.new_empty(m, d, dtype=f32),
+            h.new_empty(c, k, d, dtype=f32), h.new_empty(c if bias is not None else 0, k, dtype=f32))
+
+
+def _lce_setup(ctx, inputs, output):
+    h, weight, bias = inputs[:3]
+    ctx.save_for_backward(*output[2:])
+    ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _lce_backward(ctx, grad_loss, _grad_acc, _gh, _gw, _gb):
+    """The loss is a scalar: its gradients were computed in the forward and only scale here."""
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    hd, wd, bd = ctx.dtypes
+    gb = (grad_b * grad_loss).to(bd) if bd is not None else None
+    return (grad_h * grad_loss).to(hd), (grad_w * grad_loss).to(wd), gb, None, None, None, None
+
+
+_lce_fused.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -213,8 +232,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         impl = "triton" if use_triton(h) else "reference"
     if impl == "reference":
         return linear_cross_entropy_ref(h, weight, bias, targets, ignore_index)
-    if chunk is None:
-        chunk = choose_chunk(m, k, h.element_size(), h.device)
-    need(chunk >= 1, f"chunk must be >= 1, got {chunk}")
-    return _LinearCrossEntropy.apply(h.contiguous(), weight.contiguous(),
-                                     None if bias is None else bias.contiguous(), targets, ignore_index, chunk, impl)
+    need(chunk is None or chunk >= 1, f"chunk must be >= 1, got {chunk}")
+    loss, acc, *_ = _lce_fused(h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                               targets, ignore_index, chunk or 0, impl)
+    return loss, acc

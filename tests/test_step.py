@@ -85,7 +85,7 @@ def test_non_finite_step_is_skipped_on_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize("one_stage", [False, True])
-def test_device_side_of_a_step_is_one_graph(one_stage):
+def test_device_side_of_a_step_is_one_graph(one_stage, monkeypatch):
     """torch._dynamo.explain: no graph break in forward_batch (grid -> targets -> context -> predict ->
     loss); fullgraph compile (aot_eager: forward and backward traced) runs and matches eager."""
     torch.manual_seed(0)
@@ -95,6 +95,9 @@ def test_device_side_of_a_step_is_one_graph(one_stage):
     explain = torch._dynamo.explain(model.forward_batch)(batch)
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
     torch._dynamo.reset()
+    # aot tracing runs Triton kernels on fake tensors, which the CPU interpreter cannot: the Triton
+    # path's compiled step is the GPU suite's (test_gpu); here the reference ops
+    monkeypatch.setenv("BESTRQ2_KERNELS", "reference")
     compiled = torch.compile(model.forward_batch, fullgraph=True, backend="aot_eager")
     out, ref = compiled(batch), model.forward_batch(batch)
     torch.testing.assert_close(out.loss, ref.loss)
@@ -163,3 +166,26 @@ def test_drop_path_folded_into_the_residual_add():
         assert len(set(gone[:3].tolist())) == 1 and len(set(gone[3:5].tolist())) == 1
     d.eval()
     assert torch.equal(d.add(x, b.detach()), x + b.detach())
+
+
+@pytest.mark.cuda
+def test_mask_sizes_do_not_recompile_on_cuda():
+    """The real fast path (Triton ops, the fused head as an opaque custom op, bf16 autocast): one
+    compilation for 5 mask sizes, and the compiled loss equals eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = BestRQ2(tiny(encoder_drop_path=0.0)).to(dev)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model.forward_batch, backend=counter)
+    wave = (torch.randn(2, 48_000) * 0.1).pin_memory()
+    for m in (10, 13, 15, 17, 19):
+        mask = torch.zeros(32, dtype=torch.bool)
+        mask[torch.randperm(32)[:m]] = True
+        batch = model.prepare(wave, mask=mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, ref = compiled(batch), model.forward_batch(batch)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=2e-2)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 5 mask sizes"
