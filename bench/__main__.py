@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that everything runs")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for gpu, cpu for cpu")
     ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,e2e,inference,memory,pipeline")
-    ap.add_argument("--variants", default="", help="comma list of e2e variants (default all): a_eager_fp32,...")
+    ap.add_argument("--variants", default="", help="comma list of e2e variants (default all): a_eager_fp32, b_bf16_sdpa, c_fast, "
+                    "d_fast_compile, e_pretrain_loop")
     ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
     args = ap.parse_args(argv)
     device_kind = args.device or ("cuda" if args.suite == "gpu" else "cpu")
@@ -74,8 +75,9 @@ def main(argv=None) -> int:
     if want("e2e") and args.suite == "gpu":
         from .e2e import bench_e2e
 
-        bench_e2e(rec, device, bounds, args.smoke,
-                  variants=[v.strip() for v in args.variants.split(",") if v.strip()] or None)
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+        bench_e2e(rec, device, bounds, args.smoke, variants=[v for v in chosen if v != "e_pretrain_loop"] or None,
+                  with_loop=not chosen or "e_pretrain_loop" in chosen)
     if want("inference"):
         from .inference import bench_inference
 

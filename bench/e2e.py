@@ -8,7 +8,9 @@ autocast + SDPA; (c) every fast path (auto attention, Triton gather/scatter/quan
 visible tokens, predictor on all, head on masked, x3), divided by the bf16 matmul rate measured in the
 same run and against the card's dense bf16 spec. All variants live in one process and are timed
 interleaved, 3 repeats each (median, min-max); inputs come from pinned host memory through
-``model.prepare``, as in the training loop, and the optimizer is fused AdamW on CUDA.
+``model.prepare``, as in the training loop, and the optimizer is fused AdamW on CUDA. (e) is the
+real ``bestrq2 pretrain`` loop on prepared shards with the faster of (c)/(d)'s settings, and a
+``torch.profiler`` breakdown per variant says where each step's time goes (``bench/e2e_extra.py``).
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ class Variant:
             torch.set_float32_matmul_precision(prec)
 
 
-def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats: int | None = None) -> dict:
+def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats: int | None = None,
+              with_loop: bool = True) -> dict:
     """All variants in one process, built once, then timed interleaved (a b c d, a b c d, ...) so drift
     and clock changes hit them alike; median and spread over the repeats."""
     preset, batch, steps, warmup = ("tiny", 2, 2, 1) if smoke else ("base", 256, 5, 3)
@@ -136,6 +139,32 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
               f"  loss={r['loss']:.3f}")
     if peak_all is not None:
         rec.add("pretrain_step", "all_variants", "full", shape, "peak_mem_bytes", peak_all)
+    if device.type == "cuda":  # where the time goes, per variant (committed as rows: op "step_profile")
+        from .e2e_extra import profile_variant
+
+        for name, var in built.items():
+            shares = profile_variant(var)
+            for cat, share in shares.items():
+                rec.add("step_profile", name, "full", shape, f"share_{cat}", share)
+            print(f"  profile {name:16s} " + "  ".join(f"{c} {100 * v:4.1f}%" for c, v in shares.items()))
+    if with_loop:  # (e): the real training loop on prepared shards, as fast as the best of (c)/(d)?
+        from .e2e_extra import run_pretrain_loop
+
+        best = max((n for n in res if n in ("c_fast", "d_fast_compile")), key=lambda n: res[n]["clips_per_s"],
+                   default="c_fast")
+        e = run_pretrain_loop(preset, batch, steps=2 if smoke else 10, warmup=1 if smoke else 5,
+                              compile=best == "d_fast_compile", clips=4 if smoke else 64,
+                              device=device.type)
+        res["e_pretrain_loop"] = e
+        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s", e["clips_per_s"])
+        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s_min", e["spread"][0])
+        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s_max", e["spread"][1])
+        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "step_ms", 1e3 * batch / e["clips_per_s"])
+        if best in res:
+            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, f"ratio_vs_{best}",
+                    e["clips_per_s"] / res[best]["clips_per_s"])
+        print(f"  e_pretrain_loop  {e['clips_per_s']:9.1f} clips/s (median; {e['spread'][0]:.1f}-{e['spread'][1]:.1f})"
+              f"  compile={best == 'd_fast_compile'}  loss={e['loss']:.3f}")
     if "a_eager_fp32" in res:
         for name, r in res.items():
             rec.add("pretrain_step", name, "full", shape, "speedup_vs_a", r["clips_per_s"] / res["a_eager_fp32"]["clips_per_s"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first duty of a session that has a GPU: one script, run through the device tool, e.g.
 #   run(command="BESTRQ2_COMMIT=<git rev-parse --short HEAD here> bash bench/gpu_session.sh", timeout_s=570)
-# (about 9 minutes; name the commit: the device's copy of .git lagged the tree it was sent once)
+# (about 9 minutes; name the commit: the device's copy of .git lagged the tree it was sent once);
+# `bash bench/gpu_session.sh sweep` afterwards runs the attention tuning sweep if time is left
 # It installs the project over the machine's own torch/triton (no deps, so the pin pulls nothing),
 # runs the GPU tests, then the GPU benchmark suite in pieces (each under its own timeout and each
 # appending its rows to bench/results/gpu.csv, so a piece that overruns loses only itself), and
@@ -23,7 +24,13 @@ for m in ("safetensors", "soundfile", "scipy", "tqdm", "numpy", "matplotlib", "f
         print(m, "MISSING", e)
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
-timeout ${T_TESTS:-150} python -m pytest -v -m cuda tests/ 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
+if [ "${1:-}" = "sweep" ]; then  # a second call, if device time is left: the attention tuning sweep
+  echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
+  timeout 50 python -m bench.gpu_probe 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14
+  cp bench/results/sweeps/gpu-attention.csv "$OUT/" 2>/dev/null || true
+  exit 0
+fi
+timeout ${T_TESTS:-120} python -m pytest -v -m cuda tests/ 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
 piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log and the CSV
   local t=$1; shift
   echo "== bench $* (limit ${t}s)" | tee -a "$OUT/bench_gpu.txt"
@@ -34,8 +41,6 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
 piece 60 --only rpq,gather,head
 piece 30 --only attention
 piece 30 --only inference
-# all four variants in one process, interleaved, 3 repeats each (compile included in the warm-up)
-piece 240 --only e2e
-echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
-timeout 50 python -m bench.gpu_probe 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14
-cp bench/results/sweeps/gpu-attention.csv "$OUT/" 2>/dev/null || true
+# (a)-(d) built in one process and timed interleaved (compile in the warm-up), a profile of each,
+# then (e) the real pretrain loop on prepared shards (compiles again if (d) won): estimated ~200 s
+piece 280 --only e2e

@@ -42,7 +42,7 @@ def test_gpu_suite_code_under_interpreter(tmp_path):
     rows, _ = run_bench(["--suite", "gpu", "--smoke", "--device", "cpu"], tmp_path)
     providers = {(r["op"], r["provider"]) for r in rows}
     assert ("rpq_codes", "fast") in providers and ("attention", "triton") in providers
-    assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast")} <= providers
+    assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast", "e_pretrain_loop")} <= providers
     speed = [r for r in rows if r["metric"] == "speedup_vs_reference"]
     assert speed and all(float(r["value"]) > 0 for r in speed)
 
@@ -67,3 +67,19 @@ def test_report_renders(tmp_path, monkeypatch, cpu_smoke):
     assert "| gather_tokens |" in md and "Encoder inference" in md and "Device: **" in md
     assert (res_dir / "plots" / "cpu_speedups.png").exists() or not any(
         r["metric"] == "speedup_vs_reference" for r in rows)
+
+
+def test_profile_breakdown_groups_kernels_and_counts_idle():
+    from bench.e2e_extra import breakdown, categorize
+
+    assert categorize("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
+    assert categorize("flash_fwd_kernel") == "attention"
+    assert categorize("_rpq_codes_fwd_kernel") == "custom_ops"
+    assert categorize("void at::native::vectorized_elementwise_kernel<4, ...>") == "norm_elementwise"
+    assert categorize("multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert categorize("regular_fft_factor") == "frontend"
+    # two overlapping gemms (0-4, 2-6), a gap, an elementwise kernel (8-9), over a wall time of 10
+    shares = breakdown([("gemm_a", 0, 4), ("gemm_b", 2, 6), ("elementwise_x", 8, 9)], 10)
+    assert abs(shares["idle"] - 0.3) < 1e-9  # busy 7 of 10
+    assert abs(sum(shares.values()) - 1.0) < 1e-9
+    assert abs(shares["gemm"] / shares["norm_elementwise"] - 8.0) < 1e-9  # 8 vs 1 units of kernel time
