@@ -106,57 +106,90 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     import torch
+    from tqdm.auto import tqdm
 
     from .encoder import BestRQ2Encoder
-    from .eval.suite import LogMelStats, evaluate_task, markdown, summarize
+    from .eval.debian import DEFAULT_CACHE, prepare_tasks
+    from .eval.stats import rounded
+    from .eval.suite import LogMelStats, evaluate_task, markdown, paired, summarize, summarize_ci
     from .eval.tasks import read_manifest
 
-    from pathlib import Path
-
-    from .eval.debian import DEFAULT_CACHE, prepare_tasks
-
     cache = Path(args.cache) if args.cache else DEFAULT_CACHE
-    tasks = [(m, args.domain) for m in args.manifest]
+    domains = args.domain or []
+    if len(domains) > 1 and len(domains) != len(args.manifest):
+        raise ValueError(f"--domain: give one for every --manifest (in order) or one for all; got {len(domains)} "
+                         f"for {len(args.manifest)} manifests")
+    specs = [(m, domains[i] if len(domains) > 1 else (domains[0] if domains else None), None)
+             for i, m in enumerate(args.manifest)]
     if args.prepare or args.builtin:
         made = prepare_tasks(cache, args.tasks.split(",") if args.tasks else None, seed=args.seed, limit=args.limit)
         print(f"built-in tasks ready under {cache}: {', '.join(made) or 'none'}")
-        tasks += [(str(m), dom) for dom, m in made.values()]
+        specs += [(str(m), dom, name) for name, (dom, m) in made.items()]
         if args.prepare and not args.model:
             return 0
     if not args.model:
         raise ValueError("--model: give the encoder directory to evaluate")
-    if not tasks:
+    if not specs:
         raise ValueError("--manifest / --builtin: give at least one task")
+    # every manifest is read and checked before any audio is encoded: a bad one fails the call at once
+    tasks = [read_manifest(m, name=name, domain=dom, seed=args.seed) for m, dom, name in specs]
+    for t in tasks:
+        if t.ignored_columns:
+            print(f"task {t.name}: ignoring columns {', '.join(t.ignored_columns)}")
     enc = BestRQ2Encoder.from_pretrained(args.model)
+    encoders = {"model": enc}
+    if args.baseline:
+        encoders["baseline"] = BestRQ2Encoder.from_pretrained(args.baseline)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        random_enc = BestRQ2Encoder(enc.config).eval()  # the random-init floor, same architecture
-    encoders = {"model": enc, "random_init": random_enc, "logmel_stats": LogMelStats()}
+        encoders["random_init"] = BestRQ2Encoder(enc.config).eval()  # the random-init floor, same architecture
+    encoders["logmel_stats"] = LogMelStats()
+    seeds = tuple(range(args.seed, args.seed + args.seeds))
     results = []
-    for m, domain in tasks:
-        task = read_manifest(m, domain=domain, seed=args.seed)
-        if Path(m).parent.parent.name == "tasks":  # a built-in task: name it after its folder
-            task.name = Path(m).parent.name
+    for task in tqdm(tasks, desc="tasks", unit="task", disable=args.no_progress):
         try:
-            res = evaluate_task(task, encoders, epochs=args.epochs, seed=args.seed)
+            res = evaluate_task(task, encoders, epochs=args.epochs, seed=args.seed, probe=args.probe,
+                                cv=args.cv, seeds=seeds, progress=not args.no_progress)
         except ValueError as err:
             print(f"task {task.name}: skipped ({err})")
             continue
-        if res.skipped:
-            print(f"task {task.name}: {res.skipped} unreadable files skipped")
+        if res.skipped or res.padded:
+            print(f"task {task.name}: {res.padded} clips under 1 s padded to 1 s, {res.skipped} files skipped"
+                  + (f" (e.g. {next(iter(res.skipped_files))}: {next(iter(res.skipped_files.values()))})"
+                     if res.skipped_files else ""))
         results.append(res)
     if not results:
         raise ValueError("no task could be evaluated")
-    table = markdown(results)
-    print(table)
+    compare = ("model", "baseline") if args.baseline else ("model", "random_init")
+    table = markdown(results, compare=compare)
+    head = (f"Probe: {args.probe}" + (f" ({len(seeds)} seeds: mean)" if args.probe == "xares" else
+                                       " (L2-regularised logistic regression, L2 chosen on val)")
+            + (f"; {args.cv}-fold cross-validation over groups" if args.cv and args.cv != "groups" else
+               "; leave-one-group-out" if args.cv == "groups" else "")
+            + ". Test accuracy in %, [95% bootstrap interval over test clips].")
+    print(head + "\n\n" + table)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(table + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(
-            {"tasks": [r.__dict__ for r in results], "summary": summarize(results)}, indent=1))
-        print(f"report written to {args.out}")
+        out = Path(args.out)
+        out.write_text(head + "\n\n" + table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(rounded({
+            "probe": args.probe, "cv": args.cv, "seeds": list(seeds),
+            "tasks": [r.__dict__ for r in results],  # hits per test clip: paired comparisons later
+            "summary": summarize(results), "summary_ci": summarize_ci(results),
+            "paired": {f"{compare[0]}-{compare[1]}": paired(results, *compare)}}), indent=1))
+        print(f"report written to {out} (and {out.with_suffix('.json')})")
     return 0
+
+
+def _cv_arg(s: str):
+    if s == "groups":
+        return s
+    try:
+        k = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cv takes an integer K >= 3 or 'groups', got {s!r}") from None
+    if k < 3:
+        raise argparse.ArgumentTypeError(f"--cv needs K >= 3, got {k}")
+    return k
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -254,11 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", default=None, help="comma list of built-in tasks (default: all)")
     ev.add_argument("--cache", default=None, help="cache folder (default ~/.cache/bestrq2/eval)")
     ev.add_argument("--limit", type=_positive_int("--limit"), default=None, help="files per class (smoke runs)")
-    ev.add_argument("--manifest", action="append", default=[], help="CSV of path,label,split|group (repeatable)")
-    ev.add_argument("--domain", default="custom", help="domain name for the per-domain means")
-    ev.add_argument("--epochs", type=_positive_int("--epochs"), default=100)
+    ev.add_argument("--manifest", action="append", default=[],
+                    help="CSV of path,label and split (train/val|valid|validation|dev/test) or group; repeatable; "
+                         "other columns are ignored")
+    ev.add_argument("--domain", action="append", default=[],
+                    help="domain of the manifests: once for all, or once per --manifest in order (default: the "
+                         "manifest's domain column, else task.json beside it, else 'custom')")
+    ev.add_argument("--baseline", default=None, help="a second encoder directory: paired differences model - baseline")
+    ev.add_argument("--probe", default="logistic", choices=["logistic", "xares"],
+                    help="logistic: standardised features, L2 logistic regression to convergence (deterministic); "
+                         "xares: X-ARES's MLP probe with early stopping on val")
+    ev.add_argument("--cv", type=_cv_arg, default=None, metavar="K|groups",
+                    help="K-fold cross-validation over groups (or leave one group out) instead of the split")
+    ev.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="xares probe: seeds (mean +- std)")
+    ev.add_argument("--epochs", type=_positive_int("--epochs"), default=1000, help="xares probe: most epochs")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", default=None, help="write the markdown table (and a .json beside it)")
+    ev.add_argument("--out", default=None, help="write the markdown report (and a .json beside it)")
+    ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
 
     sy = sub.add_parser("synth", help="write one clip of the procedural corpus as a wav")

@@ -2,6 +2,7 @@
 smoke run of `bestrq2 eval` on a small synthetic task."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import torch
 
 from bestrq2 import BestRQ2Config, BestRQ2Encoder
 from bestrq2.cli import main
-from bestrq2.eval import group_split, knn_classify, linear_probe, read_manifest
-from bestrq2.eval.suite import summarize, TaskScore
+from bestrq2.eval import (accuracy_ci, cv_folds, group_split, knn_classify, linear_probe, logistic_probe,
+                          paired_difference, read_manifest, xares_probe)
+from bestrq2.eval.probe import L2_GRID
+from bestrq2.eval.suite import TaskScore, summarize
 
 
 def clusters(n_per, dim=16, classes=3, spread=0.3, seed=0):
@@ -21,31 +24,96 @@ def clusters(n_per, dim=16, classes=3, spread=0.3, seed=0):
     return x, torch.arange(classes).repeat_interleave(n_per)
 
 
-def test_probe_and_knn_find_separable_classes():
-    x, y = clusters(70, seed=1)
-    idx = torch.randperm(210, generator=torch.Generator().manual_seed(0))
-    tr, va, te = (x[idx[:120]], y[idx[:120]]), (x[idx[120:150]], y[idx[120:150]]), (x[idx[150:]], y[idx[150:]])
-    res = linear_probe(tr, va, te, 3, epochs=200)  # 2 batches an epoch: 400 Adam steps at <= 1e-3
-    assert res.test_accuracy >= 0.95 and res.val_accuracy >= 0.95
-    assert knn_classify(tr, te, 3).test_accuracy >= 0.95
+def _split(x, y, seed=0):
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    n = x.shape[0]
+    a, b = int(0.6 * n), int(0.75 * n)
+    return (x[idx[:a]], y[idx[:a]]), (x[idx[a:b]], y[idx[a:b]]), (x[idx[b:]], y[idx[b:]])
 
 
-def test_probe_is_at_chance_on_random_labels():
+def test_logistic_probe_converges_and_needs_no_seed():
+    """Separable clusters: 100% on test; the fit is a convex optimum, so it is the same whatever the torch
+    seed, and its gradient at the end is ~0 (converged, not stopped by an epoch count)."""
+    from bestrq2.eval.probe import fit_logistic, standardize
+
+    tr, va, te = _split(*clusters(70, seed=1))
+    torch.manual_seed(0)
+    a = logistic_probe(tr, va, te, 3)
+    torch.manual_seed(123)
+    b = logistic_probe(tr, va, te, 3)
+    assert a.test_accuracy == 1.0 and a.val_accuracy == 1.0
+    assert torch.equal(a.predictions, b.predictions) and a.l2 == b.l2 and a.l2 in L2_GRID
+    xs = standardize(tr[0])[0]
+    w, bias = fit_logistic(xs, tr[1], 3, 1e-2)
+    w.requires_grad_(), bias.requires_grad_()
+    loss = torch.nn.functional.cross_entropy(xs @ w + bias, tr[1]) + 0.5e-2 * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, (w, bias))
+    assert max(float(gw.abs().max()), float(gb.abs().max())) < 1e-6
+
+
+def test_logistic_probe_beats_the_old_under_trained_probe_on_scaled_features():
+    """Features on wildly different scales (as log-mel statistics are): standardisation + a converged fit
+    find the signal that 100 epochs of Adam at 1e-3 on raw features miss."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 300, 20
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, d, generator=g)
+    x[:, 0] += 1.5 * y  # the signal sits in a small-scale column
+    x[:, 0] *= 0.01
+    x[:, 1:] *= 100.0  # nuisance columns, large scale
+    tr, va, te = _split(x, y)
+    assert logistic_probe(tr, va, te, 3).test_accuracy >= linear_probe(tr, va, te, 3, epochs=100).test_accuracy + 0.1
+
+
+def test_probes_are_at_chance_on_random_labels():
     x = torch.randn(300, 16)
     y = torch.randint(0, 4, (300,))
-    res = linear_probe((x[:200], y[:200]), (x[200:250], y[200:250]), (x[250:], y[250:]), 4, epochs=20)
-    assert res.test_accuracy < 0.5  # chance is 0.25
-    assert knn_classify((x[:200], y[:200]), (x[250:], y[250:]), 4).test_accuracy < 0.5
+    tr, va, te = (x[:200], y[:200]), (x[200:250], y[200:250]), (x[250:], y[250:])
+    assert logistic_probe(tr, va, te, 4).test_accuracy < 0.5  # chance is 0.25
+    assert xares_probe(tr, va, te, 4, epochs=30, patience=5).test_accuracy < 0.5
+    assert knn_classify(tr, te, 4).test_accuracy < 0.5
 
 
-def test_knn_weighting_and_errors():
+def test_xares_probe_stops_early_on_val():
+    tr, va, te = _split(*clusters(70, seed=2))
+    res = xares_probe(tr, va, te, 3, epochs=1000, patience=10)
+    assert res.test_accuracy >= 0.95 and res.best_epoch < 990  # stopped long before the budget
+
+
+def test_knn_is_standardised_and_errors():
     tr = (torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]]), torch.tensor([0, 1, 0]))
     te = (torch.tensor([[0.0, 2.0], [3.0, 0.2]]), torch.tensor([1, 0]))
     assert knn_classify(tr, te, 2, k=1).test_accuracy == 1.0
+    # a huge constant offset on one feature would dominate raw cosines; standardised it does not
+    off = torch.tensor([0.0, 1000.0])
+    assert knn_classify((tr[0] + off, tr[1]), (te[0] + off, te[1]), 2, k=1).test_accuracy == 1.0
     with pytest.raises(ValueError, match="NaN"):
         knn_classify(tr, (torch.tensor([[float("nan"), 0.0]]), torch.tensor([0])), 2)
     with pytest.raises(ValueError, match="labels"):
-        linear_probe(tr, tr, (tr[0], tr[1][:2]), 2)
+        logistic_probe(tr, tr, (tr[0], tr[1][:2]), 2)
+
+
+def test_bootstrap_intervals_cover_the_truth_at_the_nominal_rate():
+    """200 synthetic test sets of 150 clips with true accuracy 0.7: the 95% interval holds 0.7 in about
+    95% of them (binomial noise over 200 draws: 89-99% is a pass); a paired difference of two scorers
+    with true difference 0.1 is covered likewise."""
+    g = torch.Generator().manual_seed(0)
+    covered, covered_diff = 0, 0
+    for i in range(200):
+        hits = (torch.rand(150, generator=g) < 0.7).float()
+        _, lo, hi = accuracy_ci([hits], n_boot=500, seed=i)
+        covered += lo <= 0.7 <= hi
+        easy = torch.rand(150, generator=g)
+        a = (easy < 0.8).float()  # a shares b's easy clips and gets 0.1 more right
+        b = (easy < 0.7).float()
+        d, dlo, dhi = paired_difference([a], [b], n_boot=500, seed=i)
+        covered_diff += dlo <= 0.1 <= dhi
+    assert 0.89 <= covered / 200 <= 0.99, covered
+    assert 0.89 <= covered_diff / 200 <= 1.0, covered_diff
+    acc, lo, hi = accuracy_ci([torch.ones(50), torch.zeros(150)], n_boot=500)  # two tasks, weighted by size
+    assert acc == lo == hi == 0.25  # constant hits: no sampling spread
+    acc, lo, hi = accuracy_ci([torch.ones(50), (torch.arange(150) % 2).float()], n_boot=500)
+    assert acc == (50 + 75) / 200 and lo < acc < hi
 
 
 def test_group_split_keeps_groups_apart():
@@ -77,21 +145,71 @@ def test_manifest_reader_errors(tmp_path):
     for it in task.items:
         by_group.setdefault(it["group"], set()).add(it["split"])
     assert all(len(v) == 1 for v in by_group.values())
-    with pytest.raises(ValueError, match="unknown columns"):
+    with pytest.raises(ValueError, match="split or group"):
         read_manifest(write_manifest(tmp_path / "u.csv", [{"path": "a", "label": "x", "speaker": "s"}],
                                      ["path", "label", "speaker"]))
     rows = [{"path": "a", "label": "x", "split": "train"}, {"path": "b", "label": "x", "split": "val"},
             {"path": "c", "label": "z", "split": "test"}]
     with pytest.raises(ValueError, match="only outside train"):
         read_manifest(write_manifest(tmp_path / "t.csv", rows, ["path", "label", "split"]))
-    rows[2]["split"] = "dev"
-    with pytest.raises(ValueError, match="split values"):
+    rows[2]["split"] = "holdout"
+    with pytest.raises(ValueError, match="line 4: split 'holdout'"):
         read_manifest(write_manifest(tmp_path / "d.csv", rows, ["path", "label", "split"]))
-    with pytest.raises(ValueError, match="empty path or label"):
-        read_manifest(write_manifest(tmp_path / "e.csv", [{"path": "a", "label": "", "split": "train"}],
-                                     ["path", "label", "split"]))
+    for blank in ("", "   "):
+        with pytest.raises(ValueError, match="line 2: blank label"):
+            read_manifest(write_manifest(tmp_path / "e.csv", [{"path": "a", "label": blank, "split": "train"}],
+                                         ["path", "label", "split"]))
     with pytest.raises(ValueError, match="not found"):
         read_manifest(tmp_path / "missing.csv")
+    two = [{"path": "a", "label": "x", "split": "train", "domain": "speech"},
+           {"path": "b", "label": "x", "split": "val", "domain": "music"},
+           {"path": "c", "label": "x", "split": "test", "domain": "music"}]
+    with pytest.raises(ValueError, match="one domain"):
+        read_manifest(write_manifest(tmp_path / "dd.csv", two, ["path", "label", "split", "domain"]))
+
+
+def test_manifests_as_people_write_them(tmp_path):
+    """Extra columns ignored and listed; split aliases; labels stripped; the domain from a column, from
+    task.json or given; the task named after its folder when the file is manifest.csv."""
+    rows = [{"path": f"{i}.wav", "label": f" {'ab'[i % 2]} ", "split": sp, "source": "x", "duration_s": "1.0",
+             "domain": "speech"} for i, sp in enumerate(["train", "TRAIN", "valid", "Validation", "dev", "test", "test"])]
+    d = tmp_path / "my_task"
+    d.mkdir()
+    task = read_manifest(write_manifest(d / "manifest.csv", rows, list(rows[0])))
+    assert task.name == "my_task" and task.domain == "speech"
+    assert task.ignored_columns == ["duration_s", "source"]
+    assert [it["split"] for it in task.items] == ["train", "train", "val", "val", "val", "test", "test"]
+    assert task.classes == ["a", "b"]
+    assert read_manifest(d / "manifest.csv", domain="music").domain == "music"  # given wins
+    for r in rows:
+        del r["domain"]
+    write_manifest(d / "manifest.csv", rows, list(rows[0]))
+    (d / "task.json").write_text(json.dumps({"name": "digits", "domain": "environment"}))
+    task = read_manifest(d / "manifest.csv")
+    assert (task.name, task.domain) == ("digits", "environment")
+    (d / "task.json").unlink()
+    assert read_manifest(write_manifest(tmp_path / "other.csv", rows, list(rows[0]))).name == "other"
+    assert read_manifest(tmp_path / "other.csv").domain == "custom"
+
+
+def test_cv_folds_test_every_item_once_and_keep_groups_whole():
+    items = [{"group": f"g{i % 7}"} for i in range(40)]
+    for k in (3, 5, "groups"):
+        folds = cv_folds(items, k, seed=1)
+        assert len(folds) == (7 if k == "groups" else k)
+        tested = sorted(j for _, _, te in folds for j in te)
+        assert tested == list(range(40))
+        for tr, va, te in folds:
+            assert not (set(tr) & set(va)) and not (set(tr) & set(te)) and not (set(va) & set(te))
+            assert sorted(tr + va + te) == list(range(40))
+            for part in (tr, va, te):  # whole groups only
+                gs = {items[j]["group"] for j in part}
+                assert all(items[j]["group"] in gs for j in range(40) if items[j]["group"] in gs and j in part)
+            assert not ({items[j]["group"] for j in tr} & {items[j]["group"] for j in te})
+    with pytest.raises(ValueError, match="K >= 3"):
+        cv_folds(items, 2)
+    with pytest.raises(ValueError, match="only 7 groups"):
+        cv_folds(items, 8)
 
 
 def test_summary_weights_by_test_size():
@@ -101,32 +219,75 @@ def test_summary_weights_by_test_size():
     assert s["speech"]["m/probe"] == 1.0 and s["music"]["m/probe"] == 0.5
 
 
-def test_eval_cli_smoke(tmp_path, capsys):
-    """Tones vs noise bursts, 6 recording groups; an unreadable file is reported and skipped."""
+def _tone_noise_task(d, groups=6, per=4, extra_cols=()):
     rng = np.random.default_rng(0)
     rows = []
-    for g in range(6):
-        for j in range(4):
-            t = np.arange(16000) / 16000
+    d.mkdir(parents=True, exist_ok=True)
+    for g in range(groups):
+        for j in range(per):
+            n = 8000 if j == 0 else 16000  # one clip per group under 1 s: padded to 1 s
+            t = np.arange(n) / 16000
             tone = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t)
-            noise = 0.3 * rng.standard_normal(16000)
+            noise = 0.3 * rng.standard_normal(n)
             for label, x in (("tone", tone), ("noise", noise)):
-                p = tmp_path / f"{label}{g}_{j}.wav"
+                p = d / f"{label}{g}_{j}.wav"
                 sf.write(p, x.astype(np.float32), 16000)
-                rows.append({"path": p.name, "label": label, "group": f"rec{g}"})
-    (tmp_path / "bad.wav").write_bytes(b"junk")
-    rows.append({"path": "bad.wav", "label": "tone", "group": "rec0"})
-    man = write_manifest(tmp_path / "task.csv", rows, ["path", "label", "group"])
+                rows.append({"path": p.name, "label": label, "group": f"rec{g}", **{c: "x" for c in extra_cols}})
+    return rows
+
+
+def test_eval_cli_smoke(tmp_path, capsys):
+    """Tones vs noise bursts, 6 recording groups, two manifests with their own domains; short clips padded
+    and counted, an unreadable and a missing file skipped and named; intervals in the report; rounded JSON."""
+    rows = _tone_noise_task(tmp_path / "a", extra_cols=("source",))
+    (tmp_path / "a" / "bad.wav").write_bytes(b"junk")
+    rows += [{"path": "bad.wav", "label": "tone", "group": "rec0", "source": "x"},
+             {"path": "gone.wav", "label": "noise", "group": "rec1", "source": "x"}]
+    man_a = write_manifest(tmp_path / "a" / "manifest.csv", rows, ["path", "label", "group", "source"])
+    man_b = write_manifest(tmp_path / "b.csv", [dict(r, path=str(tmp_path / "a" / r["path"])) for r in rows[:48]],
+                           ["path", "label", "group", "source"])
     enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1))
     enc.save_pretrained(tmp_path / "enc")
     out = tmp_path / "report.md"
-    assert main(["eval", "--model", str(tmp_path / "enc"), "--manifest", str(man), "--epochs", "10",
-                 "--domain", "environment", "--out", str(out)]) == 0
+    assert main(["eval", "--model", str(tmp_path / "enc"), "--manifest", str(man_a), "--domain", "environment",
+                 "--manifest", str(man_b), "--domain", "music", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "1 unreadable files skipped" in text
+    assert "task a: ignoring columns source" in text
+    assert "task a: 12 clips under 1 s padded to 1 s, 2 files skipped" in text
     assert "logmel_stats/probe" in text and "random_init/knn" in text and "**environment**" in text
-    summary = json.loads(out.with_suffix(".json").read_text())["summary"]["overall"]
-    assert summary["logmel_stats/probe"] >= 0.9  # tones vs noise is easy from log-mel statistics
+    assert "**music**" in text and "Paired difference model − random_init" in text
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["summary"]["overall"]["logmel_stats/probe"] >= 0.9  # tones vs noise: easy from log-mel stats
+    task_a = report["tasks"][0]
+    assert task_a["padded"] == 12 and task_a["skipped"] == 2
+    assert task_a["skipped_files"][str(tmp_path / "a" / "gone.wav")] == "file not found"
+    lo, hi = task_a["ci"]["logmel_stats/probe"]
+    assert lo <= task_a["scores"]["logmel_stats/probe"] <= hi
+    assert "[" in out.read_text()  # intervals in the markdown
+    floats = re.findall(r"\d+\.\d+", out.with_suffix(".json").read_text())
+    assert floats and all(len(f.split(".")[1]) <= 4 for f in floats)  # rounded, no float32 noise
+    # K-fold over groups
+    assert main(["eval", "--model", str(tmp_path / "enc"), "--manifest", str(man_b), "--cv", "3",
+                 "--no-progress", "--out", str(tmp_path / "cv.md")]) == 0
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert cv["tasks"][0]["folds"] == 3 and cv["tasks"][0]["n_test"] == 48  # every clip tested once
+
+
+def test_a_bad_manifest_fails_before_any_audio_is_encoded(tmp_path, capsys, monkeypatch):
+    import bestrq2.eval.suite as S
+
+    rows = _tone_noise_task(tmp_path / "a", groups=3, per=2)
+    good = write_manifest(tmp_path / "a" / "manifest.csv", rows, ["path", "label", "group"])
+    bad = write_manifest(tmp_path / "bad.csv", [{"path": "x.wav", "label": " ", "group": "g"}], ["path", "label", "group"])
+    BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1)).save_pretrained(tmp_path / "enc")
+    encoded = []
+    monkeypatch.setattr(S, "clip_features", lambda *a, **k: encoded.append(1))
+    assert main(["eval", "--model", str(tmp_path / "enc"), "--manifest", str(good), "--manifest", str(bad),
+                 "--no-progress"]) == 2
+    assert "blank label" in capsys.readouterr().err and not encoded
+    assert main(["eval", "--model", str(tmp_path / "enc"), "--manifest", str(good), "--manifest", str(good),
+                 "--domain", "a", "--domain", "b", "--domain", "c", "--no-progress"]) == 2
+    assert "one for every --manifest" in capsys.readouterr().err and not encoded
 
 
 def test_stratified_group_split_reaches_every_split():
@@ -161,7 +322,7 @@ def test_builtin_debian_task_smoke(tmp_path, capsys):
     rows = list(csv.DictReader(open(cache / "tasks" / "ufoai_sfx_6" / "manifest.csv")))
     assert len({r["label"] for r in rows}) >= 10 and all(r["split"] in ("train", "val", "test") for r in rows)
     text = capsys.readouterr().out
-    assert "| ufoai_sfx_6 | environment |" in text and "logmel_stats/probe" in text
+    assert "| ufoai_sfx | environment |" in text and "logmel_stats/probe" in text
 
 
 def test_hedgewars_tasks_split_by_phrase_and_by_voice(tmp_path, monkeypatch):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
-COLUMNS = {"path", "label", "split", "group"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+COLUMNS = {"path", "label", "split", "group", "domain"}  # others are ignored (and listed once)
 
 
 @dataclass
@@ -20,6 +23,7 @@ class ManifestTask:
     name: str
     domain: str
     items: list[dict] = field(default_factory=list)  # {"path", "label", "split", "group"}
+    ignored_columns: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -50,39 +54,68 @@ def group_split(groups: list[str], fractions=(0.7, 0.1, 0.2), seed: int = 0) -> 
     return out
 
 
-def read_manifest(path: str | Path, name: str | None = None, domain: str = "custom", seed: int = 0) -> ManifestTask:
+def _task_json(path: Path) -> dict:
+    meta = path.parent / "task.json"
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except ValueError as err:
+        raise ValueError(f"{meta}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{meta}: expected an object like {{\"name\": ..., \"domain\": ...}}")
+    return data
+
+
+def read_manifest(path: str | Path, name: str | None = None, domain: str | None = None, seed: int = 0) -> ManifestTask:
+    """Read and validate a manifest (no audio is opened). Task name: ``name``, else ``task.json``'s
+    "name" beside it, else the folder's name when the file is ``manifest.csv``, else the file's stem.
+    Domain: ``domain``, else the manifest's ``domain`` column (one value), else ``task.json``'s
+    "domain", else "custom". Split names: train / val / test and the aliases valid, validation, dev,
+    training, testing (any case)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest {path} not found")
+    meta = _task_json(path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        unknown = cols - COLUMNS
-        if unknown:
-            raise ValueError(f"manifest {path}: unknown columns {sorted(unknown)} (allowed: {sorted(COLUMNS)})")
-        if not {"path", "label"} <= cols or not ({"split", "group"} & cols):
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = cols
+        if not {"path", "label"} <= set(cols) or not ({"split", "group"} & set(cols)):
             raise ValueError(f"manifest {path}: needs columns path, label and split or group; has {sorted(cols)}")
         rows = list(reader)
     if not rows:
         raise ValueError(f"manifest {path}: no rows")
-    items = []
+    items, domains = [], set()
     for i, r in enumerate(rows, start=2):
-        if not r.get("path") or not r.get("label"):
-            raise ValueError(f"manifest {path}, line {i}: empty path or label")
-        p = Path(r["path"])
-        items.append({"path": str(p if p.is_absolute() else path.parent / p), "label": r["label"].strip(),
-                      "split": (r.get("split") or "").strip(), "group": (r.get("group") or "").strip()})
-    if "split" in cols and all(it["split"] for it in items):
-        bad = sorted({it["split"] for it in items} - set(SPLITS))
-        if bad:
-            raise ValueError(f"manifest {path}: split values must be {SPLITS}, got {bad}")
-    else:
-        if any(not it["group"] for it in items):
+        p, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
+        if not p:
+            raise ValueError(f"manifest {path}, line {i}: empty path")
+        if not label:
+            raise ValueError(f"manifest {path}, line {i}: blank label for {p}")
+        split = (r.get("split") or "").strip()
+        if split:
+            if split.lower() not in SPLIT_ALIASES:
+                raise ValueError(f"manifest {path}, line {i}: split {split!r} is none of {SPLITS} "
+                                 f"(or {sorted(set(SPLIT_ALIASES) - set(SPLITS))})")
+            split = SPLIT_ALIASES[split.lower()]
+        if (r.get("domain") or "").strip():
+            domains.add(r["domain"].strip())
+        pp = Path(p)
+        items.append({"path": str(pp if pp.is_absolute() else path.parent / pp), "label": label,
+                      "split": split, "group": (r.get("group") or "").strip()})
+    if len(domains) > 1:
+        raise ValueError(f"manifest {path}: one task has one domain; the domain column holds {sorted(domains)}")
+    if not all(it["split"] for it in items):
+        if any(not it["split"] and not it["group"] for it in items):
             raise ValueError(f"manifest {path}: rows without a split need a group")
-        assign = group_split([it["group"] for it in items], seed=seed)
+        assign = group_split([it["group"] for it in items if not it["split"]], seed=seed)
         for it in items:
             it["split"] = it["split"] or assign[it["group"]]
-    task = ManifestTask(name or path.stem, domain, items)
+    if name is None:
+        name = meta.get("name") or (path.parent.name if path.name == "manifest.csv" else path.stem)
+    domain = domain or (domains.pop() if domains else None) or meta.get("domain") or "custom"
+    task = ManifestTask(str(name), str(domain), items, sorted(set(cols) - COLUMNS))
     train_labels = {it["label"] for it in task.split("train")}
     if not train_labels:
         raise ValueError(f"manifest {path}: the train split is empty")
@@ -92,8 +125,34 @@ def read_manifest(path: str | Path, name: str | None = None, domain: str = "cust
     for s in ("val", "test"):
         if not task.split(s):
             raise ValueError(f"manifest {path}: the {s} split is empty")
-    counts = {c: sum(it["label"] == c for it in task.split("train")) for c in train_labels}
-    empty = [c for c, n in counts.items() if n == 0]
-    if empty:
-        raise ValueError(f"manifest {path}: classes {empty} have no training examples")
     return task
+
+
+def cv_folds(items: list[dict], k: int | str, seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
+    """Cross-validation over groups (each item its own group when the manifest has none): K folds of
+    whole groups balanced by item count, or leave-one-group-out for ``k == "groups"``. Fold i tests on
+    its groups, validates on fold i + 1's and trains on the rest, so every item is tested exactly once.
+    Returns (train, val, test) index lists per fold."""
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["group"] or f"item:{i}", []).append(i)
+    order = sorted(groups, key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())
+    if k == "groups":
+        folds = [groups[g] for g in order]
+    else:
+        k = int(k)
+        if k < 3:
+            raise ValueError(f"--cv needs K >= 3 (train, val and test folds), got {k}")
+        if k > len(order):
+            raise ValueError(f"--cv {k}: only {len(order)} groups to spread over the folds")
+        folds = [[] for _ in range(k)]
+        for g in sorted(order, key=lambda g: -len(groups[g])):  # largest first onto the lightest fold
+            min(folds, key=len).extend(groups[g])
+    if len(folds) < 3:
+        raise ValueError(f"cross-validation needs at least 3 groups, got {len(folds)}")
+    out = []
+    for i in range(len(folds)):
+        test, val = sorted(folds[i]), sorted(folds[(i + 1) % len(folds)])
+        train = sorted(j for f, fold in enumerate(folds) if f not in (i, (i + 1) % len(folds)) for j in fold)
+        out.append((train, val, test))
+    return out
