@@ -50,6 +50,8 @@ def run_pretrain(d: Path, flags: list[str], preset: str, steps: int, batch_size:
            "--no-progress"]
     cmd += ["--resume", str(d)] if resume else ["--out", str(d)]
     d.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a run stopped before its first checkpoint left nothing worth keeping
+        (d / "metrics.csv").unlink(missing_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] pretrain {d.name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
     with open(d / "train.log", "a") as log:
@@ -102,7 +104,7 @@ def score_encoders(args, encoders: dict, seed: int) -> tuple[list, dict]:
         task = read_manifest(str(manifest), domain=domain, seed=0)
         task.name = name
         print(f"[{time.strftime('%H:%M:%S')}] eval seed {seed}: {name} ({', '.join(encoders)})", flush=True)
-        results.append(evaluate_task(task, encoders, epochs=args.epochs, seed=seed))
+        results.append(evaluate_task(task, encoders, epochs=args.epochs, seed=seed, probe=args.probe))
     return results, summarize(results)
 
 
@@ -133,6 +135,23 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     return rows
 
 
+def pooled_paired(per_seed: dict[int, dict], a: str, b: str) -> dict:
+    """{scope: {"probe"|"knn": [diff, low, high]}}: each clip's hits averaged over seeds, then the paired
+    bootstrap of ``bestrq2.eval.suite.paired`` (empty when a seed's results predate per-clip hits)."""
+    import torch
+
+    from bestrq2.eval.suite import TaskScore, paired
+
+    runs = list(per_seed.values())
+    if not all(t.get("hits") for r in runs for t in r["tasks"]):
+        return {}
+    merged = []
+    for i, t in enumerate(runs[0]["tasks"]):
+        hits = {k: torch.tensor([r["tasks"][i]["hits"][k] for r in runs]).mean(0).tolist() for k in t["hits"]}
+        merged.append(TaskScore(t["task"], t["domain"], t["n_test"], dict(t["scores"]), hits=hits))
+    return paired(merged, a, b)
+
+
 def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) -> None:
     rows = aggregate(per_seed)
     seeds = sorted(per_seed)
@@ -142,18 +161,21 @@ def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) ->
     scopes = list(domains) + ["overall"] + sorted(set(domains.values()))
     lines = [f"# Two-step BEST-RQ-2 vs one-stage BEST-RQ (ViT), {args.preset} preset", "",
              f"Command: `python eval/claim.py --preset {args.preset} --steps {args.steps} "
-             f"--batch-size {args.batch_size} --seeds {','.join(map(str, seeds))} --epochs {args.epochs}`. "
+             f"--batch-size {args.batch_size} --seeds {','.join(map(str, seeds))} --probe {args.probe}`. "
              f"Pretraining on the procedural corpus (10 s clips), paper optimiser settings (AdamW 1e-4, wd 0.05, "
              f"5% warm-up, cosine); each mode's total pretraining wall time on this machine: "
              + ", ".join(f"{m} {s / 60:.1f} min" for m, s in train_s.items())
              + " (completed calls only; runs that shared the 2 cores with other jobs ran slower, so times "
                "and clips/s below compare only roughly).",
-             "Test accuracy in %, mean ± sample std over seeds; a paired difference (two-step minus one-stage, "
-             "same seed) is given per row.", ""]
+             "Test accuracy in %, mean ± sample std over seeds. Paired difference two-step minus one-stage: mean ± "
+             "std over seeds, and with its 95% bootstrap interval over test clips (each clip's hits averaged over "
+             "the seeds, both modes resampled together): an interval that excludes 0 is a difference this test "
+             "set can see.", ""]
+    pooled = pooled_paired(per_seed, "two_step", "one_stage")
     for probe in ("probe", "knn"):
         lines += [f"## {'Linear probe' if probe == 'probe' else 'kNN (cosine, k=10)'}", "",
-                  "| scope | n test | " + " | ".join(SHOWN) + " | two-step − one-stage | wins (of seeds) |",
-                  "|---|---|" + "---|" * (len(SHOWN) + 2)]
+                  "| scope | n test | " + " | ".join(SHOWN) + " | two-step − one-stage | 95% interval | wins (of seeds) |",
+                  "|---|---|" + "---|" * (len(SHOWN) + 3)]
         for sc in scopes:
             cells = []
             for enc in SHOWN:
@@ -163,7 +185,9 @@ def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) ->
             dm, ds = mean_std(diff)
             name = sc if sc in domains else f"**{sc}**"
             n = n_test.get(sc, sum(v for k, v in n_test.items() if sc == "overall" or domains[k] == sc))
-            lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {100 * dm:+.1f} ± {100 * ds:.1f} | "
+            pd = pooled.get(sc, {}).get(probe)
+            ci = f"[{100 * pd[1]:+.1f}, {100 * pd[2]:+.1f}]" if pd else "-"
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {100 * dm:+.1f} ± {100 * ds:.1f} | {ci} | "
                          f"{sum(d > 0 for d in diff)}/{len(diff)} |")
         lines.append("")
     lines += ["## Pretraining (mean over the last 10% of steps)", "",
@@ -211,7 +235,8 @@ def common_args(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=100, help="linear-probe epochs")
+    ap.add_argument("--probe", default="logistic", choices=["logistic", "xares"], help="see bestrq2 eval --probe")
+    ap.add_argument("--epochs", type=int, default=1000, help="xares probe: most epochs (early stopping on val)")
     ap.add_argument("--tasks", default=None, type=lambda s: s.split(","), help="comma list of built-in tasks")
     ap.add_argument("--limit", type=int, default=None, help="files per class in the tasks (smoke runs)")
     ap.add_argument("--cache", type=Path, default=None, help="eval task cache (default ~/.cache/bestrq2/eval)")
