@@ -5,7 +5,8 @@
 - x [B, N, D] float; idx int [B, M], unique within a row (a mask's visible or masked positions);
   pos [N, D] or None. The output dtype is x's promoted with pos's, as ``x + pos`` would give.
 - Backward (grad to x and pos) is deterministic without float atomics: an inverse map
-  inv[b, n] = i (or -1) turns the scatter into a gather, and grad_pos[n] sums over b in order.
+  inv[b, n] = i (or -1) turns the scatter into a gather, and grad_pos[n] sums over b in order
+  (skipped when pos does not require grad, as the model's constant sincos table).
   Every element of grad_x is written once (zeros where a token was not picked).
 
 Bytes moved: forward reads B M D (x) + B M D (pos rows) and writes B M D; backward reads B M D
@@ -117,7 +118,8 @@ def _setup(ctx, inputs, output):
     x, idx, pos = inputs
     ctx.save_for_backward(idx)
     ctx.n, ctx.x_dtype = x.shape[1], x.dtype
-    ctx.pos_dtype = None if pos is None else pos.dtype
+    # a constant position table (the model's sincos rows) needs no gradient: skip its batch sum
+    ctx.pos_dtype = None if pos is None or not pos.requires_grad else pos.dtype
 
 
 def _backward(ctx, grad):

@@ -8,19 +8,19 @@
   per codebook (no grad).
 
 How: rows are processed in chunks. Per chunk and codebook, the logits come from one matmul (cuBLAS),
-a Triton kernel computes each row's log-sum-exp (online, over K tiles), loss and argmax, and
-overwrites the logits in place with d loss / d logits; then two more matmuls give the chunk's
-contribution to grad_h and grad_W. Gradients are computed during the forward (the loss is a scalar:
-the backward only scales them). grad_W and grad_b accumulate in float32 across chunks whatever the
-input dtype; each chunk's product is rounded once to the input dtype before that accumulation.
+a Triton kernel computes each row's log-sum-exp, loss and argmax and overwrites the logits in place
+with d loss / d logits (one pass over the row held in registers when K <= 16384, else an online pass
+over K tiles and a second one for the grad); then two more matmuls give the chunk's contribution to
+grad_h and grad_W. Gradients are computed during the forward (the loss is a scalar: the backward only
+scales them). With one codebook grad_h is written in the input dtype straight into its rows; grad_W
+and grad_b accumulate in float32 across chunks (on CUDA in the GEMM itself: ``addmm`` with a float32
+output; elsewhere each chunk's product is rounded once to the input dtype, then added).
 
-Chunk rule (``choose_chunk``): rows = min(M, ceil(M / 8), budget // (K * itemsize)), at least 64,
-with budget = 64 MiB (on CUDA: min(256 MiB, free memory / 8)). The live extra memory is one chunk of
-logits (<= budget, <= 1/8 of the full logits) plus grad_h [M, D] and float32 grad_W [C, K, D].
+Chunk rule (``choose_chunk``): memory only. rows = min(M, 64 MiB // (K * itemsize)), at least 64: one
+chunk when the logits fit 64 MiB (at the paper's shape, M 16,384 x K 8,192 in bf16, four chunks of
+4,096 rows). The live extra memory is one chunk of logits plus grad_h [M, D] and grad_W [C, K, D].
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -53,50 +53,62 @@ def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, bias: torch.
     return torch.stack(losses).mean(), acc
 
 
-def choose_chunk(m: int, k: int, itemsize: int, device: torch.device) -> int:
-    budget = 64 << 20
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(256 << 20, free // 8)
-    by_mem = max(64, budget // max(1, k * itemsize))
-    by_share = max(64, math.ceil(m / 8))
-    return int(max(1, min(m, by_mem, by_share)))
+CHUNK_BUDGET = 64 << 20  # bytes of logits per chunk
+
+
+def choose_chunk(m: int, k: int, itemsize: int, device: torch.device | None = None) -> int:
+    """Rows per chunk: as many as fit ``CHUNK_BUDGET`` bytes of logits (all M when they fit), >= 64."""
+    return int(max(1, min(m, max(64, CHUNK_BUDGET // max(1, k * itemsize)))))
 
 
 @triton.jit
 def _ce_rows_kernel(logits_ptr, stride_row, targets_ptr, stride_t, loss_ptr, hit_ptr, K, scale_ptr, ignore_index,
-                    BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr):
-    """One row: lse, loss, argmax hit; then logits <- (softmax - onehot) * scale (0 for ignored rows)."""
+                    BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """One row: lse, loss, argmax hit; then logits <- (softmax - onehot) * scale (0 for ignored rows).
+    ONE_TILE (K <= BLOCK_K): the row is loaded once and stays in registers for both steps."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row * stride_t).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
-    run_max = tl.full((), float("-inf"), tl.float32)
-    run_sum = tl.zeros((), tl.float32)
-    best_idx = tl.zeros((), tl.int64)
-    x_target = tl.zeros((), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + kk) < K
-        x = tl.load(base + k0 + kk, mask=kmask, other=float("-inf")).to(tl.float32)
-        tile_max = tl.max(x, axis=0)
-        tile_arg = tl.argmax(x, axis=0).to(tl.int64) + k0
-        best_idx = tl.where(tile_max > run_max, tile_arg, best_idx)
-        new_max = tl.maximum(run_max, tile_max)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        run_max = new_max
-        x_target += tl.sum(tl.where((k0 + kk) == target, x, 0.0), axis=0)
-    lse = run_max + tl.log(run_sum)
     valid = target != ignore_index
+    row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+    if ONE_TILE:
+        kmask = kk < K
+        x = tl.load(base + kk, mask=kmask, other=float("-inf")).to(tl.float32)
+        run_max = tl.max(x, axis=0)
+        best_idx = tl.argmax(x, axis=0).to(tl.int64)
+        e = tl.exp(x - run_max)
+        lse = run_max + tl.log(tl.sum(e, axis=0))
+        x_target = tl.sum(tl.where(kk == target, x, 0.0), axis=0)
+        g = (e / tl.sum(e, axis=0) - tl.where(kk == target, 1.0, 0.0)) * row_scale
+        if ROUND_BF16:
+            g = round_to_bf16_rtne(g)
+        tl.store(base + kk, g.to(logits_ptr.dtype.element_ty), mask=kmask)
+    else:
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.zeros((), tl.float32)
+        best_idx = tl.zeros((), tl.int64)
+        x_target = tl.zeros((), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            x = tl.load(base + k0 + kk, mask=kmask, other=float("-inf")).to(tl.float32)
+            tile_max = tl.max(x, axis=0)
+            tile_arg = tl.argmax(x, axis=0).to(tl.int64) + k0
+            best_idx = tl.where(tile_max > run_max, tile_arg, best_idx)
+            new_max = tl.maximum(run_max, tile_max)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            run_max = new_max
+            x_target += tl.sum(tl.where((k0 + kk) == target, x, 0.0), axis=0)
+        lse = run_max + tl.log(run_sum)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            x = tl.load(base + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where((k0 + kk) == target, 1.0, 0.0)) * row_scale
+            if ROUND_BF16:
+                g = round_to_bf16_rtne(g)
+            tl.store(base + k0 + kk, g.to(logits_ptr.dtype.element_ty), mask=kmask)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
     tl.store(hit_ptr + row, (valid & (best_idx == target)).to(tl.int32))
-    row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + kk) < K
-        x = tl.load(base + k0 + kk, mask=kmask, other=0.0).to(tl.float32)
-        g = (tl.exp(x - lse) - tl.where((k0 + kk) == target, 1.0, 0.0)) * row_scale
-        if IS_BF16:
-            g = round_to_bf16_rtne(g)
-        tl.store(base + k0 + kk, g.to(logits_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton_op("bestrq2::ce_rows_", mutates_args={"logits"})
@@ -105,10 +117,15 @@ def _ce_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, i
     rows, k = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     hit = torch.empty(rows, dtype=torch.int32, device=logits.device)
-    block = block_for(k, 65536 if interpreting() else 4096)
+    block = block_for(k, 65536 if interpreting() else 16384)
+    # a whole row per program, in registers: 8 warps up to 4096 logits, 16 above
+    warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
     wrap_triton(_ce_rows_kernel)[(rows,)](logits, logits.stride(0), targets, targets.stride(0), loss, hit, k,
-                                          scale, ignore_index, BLOCK_K=block,
-                                          IS_BF16=logits.dtype == torch.bfloat16)
+                                          scale, ignore_index, BLOCK_K=block, ONE_TILE=k <= block,
+                                          # CUDA's cast rounds to nearest; the interpreter truncates, so
+                                          # there the rounding is done by hand (for the tests' bound)
+                                          ROUND_BF16=logits.dtype == torch.bfloat16 and interpreting(),
+                                          num_warps=warps)
     return loss, hit
 
 
@@ -149,7 +166,10 @@ def _lce_fused(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     t = targets.long()
     valid = t != ignore_index  # [M, C]
     n_valid = valid.sum(0)  # [C]
-    grad_h = torch.zeros(m, d, dtype=torch.float32, device=h.device)
+    # one codebook: each row's grad_h is one product, written in the input dtype into its rows;
+    # several: a float32 sum over codebooks
+    grad_h = torch.empty(m, d, dtype=h.dtype, device=h.device) if c == 1 else \
+        torch.zeros(m, d, dtype=torch.float32, device=h.device)
     grad_w = torch.zeros(c, k, d, dtype=torch.float32, device=h.device)
     grad_b = torch.zeros(c if bias is not None else 0, k, dtype=torch.float32, device=h.device)
     loss_sum = torch.zeros(c, dtype=torch.float32, device=h.device)
@@ -167,13 +187,40 @@ def _lce_fused(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             loss_rows, hit_rows = step(logits, tc, scales[ci: ci + 1], ignore_index)  # logits now hold the grad
             loss_sum[ci] += loss_rows.sum()
             hits[ci] += hit_rows.sum()
-            grad_h[r0: r0 + chunk] += (logits @ w).float()
-            grad_w[ci] += (logits.T @ hc).float()
+            if c == 1:
+                torch.mm(logits, w, out=grad_h[r0: r0 + chunk])
+            else:
+                grad_h[r0: r0 + chunk] += (logits @ w).float()
+            _accumulate_mm(grad_w[ci], logits.T, hc)
             if bias is not None:
-                grad_b[ci] += logits.float().sum(0)
+                grad_b[ci] += logits.sum(0, dtype=torch.float32)
     loss = (loss_sum / n_valid.clamp_min(1).float()).mean()
     acc = hits / n_valid.clamp_min(1).float()
     return loss, acc, grad_h, grad_w, grad_b
+
+
+_F32_OUT_MM: dict[str, bool] = {}
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float32) += a @ b. On CUDA with 16-bit inputs one GEMM accumulates in float32 and adds into
+    acc (``addmm`` with ``out_dtype``, probed once per device type); elsewhere the product is rounded to
+    the inputs' dtype, then added."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    kind = a.device.type
+    if kind not in _F32_OUT_MM:
+        try:
+            z = torch.zeros(2, 2, device=a.device)
+            torch.addmm(z, a[:2, :1], b[:1, :2], out_dtype=torch.float32)
+            _F32_OUT_MM[kind] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _F32_OUT_MM[kind] = False
+    if _F32_OUT_MM[kind]:
+        acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
+    else:
+        acc += (a @ b).float()
 
 
 @_lce_fused.register_fake
@@ -181,7 +228,7 @@ def _lce_fused_fake(h, weight, bias, targets, ignore_index, chunk, row_step):
     m, d = h.shape
     c, k, _ = weight.shape
     f32 = torch.float32
-    return (h.new_empty((), dtype=f32), h.new_empty(c, dtype=f32), h.new_empty(m, d, dtype=f32),
+    return (h.new_empty((), dtype=f32), h.new_empty(c, dtype=f32), h.new_empty(m, d, dtype=h.dtype if c == 1 else f32),
             h.new_empty(c, k, d, dtype=f32), h.new_empty(c if bias is not None else 0, k, dtype=f32))
 
 

@@ -94,6 +94,7 @@ def _setup(ctx, inputs, output):
     c, inv, fill, fill_pos = inputs
     ctx.save_for_backward(inv)
     ctx.ctx_dtype, ctx.fill_dtype, ctx.pos_dtype, ctx.m = c.dtype, fill.dtype, fill_pos.dtype, c.shape[1]
+    ctx.grads = (fill.requires_grad, fill_pos.requires_grad)
 
 
 def _backward(ctx, grad):
@@ -103,8 +104,12 @@ def _backward(ctx, grad):
     # ctx_idx from the inverse map: the slots holding context token i, in order
     ctx_idx = torch.sort(torch.where(inv >= 0, inv, ctx.m), dim=1).indices[:, : ctx.m].to(torch.int32)
     g_ctx = _gather_fwd(grad, ctx_idx, None).to(ctx.ctx_dtype)
+    fill_grad, pos_grad = ctx.grads
+    if not (fill_grad or pos_grad):  # a constant fill and table: only the context's grad
+        return g_ctx, None, None, None
     g_pos = _scatter_bwd_pos(grad, inv)
-    return g_ctx, None, g_pos.sum(0).to(ctx.fill_dtype), g_pos.to(ctx.pos_dtype)
+    return (g_ctx, None, g_pos.sum(0).to(ctx.fill_dtype) if fill_grad else None,
+            g_pos.to(ctx.pos_dtype) if pos_grad else None)
 
 
 @_scatter_fwd.register_fake

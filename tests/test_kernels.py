@@ -378,3 +378,27 @@ def test_training_step_same_with_triton_and_reference(monkeypatch, one_stage, ma
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_constant_position_tables_get_no_gradient(triton_path):
+    """The model's sincos tables do not require grad: the backward skips their batch sums and still gives
+    the reference's grads for what does need them."""
+    b, n, d, m = 3, 40, 24, 17
+    x = torch.randn(b, n, d, requires_grad=True)
+    pos = torch.randn(n, d)  # constant
+    idx = perm_rows(b, n, m)
+    g = torch.randn(b, m, d)
+    (gx,) = torch.autograd.grad(gather_tokens(x, idx, pos), (x,), g)
+    torch.testing.assert_close(gx, torch.autograd.grad(gather_tokens_ref(x, idx, pos), (x,), g)[0], rtol=0, atol=0)
+    ctx = torch.randn(b, n - m, d, requires_grad=True)
+    fill = torch.randn(d, requires_grad=True)
+    ci = perm_rows(b, n, n)
+    out = scatter_tokens(ctx, ci[:, : n - m], fill, ci[:, n - m:], pos)
+    ref = scatter_tokens_ref(ctx, ci[:, : n - m], fill, ci[:, n - m:], pos)
+    go = torch.randn_like(out)
+    ga, gr = torch.autograd.grad(out, (ctx, fill), go), torch.autograd.grad(ref, (ctx, fill), go)
+    torch.testing.assert_close(ga[0], gr[0], rtol=0, atol=0)
+    torch.testing.assert_close(ga[1], gr[1], rtol=1e-5, atol=1e-5)
+    fill.requires_grad_(False)
+    (gc,) = torch.autograd.grad(scatter_tokens(ctx, ci[:, : n - m], fill, ci[:, n - m:], pos), (ctx,), go)
+    torch.testing.assert_close(gc, gr[0], rtol=0, atol=0)

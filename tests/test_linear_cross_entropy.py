@@ -45,7 +45,8 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("m,c,k,chunk,bias", [(1, 1, 8192, None, True), (37, 3, 1000, 8, True),
-                                               (64, 1, 777, 64, False), (100, 3, 4099, 33, True)])
+                                               (64, 1, 777, 64, False), (100, 3, 4099, 33, True),
+                                               (9, 1, 70001, 4, True)])  # K over one tile: the two-pass row kernel
 def test_matches_float64(triton_path, m, c, k, chunk, bias):
     h, w, b, t = make(m, 24, c, k, bias=bias)
     if m > 4:
@@ -123,11 +124,12 @@ def test_validation(triton_path):
 
 
 def test_chunk_rule():
-    cpu = torch.device("cpu")
-    assert choose_chunk(16384, 8192, 2, cpu) == 2048  # ceil(M / 8): 1/8 of the logits at a time
-    assert choose_chunk(100, 8192, 4, cpu) == 64
-    assert choose_chunk(10, 8192, 4, cpu) == 10
-    assert choose_chunk(10**6, 8192, 4, cpu) == (64 << 20) // (8192 * 4)
+    """Memory only: as many rows as fit 64 MiB of logits; one chunk when all do."""
+    assert choose_chunk(16384, 8192, 2) == 4096  # the paper's head in bf16: 4 chunks of 64 MiB
+    assert choose_chunk(4000, 8192, 2) == 4000  # 62.5 MiB of logits: one chunk
+    assert choose_chunk(100, 8192, 4) == 100
+    assert choose_chunk(10**6, 8192, 4) == (64 << 20) // (8192 * 4)
+    assert choose_chunk(10**6, 10**7, 4) == 64  # never below 64 rows
 
 
 @pytest.mark.parametrize("codebooks", [1, 2])
