@@ -115,6 +115,29 @@ def time_fn(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> tuple[
     return statistics.median(ts), pick(0.2), pick(0.8)
 
 
+def time_graph(fn) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): the
+    kernels without the host's dispatch and launch costs. None when ``fn`` cannot be captured (a host
+    sync inside, say), with the reason printed."""
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        return float(do_bench_cudagraph(fn, rep=50, quantiles=[0.5])[0] if _takes_quantiles() else
+                     do_bench_cudagraph(fn, rep=50))
+    except Exception as err:  # capture refused: report eager only
+        print(f"    (no CUDA-graph timing: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        torch.cuda.synchronize()
+        return None
+
+
+def _takes_quantiles() -> bool:
+    import inspect
+
+    from triton.testing import do_bench_cudagraph
+
+    return "quantiles" in inspect.signature(do_bench_cudagraph).parameters
+
+
 def measure_bounds(device: torch.device, smoke: bool = False) -> dict[str, float]:
     """The card's ceilings measured in this run: a large copy (GB/s, read + write) and a large matmul
     (TFLOP/s; bf16 on CUDA, float32 on CPU where bf16 matmul is not the fast path)."""

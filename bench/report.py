@@ -44,8 +44,8 @@ def fmt_bytes(b: float | None) -> str:
 
 
 def ops_table(idx) -> list[str]:
-    lines = ["| op | shape | mode | provider | median ms (p20-p80) | GB/s | TFLOP/s | % of bound | x reference | peak mem |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | mode | provider | median ms (p20-p80) | graph ms | GB/s | TFLOP/s | % of bound | x reference "
+             "(graph) | x compile | peak mem |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted(k for k in idx if k[0] in ("rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention")
                   and "time_ms" in idx[k])
     for op, prov, mode, shape in keys:
@@ -54,9 +54,14 @@ def ops_table(idx) -> list[str]:
         ref = m.get("speedup_vs_reference")
         gbps = "" if "gbps" not in m else f"{m['gbps']:.1f}"
         tflops = "" if "tflops" not in m else f"{m['tflops']:.3f}"
+        graph = "" if "time_graph_ms" not in m else f"{m['time_graph_ms']:.3f}"
+        x_ref = "" if ref is None else f"{ref:.2f}x" + (f" ({m['speedup_vs_reference_graph']:.2f}x)"
+                                                        if "speedup_vs_reference_graph" in m else "")
+        comp = m.get("speedup_vs_compile", m.get("speedup_vs_compile_chunked"))
         lines.append(f"| {op} | {shape} | {mode} | {prov} | {m['time_ms']:.3f} ({m.get('time_p20_ms', 0):.3f}-"
-                     f"{m.get('time_p80_ms', 0):.3f}) | {gbps} | {tflops} | {'' if bound is None else f'{bound:.1f}%'} | "
-                     f"{'' if ref is None else f'{ref:.2f}x'} | {fmt_bytes(m.get('peak_mem_bytes'))} |")
+                     f"{m.get('time_p80_ms', 0):.3f}) | {graph} | {gbps} | {tflops} | "
+                     f"{'' if bound is None else f'{bound:.1f}%'} | {x_ref} | {'' if comp is None else f'{comp:.2f}x'} | "
+                     f"{fmt_bytes(m.get('peak_mem_bytes'))} |")
     return lines
 
 

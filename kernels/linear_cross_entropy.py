@@ -137,18 +137,23 @@ def _ce_rows_fake(logits, targets, scale, ignore_index):
 
 def _ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row step in plain PyTorch (same contract as the Triton kernel): for CPUs, where the chunked
-    algorithm still saves the memory of the full logits."""
-    x = logits.float()
+    """The row step in plain PyTorch (same contract as the Triton kernel), in place on float32 logits so a
+    chunk costs no second [rows, K] buffer: for CPUs, where the chunked algorithm still saves the memory
+    of the full logits."""
+    x = logits if logits.dtype == torch.float32 else logits.float()
     valid = targets != ignore_index
     t = targets.long().clamp_min(0)
-    lse = torch.logsumexp(x, dim=1)
-    loss = torch.where(valid, lse - x.gather(1, t[:, None])[:, 0], 0.0)
     hit = (valid & (x.argmax(1) == t)).to(torch.int32)
-    g = torch.exp(x - lse[:, None])
-    g.scatter_add_(1, t[:, None], -torch.ones_like(lse)[:, None])
-    g *= torch.where(valid, scale, 0.0)[:, None]
-    logits.copy_(g)
+    x_t = x.gather(1, t[:, None])[:, 0]
+    top = x.amax(1)
+    x.sub_(top[:, None]).exp_()  # exp(x - max)
+    total = x.sum(1)
+    loss = torch.where(valid, top + torch.log(total) - x_t, 0.0)
+    x.div_(total[:, None])  # softmax
+    x.scatter_add_(1, t[:, None], -torch.ones_like(total)[:, None])
+    x.mul_(torch.where(valid, scale, 0.0)[:, None])
+    if x is not logits:
+        logits.copy_(x)
     return loss, hit
 
 
