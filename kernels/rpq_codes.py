@@ -12,9 +12,12 @@
 The kernel streams codebook tiles and keeps a running max and argmax per row, so memory is
 O(M * C) and nothing of size M x K is written. When there are fewer row blocks than twice the GPU's
 SMs (small batches: on an H200 the first version sat at ~0.26 ms from B = 32 to 128), the codebook is
-split across programs and the per-split maxima merged (ties still to the lowest index). Loads any float dtype and computes in float32
-(IEEE, not TF32: a code flips where two cosines differ by less than TF32's ~1e-3 error).
-Forward only (targets carry no gradient).
+split across programs and the per-split maxima merged (ties still to the lowest index). Loads any
+float dtype. Scores run on the tensor cores as tf32x3 (near-float32; plain TF32's ~1e-3 error would
+flip codes), keeping each row's best and runner-up; rows whose margin is below ``RESCORE_MARGIN``
+(1e-4, above tf32x3's ~1.5e-5 worst case) are scored again in IEEE float32 by a second launch that
+skips every other row block, so the codes equal the IEEE path's. Forward only (targets carry no
+gradient).
 
 Work per call: reads M * 256 input values, C * (256 d + K d) weights; 2 M C (256 d + K d) FLOPs.
 """
@@ -61,20 +64,35 @@ def rpq_codes_ref(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
 
 
 # ------------------------------------------------------------------------------------------ kernel
+# Scores go through the tensor cores as tf32x3 (three tf32 products: near-float32, not exactly it).
+# Its error on a cosine of unit 16-dim vectors stays below d * 2^-20 ~ 1.5e-5; a row whose best two
+# codes lie closer than RESCORE_MARGIN may differ from the IEEE float32 argmax and is scored again in
+# IEEE float32 by a second launch over those rows only (no host sync: the flags stay on the device).
+RESCORE_MARGIN = 1e-4
+
+
 @triton.jit
 def _rpq_codes_fwd_kernel(
     x_ptr, stride_xb, stride_xr, stride_xc,  # spec [B, F, T] strides, or raw [M, 256] as (0, row, col)
     idx_ptr, m_per_clip, num_tokens, width,
-    p_ptr, cb_ptr, best_ptr, arg_ptr,
+    p_ptr, cb_ptr, best_ptr, second_ptr, arg_ptr, need_ptr,
     M, K, C, D, K_PER,
-    FROM_SPEC: tl.constexpr, HAS_INDEX: tl.constexpr,
+    FROM_SPEC: tl.constexpr, HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, RESCORE: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Per row block and codebook (and codebook split): best score, runner-up and argmax over the
+    split's codes. RESCORE: the second launch; rows not flagged in need_ptr exit at once, flagged ones
+    get their code from IEEE scores over the whole codebook, written into arg_ptr ([M, C])."""
     pid = tl.program_id(0)
     c = tl.program_id(1)
     split = tl.program_id(2)  # codes [split * K_PER, (split + 1) * K_PER) of K
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
+    if RESCORE:
+        need = tl.load(need_ptr + rows.to(tl.int64) * C + c, mask=rmask, other=0) != 0
+        if tl.max(need.to(tl.int32), axis=0) == 0:
+            return
+        rmask = rmask & need
     j = tl.arange(0, 256)
     if FROM_SPEC:
         if HAS_INDEX:
@@ -100,6 +118,7 @@ def _rpq_codes_fwd_kernel(
     z = z / tl.maximum(norm, 1e-12)[:, None]  # F.normalize
 
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    second = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     arg = tl.zeros((BLOCK_M,), tl.int64)
     kk = tl.arange(0, BLOCK_K)
     k_lo = split * K_PER
@@ -108,22 +127,25 @@ def _rpq_codes_fwd_kernel(
         kmask = (k0 + kk) < k_hi
         cb = tl.load(cb_ptr + c * K * D + (k0 + kk)[:, None] * D + dd[None, :],
                      mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, D_PAD]
-        s = tl.dot(z, tl.trans(cb), input_precision="ieee")  # [BLOCK_M, BLOCK_K]
+        s = tl.dot(z, tl.trans(cb), input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
         s = tl.where(kmask[None, :], s, float("-inf"))
-        tile_max = tl.max(s, axis=1)
-        tile_arg = tl.argmax(s, axis=1).to(tl.int64) + k0  # first index on ties
+        tile_max, tile_idx = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        tile_second = tl.max(tl.where(kk[None, :] == tile_idx[:, None], float("-inf"), s), axis=1)
         upd = tile_max > best  # strict: an earlier tile keeps a tie
+        second = tl.maximum(tl.minimum(best, tile_max), tl.maximum(second, tile_second))
         best = tl.where(upd, tile_max, best)
-        arg = tl.where(upd, tile_arg, arg)
-    o = (split * M + rows).to(tl.int64) * C + c
-    tl.store(best_ptr + o, best, mask=rmask)
-    tl.store(arg_ptr + o, arg, mask=rmask)
+        arg = tl.where(upd, tile_idx.to(tl.int64) + k0, arg)
+    if RESCORE:
+        tl.store(arg_ptr + rows.to(tl.int64) * C + c, arg, mask=rmask)
+    else:
+        o = (split * M + rows).to(tl.int64) * C + c
+        tl.store(best_ptr + o, best, mask=rmask)
+        tl.store(second_ptr + o, second, mask=rmask)
+        tl.store(arg_ptr + o, arg, mask=rmask)
 
 
-@triton_op("bestrq2::rpq_codes", mutates_args={})
-def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
-                  index: torch.Tensor | None) -> torch.Tensor:
-    c, k, d = codebooks.shape
+def _layout(x: torch.Tensor, index: torch.Tensor | None, k: int):
+    """Launch geometry shared by both launches: (rows M, strides, index pointer, per-clip counts, blocks)."""
     from_spec = x.dim() == 3
     if from_spec:
         b, fbins, t = x.shape
@@ -140,20 +162,44 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
         block_m, block_k = block_for(m, 256), block_for(k, 2048)
     else:
         block_m, block_k = 64, 128
+    return m, strides, idx, (m_per_clip, num_tokens, width), from_spec, block_m, block_k
+
+
+def rescore_rows(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor, index: torch.Tensor | None,
+                 codes: torch.Tensor, need: torch.Tensor) -> None:
+    """codes [M, C] of the rows flagged in need (int8 [M, C]) recomputed from IEEE float32 scores over
+    the whole codebook, in place; row blocks without a flagged row exit at once."""
+    c, k, d = codebooks.shape
+    m, strides, idx, per, from_spec, block_m, block_k = _layout(x, index, k)
+    wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, 1)](
+        x, *strides, idx, *per, projection, codebooks, codes, codes, codes, need, m, k, c, d, k,
+        FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="ieee", RESCORE=True,
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k)
+
+
+@triton_op("bestrq2::rpq_codes", mutates_args={})
+def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
+                  index: torch.Tensor | None) -> torch.Tensor:
+    c, k, d = codebooks.shape
+    m, strides, idx, per, from_spec, block_m, block_k = _layout(x, index, k)
     splits, k_per = _k_splits(triton.cdiv(m, block_m) * c, k, block_k, x.device)
     best = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
+    second = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
     arg = torch.empty(splits, m, c, dtype=torch.int64, device=x.device)
-    grid = (triton.cdiv(m, block_m), c, splits)
-    wrap_triton(_rpq_codes_fwd_kernel)[grid](
-        x, *strides, idx, m_per_clip, num_tokens, width,
-        projection, codebooks, best, arg, m, k, c, d, k_per,
-        FROM_SPEC=from_spec, HAS_INDEX=index is not None,
-        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k,
-    )
-    if splits == 1:
-        return arg[0]
-    # the best split per row; argmax takes the first of equal maxima, i.e. the lowest code index
-    return arg.gather(0, best.argmax(0, keepdim=True))[0]
+    wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, splits)](
+        x, *strides, idx, *per, projection, codebooks, best, second, arg, arg, m, k, c, d, k_per,
+        FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="tf32x3", RESCORE=False,
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k)
+    # merge the splits: the best split per row (argmax takes the first of equal maxima, i.e. the lowest
+    # code index); the runner-up is the larger of that split's own second and the other splits' bests
+    top = best.argmax(0, keepdim=True)
+    codes = arg.gather(0, top)[0]
+    runner = second.gather(0, top)[0]
+    if splits > 1:
+        runner = torch.maximum(runner, best.scatter(0, top, float("-inf")).amax(0))
+    need = ((best.gather(0, top)[0] - runner) < RESCORE_MARGIN).to(torch.int8)  # near-ties: IEEE decides
+    rescore_rows(x, projection, codebooks, index, codes, need)
+    return codes
 
 
 def _k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:

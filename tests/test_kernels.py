@@ -402,3 +402,28 @@ def test_constant_position_tables_get_no_gradient(triton_path):
     fill.requires_grad_(False)
     (gc,) = torch.autograd.grad(scatter_tokens(ctx, ci[:, : n - m], fill, ci[:, n - m:], pos), (ctx,), go)
     torch.testing.assert_close(gc, gr[0], rtol=0, atol=0)
+
+
+def test_rpq_near_ties_are_rescored_in_ieee(triton_path, monkeypatch):
+    """The fast scores (tf32x3 on a GPU) keep best and runner-up; rows within RESCORE_MARGIN get IEEE
+    float32 scores in a second launch. The rescoring launch writes exactly the flagged rows, and with
+    every row flagged the codes still equal the reference's (ties included)."""
+    import importlib
+
+    R = importlib.import_module("bestrq2.kernels.rpq_codes")  # the module (the package exports the function)
+
+    p, cb = quantizer(2, 3000)
+    spec = torch.randn(3, 128, 16 * 4) * 20 - 40
+    idx = perm_rows(3, 32, 11)
+    ref = rpq_codes_ref(spec, p, cb, idx)
+    codes = torch.full_like(ref, -1)
+    need = (torch.rand(ref.shape) < 0.3).to(torch.int8)
+    need[0, :] = 1
+    R.rescore_rows(spec, p, cb, idx.contiguous(), codes, need)
+    assert torch.equal(codes[need.bool()], ref[need.bool()]) and bool((codes[~need.bool()] == -1).all())
+    for margin in (10.0, -1.0):  # all rows rescored / none
+        monkeypatch.setattr(R, "RESCORE_MARGIN", margin)
+        check_codes(rpq_codes(spec, p, cb, idx), spec_patches(spec, idx).reshape(-1, 256), p, cb)
+        monkeypatch.setenv("BESTRQ2_RPQ_SPLIT", "2")  # merged splits: the runner-up across splits
+        check_codes(rpq_codes(spec, p, cb, idx), spec_patches(spec, idx).reshape(-1, 256), p, cb)
+        monkeypatch.delenv("BESTRQ2_RPQ_SPLIT")
