@@ -3,9 +3,12 @@
 ``triton_attention(q, k, v, cu_seqlens, max_seqlen) -> o``: q, k, v [T, H, Dh] hold B sequences
 packed end to end (sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]); each token attends to the
 tokens of its own sequence only, softmax scale Dh^-0.5, no causal mask. A dense batch is the case of
-equal lengths. Forward keeps the log-sum-exp; backward recomputes the probabilities (FlashAttention-2
-style: one kernel for dK/dV, one for dQ, no atomics). Accumulation in float32; Dh up to 128 (padded
-to a power of two inside the kernel).
+equal lengths. The softmax runs in base 2 (exp2, log2(e) folded into the scale). Forward keeps the
+log-sum-exp; the backward computes delta = rowsum(dO * O) in the kernel and recomputes the
+probabilities: up to 128 tokens one program holds a whole sequence and one kernel gives dQ, dK and
+dV from a single S and dP; longer sequences use FlashAttention-2's split (one kernel for dK/dV, one
+for dQ, no atomics). Accumulation in float32; Dh up to 128 (padded to a power of two inside the
+kernel).
 
 ``attention_ref`` is the float reference (softmax(QK^T) V per sequence).
 """
@@ -37,10 +40,15 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     return out
 
 
+LOG2E = 1.4426950408889634
+
+
 @triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-                     T, D, scale,
+                     T, D, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Online softmax in base 2: qk_scale = Dh^-0.5 * log2(e), so exp2 replaces exp; the stored
+    log-sum-exp is in base-2 units too (only the backward reads it)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_ptr + b)
     seqlen = tl.load(cu_ptr + b + 1) - start
@@ -51,9 +59,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk
     mmask = offs_m < seqlen
     dmask = offs_d < D
     rows = (start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
@@ -61,30 +67,22 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < seqlen
         cols = (start + offs_n).to(tl.int64)
-        kb = tl.load(k_ptr + cols[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        vb = tl.load(v_ptr + cols[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_FP32:
-            kb = kb.to(tl.float32)
-            vb = vb.to(tl.float32)
-            s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(kb)) * scale
+        kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
+        vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
+        s = _dot(q, tl.trans(kb), DOT_FP32) * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, DOT_FP32)
         m_i = m_new
     o = acc / l_i[:, None]
     if o_ptr.dtype.element_ty == tl.bfloat16:
         o = round_to_bf16_rtne(o)
     tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=mmask[:, None] & dmask[None, :])
-    tl.store(lse_ptr + h * T + rows, m_i + tl.log(l_i), mask=mmask)
+    tl.store(lse_ptr + h * T + rows, m_i + tl.log2(l_i), mask=mmask)
 
 
 @triton.jit
@@ -99,10 +97,12 @@ def _tile(ptr, rows, stride_t, h, stride_h, offs_d, rmask, dmask, DOT_FP32: tl.c
 
 
 @triton.jit
-def _row_stats(lse_ptr, delta_ptr, h, T, rows, rmask):
-    """The forward's log-sum-exp and the backward's delta = rowsum(dO * O) for a tile of query rows."""
-    return (tl.load(lse_ptr + h * T + rows, mask=rmask, other=0.0),
-            tl.load(delta_ptr + h * T + rows, mask=rmask, other=0.0))
+def _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, rmask, dmask):
+    """For a tile of query rows: the forward's base-2 log-sum-exp, and delta = rowsum(dO * O) computed
+    here from the O tile (no separate pass over O and dO before the backward)."""
+    o = tl.load(o_ptr + rows[:, None] * so_t + h * so_h + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                other=0.0).to(tl.float32)
+    return tl.load(lse_ptr + h * T + rows, mask=rmask, other=0.0), tl.sum(o * do.to(tl.float32), axis=1)
 
 
 @triton.jit
@@ -115,17 +115,65 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale, DOT_FP32: tl.constexpr):
-    """Backward recomputation for a (query tile, key tile): P = exp(QK^T s - lse), dS = P (dO V^T - delta)."""
-    s = _dot(q, tl.trans(kb), DOT_FP32) * scale
-    p = tl.where(mmask[:, None] & nmask[None, :], tl.exp(s - lse[:, None]), 0.0)
+def _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32: tl.constexpr):
+    """Backward recomputation for a (query tile, key tile): P = exp2(QK^T s log2e - lse2),
+    dS = P (dO V^T - delta)."""
+    s = _dot(q, tl.trans(kb), DOT_FP32) * qk_scale
+    p = tl.where(mmask[:, None] & nmask[None, :], tl.exp2(s - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(vb), DOT_FP32)
     return p, p * (dp - delta[:, None])
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
-                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, T, D, scale,
+def _store3(dq_ptr, dk_ptr, dv_ptr, dq, dk, dv, rows, cols, sdq_t, sdq_h, sdk_t, sdk_h, h, offs_d, mmask, nmask, dmask,
+            WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr):
+    if WITH_DQ:
+        if dq_ptr.dtype.element_ty == tl.bfloat16:
+            dq = round_to_bf16_rtne(dq)
+        tl.store(dq_ptr + rows[:, None] * sdq_t + h * sdq_h + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & dmask[None, :])
+    if WITH_DKDV:
+        st = cols[:, None] * sdk_t + h * sdk_h + offs_d[None, :]
+        if dk_ptr.dtype.element_ty == tl.bfloat16:
+            dk = round_to_bf16_rtne(dk)
+            dv = round_to_bf16_rtne(dv)
+        tl.store(dk_ptr + st, dk.to(dk_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+        tl.store(dv_ptr + st, dv.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _attn_bwd_one_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, cu_ptr,
+                              sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sdq_t, sdq_h, sdk_t, sdk_h,
+                              T, D, scale, qk_scale,
+                              BLOCK: tl.constexpr, D_PAD: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The whole backward of one (head, sequence) when the sequence fits one tile (N <= 128): S and
+    dP computed once, then dV = P^T dO, dK = dS^T Q, dQ = dS K in the same program (no recompute,
+    no atomics, one launch)."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    msk = offs < seqlen
+    dmask = offs_d < D
+    rows = (start + offs).to(tl.int64)
+    q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, msk, dmask, DOT_FP32)
+    kb = _tile(k_ptr, rows, sk_t, h, sk_h, offs_d, msk, dmask, DOT_FP32)
+    vb = _tile(v_ptr, rows, sv_t, h, sv_h, offs_d, msk, dmask, DOT_FP32)
+    do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, msk, dmask, DOT_FP32)
+    lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, msk, dmask)
+    p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, msk, msk, qk_scale, DOT_FP32)
+    dv = _dot(tl.trans(p).to(do.dtype), do, DOT_FP32)
+    dk = _dot(tl.trans(ds).to(q.dtype), q, DOT_FP32) * scale
+    dq = _dot(ds.to(kb.dtype), kb, DOT_FP32) * scale
+    _store3(dq_ptr, dk_ptr, dv_ptr, dq, dk, dv, rows, rows, sdq_t, sdq_h, sdk_t, sdk_h, h, offs_d, msk, msk, dmask,
+            WITH_DQ=True, WITH_DKDV=True)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, dv_ptr, cu_ptr,
+                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sdk_t, sdk_h, T, D,
+                          scale, qk_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                           DOT_FP32: tl.constexpr):
     pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -148,21 +196,18 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         rows = (start + offs_m).to(tl.int64)
         q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
         do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
-        lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, mmask)
-        p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale, DOT_FP32)  # [BM, BN]
+        lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
+        p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32)  # [BM, BN]
         dv += _dot(tl.trans(p).to(do.dtype), do, DOT_FP32)
         dk += _dot(tl.trans(ds).to(q.dtype), q, DOT_FP32) * scale
-    st = cols[:, None] * sdk_t + h * sdk_h + offs_d[None, :]
-    if dk_ptr.dtype.element_ty == tl.bfloat16:
-        dk = round_to_bf16_rtne(dk)
-        dv = round_to_bf16_rtne(dv)
-    tl.store(dk_ptr + st, dk.to(dk_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
-    tl.store(dv_ptr + st, dv.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+    _store3(dk_ptr, dk_ptr, dv_ptr, dk, dk, dv, cols, cols, sdk_t, sdk_h, sdk_t, sdk_h, h, offs_d, nmask, nmask, dmask,
+            WITH_DQ=False, WITH_DKDV=True)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
-                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, T, D, scale,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, cu_ptr,
+                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sdq_t, sdq_h, T, D,
+                        scale, qk_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                         DOT_FP32: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -177,7 +222,7 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     rows = (start + offs_m).to(tl.int64)
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
     do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
-    lse, delta = _row_stats(lse_ptr, delta_ptr, h, T, rows, mmask)
+    lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -185,17 +230,19 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         cols = (start + offs_n).to(tl.int64)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
-        _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, scale, DOT_FP32)
+        _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32)
         dq += _dot(ds.to(kb.dtype), kb, DOT_FP32) * scale
-    if dq_ptr.dtype.element_ty == tl.bfloat16:
-        dq = round_to_bf16_rtne(dq)
-    tl.store(dq_ptr + rows[:, None] * sdq_t + h * sdq_h + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=mmask[:, None] & dmask[None, :])
+    _store3(dq_ptr, dq_ptr, dq_ptr, dq, dq, dq, rows, rows, sdq_t, sdq_h, sdq_t, sdq_h, h, offs_d, mmask, mmask,
+            dmask, WITH_DQ=True, WITH_DKDV=False)
+
+
+ONE_TILE_MAX = 128  # sequences up to this length: one tile per (head, sequence), one backward kernel
 
 
 def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
-    """(BLOCK_M, BLOCK_N, D_PAD, launch options). ``BESTRQ2_ATTN_CFG=bm,bn,warps,stages`` overrides
-    the compiled-path choice (for tuning sweeps: bench/gpu_probe.py)."""
+    """(BLOCK_M, BLOCK_N, D_PAD, launch options). Up to 128 tokens a program holds the whole sequence;
+    above, 64 x 64 tiles. ``BESTRQ2_ATTN_CFG=bm,bn,warps,stages`` overrides the compiled-path choice
+    (for tuning sweeps: bench/gpu_probe.py)."""
     d_pad = max(16, triton.next_power_of_2(d))
     if interpreting():  # one block per sequence: each interpreted loop step costs milliseconds
         blk = max(16, triton.next_power_of_2(max_seqlen))
@@ -204,6 +251,9 @@ def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
     if env:
         bm, bn, warps, stages = (int(x) for x in env.split(","))
         return bm, bn, d_pad, {"num_warps": warps, "num_stages": stages}
+    if max_seqlen <= ONE_TILE_MAX:
+        blk = max(16, triton.next_power_of_2(max_seqlen))
+        return blk, blk, d_pad, {"num_warps": 4 if blk <= 64 else 8, "num_stages": 1}
     return 64, 64, d_pad, {"num_warps": 4, "num_stages": 2}
 
 
@@ -226,7 +276,7 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
     bm, bn, d_pad, launch = _cfg(max_seqlen, d)
     wrap_triton(_attn_fwd_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
-        q, k, v, o, lse, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), t, d, d ** -0.5,
+        q, k, v, o, lse, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), t, d, d ** -0.5 * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=_dot_fp32(q), **launch)
     return o, lse
 
@@ -237,18 +287,23 @@ def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, h, d = q.shape
     b = cu_seqlens.shape[0] - 1
-    delta = (do.float() * o.float()).sum(-1).transpose(0, 1).contiguous()  # [H, T]
     dq = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(t, h, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(t, h, d, dtype=v.dtype, device=q.device)
     bm, bn, d_pad, launch = _cfg(max_seqlen, d)
     fp32 = _dot_fp32(q)
+    scales = (d ** -0.5, d ** -0.5 * LOG2E)
+    if max_seqlen <= ONE_TILE_MAX and bm >= max_seqlen and bn >= max_seqlen:
+        wrap_triton(_attn_bwd_one_tile_kernel)[(h, b)](
+            q, k, v, o, do, lse, dq, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), *_st(do), *_st(dq),
+            *_st(dk), t, d, *scales, BLOCK=max(bm, bn), D_PAD=d_pad, DOT_FP32=fp32, **launch)
+        return dq, dk, dv
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, bn), h, b)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk),
-        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=fp32, **launch)
+        q, k, v, o, do, lse, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), *_st(do), *_st(dk),
+        t, d, *scales, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=fp32, **launch)
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq),
-        t, d, d ** -0.5, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=fp32, **launch)
+        q, k, v, o, do, lse, dq, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), *_st(do), *_st(dq),
+        t, d, *scales, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, DOT_FP32=fp32, **launch)
     return dq, dk, dv
 
 
