@@ -25,7 +25,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                      device=args.device, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                      warmup_pct=args.warmup_pct, compile=args.compile, fsdp=args.fsdp,
                      max_bad_steps=args.max_bad_steps, progress=not args.no_progress,
-                     overwrite=args.overwrite, extend=args.extend)
+                     overwrite=args.overwrite, extend=args.extend, precision=args.precision)
     model_cfg = None
     overrides = model_overrides(args)
     if overrides:
@@ -66,7 +66,8 @@ def _embed(args: argparse.Namespace) -> int:
     from .data.folder import load_audio
     from .encoder import BestRQ2Encoder
 
-    enc = BestRQ2Encoder.from_pretrained(args.model, map_location=args.device)
+    enc = BestRQ2Encoder.from_pretrained(args.model, map_location=args.device, precision=args.precision)
+    print(f"precision: {enc.precision_in_use}")
     wave = torch.from_numpy(load_audio(args.file))[None]
     frames = enc(wave)[0].cpu().numpy()
     print(f"{args.file}: {wave.shape[1] / 16000:.2f} s -> {frames.shape[0]} frames x {frames.shape[1]} dims "
@@ -136,13 +137,14 @@ def _eval(args: argparse.Namespace) -> int:
     for t in tasks:
         if t.ignored_columns:
             print(f"task {t.name}: ignoring columns {', '.join(t.ignored_columns)}")
-    enc = BestRQ2Encoder.from_pretrained(args.model)
+    enc = BestRQ2Encoder.from_pretrained(args.model, precision=args.precision)
+    print(f"precision: {enc.precision_in_use}")
     encoders = {"model": enc}
     if args.baseline:
-        encoders["baseline"] = BestRQ2Encoder.from_pretrained(args.baseline)
+        encoders["baseline"] = BestRQ2Encoder.from_pretrained(args.baseline, precision=args.precision)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        encoders["random_init"] = BestRQ2Encoder(enc.config).eval()  # the random-init floor, same architecture
+        torch.manual_seed(args.seed)  # the random-init floor, same architecture and precision
+        encoders["random_init"] = BestRQ2Encoder(enc.config, precision=args.precision).eval()
     encoders["logmel_stats"] = LogMelStats()
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     results = []
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--num-workers", type=int, default=1)
     pt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with AMX / AVX512-BF16 is "
+                         "about 2-3x faster (targets always come from the fp32 frontend)")
     pt.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (under torchrun)")
     pt.add_argument("--no-progress", action="store_true")
     pt.set_defaults(func=_pretrain)
@@ -277,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--model", default="runs/demo/encoder", help="directory written by pretrain/save_pretrained")
     em.add_argument("--out", default=None, help="save frames [T', D] as .npy")
     em.add_argument("--device", default="cpu")
+    em.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32 (frontend always fp32)")
     em.set_defaults(func=_embed)
 
     ev = sub.add_parser("eval", help="X-ARES-style probe + kNN of a frozen encoder on labelled audio")
@@ -303,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epochs", type=_positive_int("--epochs"), default=1000, help="xares probe: most epochs")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default=None, help="write the markdown report (and a .json beside it)")
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="encoder precision (see embed --precision); the log-mel floor is always fp32")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
 

@@ -29,14 +29,32 @@ class BestRQ2Encoder(nn.Module):
     sampling_rate = SAMPLE_RATE
     hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE  # 625.0
 
-    def __init__(self, config: BestRQ2Config | None = None) -> None:
+    def __init__(self, config: BestRQ2Config | None = None, precision: str = "fp32") -> None:
         super().__init__()
         self.config = cfg = config or BestRQ2Config()
+        self.set_precision(precision)
         self.frontend = LogMel()
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)
         self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
                                    cfg.encoder_drop_path, cfg.attention)
         self.eval()
+
+    def set_precision(self, precision: str) -> "BestRQ2Encoder":
+        """"fp32" (default: exact, the same on every machine), "bf16" (the patch embedding and the
+        transformer under bf16 autocast; frontend and positions stay float32), or "auto" (bf16 on CUDA
+        and on CPUs with AMX / AVX512-BF16, else fp32; see ``bestrq2.precision``). Frames come out float32."""
+        from .precision import resolve
+
+        resolve(precision, torch.device("cpu"))  # validates the name
+        self.precision = precision
+        return self
+
+    @property
+    def precision_in_use(self) -> str:
+        """What ``precision`` means on this encoder's device, in words (e.g. 'bf16 (auto: this CPU has AMX)')."""
+        from .precision import resolve
+
+        return resolve(self.precision, self.device)[1]
 
     @property
     def output_dim(self) -> int:
@@ -61,10 +79,17 @@ class BestRQ2Encoder(nn.Module):
         return self._tokens(wave.to(self.device), lengths)
 
     def _tokens(self, wave: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        grid = wave_to_grid(self.frontend, wave, lengths)
-        x = self.patch_embed(grid.raw.to(self.patch_embed.weight.dtype))
-        x = x + grid.positions(self.config.encoder_dim, self.config.pos_layout).to(x.dtype)
-        out = self.encoder(x, grid.key_padding)
+        from .precision import announce
+
+        grid = wave_to_grid(self.frontend, wave, lengths)  # float32 whatever the precision
+        dtype = announce(self.precision, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            x = self.patch_embed(grid.raw.to(self.patch_embed.weight.dtype))
+            pos = grid.positions(self.config.encoder_dim, self.config.pos_layout)
+            # under bf16 the residual stream stays float32: positions are added, not rounded to bf16
+            x = x.float() + pos if dtype is not None else x + pos.to(x.dtype)
+            out = self.encoder(x, grid.key_padding)
+        out = out.float() if dtype is not None else out
         if grid.key_padding is not None:
             out = out.masked_fill(grid.key_padding[..., None], 0.0)
         return out
@@ -141,7 +166,8 @@ class BestRQ2Encoder(nn.Module):
         (d / "config.json").write_text(self.config.to_json())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "BestRQ2Encoder":
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        precision: str = "fp32") -> "BestRQ2Encoder":
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -158,7 +184,7 @@ class BestRQ2Encoder(nn.Module):
             raise ValueError(f"{d}: weights do not fit config.json: {str(err)[:400]}") from err
         if missing or unexpected:
             raise ValueError(f"{d}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return enc.to(map_location).eval()
+        return enc.to(map_location).eval().set_precision(precision)
 
     @classmethod
     def from_official(cls, path, allow_pickle: bool = False, **config_fields) -> "BestRQ2Encoder":

@@ -156,8 +156,8 @@ class BestRQ2(nn.Module):
         """Head + cross-entropy over the counted targets (a batch with none gives loss 0, no branch)."""
         cfg = self.config
         w, b = self.head.weight, self.head.bias
-        if h.is_cuda and torch.is_autocast_enabled("cuda"):  # what nn.Linear would run in under autocast
-            dt = torch.get_autocast_dtype("cuda")
+        if torch.is_autocast_enabled(h.device.type):  # what nn.Linear would run in under autocast
+            dt = torch.get_autocast_dtype(h.device.type)
             h, w, b = h.to(dt), w.to(dt), b.to(dt)
         else:
             h = h.to(w.dtype)

@@ -59,6 +59,7 @@ class TrainConfig:
     fsdp: bool = False
     max_bad_steps: int = 5  # consecutive non-finite losses before training stops
     progress: bool = True
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (CPUs with AMX run it fast)
     overwrite: bool = False  # a fresh run in a folder holding one: move the old run aside first
     extend: bool = False  # resume with another --steps: continue the cosine to the new total (LRSchedule)
 
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-pct must lie in [0, 1) (got {self.warmup_pct})")
         if self.seconds * 16000 < 9375:
             raise ValueError(f"--seconds {self.seconds} is shorter than one patch (0.586 s)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
         if self.batch_size % (world * self.grad_accum):
@@ -346,6 +349,11 @@ def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused, foreach=not fused)
 
 
+def uses_bf16(tc: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast for the step: --precision bf16, or auto on CUDA."""
+    return tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+
+
 def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: torch.Tensor, lengths: torch.Tensor,
                mask: torch.Tensor, device: torch.device, world: int, stop_flag: bool) -> torch.Tensor:
     """One optimizer step over this rank's share of the batch (``grad_accum`` micro-batches); host
@@ -360,8 +368,8 @@ def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: tor
         sync = k == tc.grad_accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
         ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
         batch = model.prepare(wave[sl], lengths[sl], mask[sl])  # host checks, non-blocking copies
-        with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            res = forward(batch)
+        with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(tc, device)):
+            res = forward(batch)  # the frontend and the quantizer switch autocast off: fp32 targets
         (res.loss / tc.grad_accum).backward()
         loss_sum += res.loss.detach() / tc.grad_accum
         acc_sum += res.accuracy.detach() / tc.grad_accum

@@ -1,0 +1,62 @@
+"""Encoder precision: fp32 by default, bf16 on request or where the hardware runs it fast ("auto"),
+with the frontend and the positions in float32 and frames returned in float32; CPU bf16 training."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import bestrq2.precision as P
+from bestrq2 import BestRQ2Config, BestRQ2Encoder
+from bestrq2.cli import main
+from bestrq2.train import TrainConfig, pretrain
+
+
+def test_resolve_rules(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert P.resolve("fp32", cpu)[0] is None and P.resolve("fp32", cuda)[0] is None
+    assert P.resolve("bf16", cpu)[0] == torch.bfloat16 and P.resolve("auto", cuda)[0] == torch.bfloat16
+    monkeypatch.setattr(P, "cpu_bf16_units", lambda: "AMX")
+    assert P.resolve("auto", cpu) == (torch.bfloat16, "bf16 (auto: this CPU has AMX)")
+    monkeypatch.setattr(P, "cpu_bf16_units", lambda: None)
+    assert P.resolve("auto", cpu)[0] is None and "no bf16 units" in P.resolve("auto", cpu)[1]
+    assert "slow" in P.resolve("bf16", cpu)[1]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        P.resolve("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        BestRQ2Encoder(BestRQ2Config.preset("tiny"), precision="half")
+
+
+def test_bf16_encoder_keeps_the_frontend_in_fp32_and_stays_close(monkeypatch):
+    torch.manual_seed(0)
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2))
+    wave = torch.randn(2, 60_000) * 0.1
+    with torch.no_grad():
+        ref = enc(wave)
+        assert enc.precision == "fp32" and torch.equal(enc.set_precision("fp32")(wave), ref)
+        out = enc.set_precision("bf16")(wave)
+        spec_seen = []
+        monkeypatch.setattr(type(enc.frontend), "forward",
+                            lambda self, w, _f=type(enc.frontend).forward: spec_seen.append(_f(self, w)) or spec_seen[-1])
+        enc(wave)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < rel < 3e-2  # bf16 rounding (8 bits of mantissa) through 2 blocks, not garbage
+    assert spec_seen and spec_seen[0].dtype == torch.float32
+    monkeypatch.setattr(P, "cpu_bf16_units", lambda: None)  # "auto" on a CPU without bf16 units: fp32
+    with torch.no_grad():
+        assert torch.equal(enc.set_precision("auto")(wave), ref)
+
+
+def test_cli_precision_and_cpu_bf16_training(tmp_path, capsys):
+    BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1)).save_pretrained(tmp_path / "enc")
+    wav = tmp_path / "x.wav"
+    sf.write(wav, (np.random.default_rng(0).standard_normal(20_000) * 0.1).astype(np.float32), 16_000)
+    assert main(["embed", str(wav), "--model", str(tmp_path / "enc"), "--precision", "fp32"]) == 0
+    assert "precision: fp32 (asked)" in capsys.readouterr().out
+    assert main(["embed", str(wav), "--model", str(tmp_path / "enc"), "--precision", "bf16"]) == 0
+    assert "precision: bf16" in capsys.readouterr().out
+    res = pretrain(TrainConfig(preset="tiny", steps=2, batch_size=2, seconds=1.0, out=str(tmp_path / "run"),
+                               num_workers=0, progress=False, precision="bf16"))
+    assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))
+    with pytest.raises(ValueError, match="--precision"):
+        TrainConfig(precision="fp8").validate()
