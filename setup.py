@@ -28,7 +28,9 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "tensorboard>=2.10"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "tensorboard>=2.10",
+                "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         "tensorboard": ["tensorboard>=2.10"],
         "bench": ["matplotlib>=3.5", "pytest-benchmark>=4"],
     },

@@ -30,7 +30,11 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    from bestrq2.precision import cpu_bf16_units
+
+    units = cpu_bf16_units()
+    caps = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+    return f"{name} ({torch.get_num_threads()} threads; ATen {caps}; bf16 units: {units or 'none'})"
 
 
 def versions() -> str:

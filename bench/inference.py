@@ -1,9 +1,10 @@
-"""Encoder inference throughput: clips/s and ms per 10 s clip at batch 1 and 64.
+"""Encoder inference throughput: clips/s and ms per 10 s clip at batch 1 and 8 (and 64 on CUDA).
 
 eager: the authors' formulation (attention scores written out, float32). fast: SDPA in
-``torch.inference_mode`` (CPU), plus bf16 autocast and the best attention backend on CUDA. On CPU the
-two are timed alternately (one run each per round) so that a shared machine's drift hits both alike.
-Both run the same weights; the max abs difference of their frames is recorded ("equal outputs").
+``torch.inference_mode`` (CPU), plus bf16 autocast and the best attention backend on CUDA. On CPU
+also bf16 (where the CPU has AMX / AVX512-BF16) and onnxruntime. On CPU the providers are timed
+alternately (one run each per round) so that a shared machine's drift hits all alike. All run the
+same weights; the max abs / relative difference of their frames to eager's is recorded.
 """
 from __future__ import annotations
 
@@ -24,38 +25,67 @@ def _quantiles(ms: list[float]) -> tuple[float, float, float]:
 
 
 def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = None) -> None:
+    """Providers: eager (the authors' formulation, fp32), fast (SDPA; bf16 autocast on CUDA), and on CPU
+    bf16 (``precision="bf16"``, where the CPU has AMX / AVX512-BF16) and onnxruntime (the exported
+    encoder, where onnxruntime is installed). CPU providers are timed interleaved, one run each per
+    round. Every provider's frames are compared with eager's (max abs and relative difference)."""
+    from bestrq2.precision import cpu_bf16_units
+
     preset = preset or ("tiny" if smoke else "base")
-    batches = [1, 2] if smoke else [1, 64]
+    batches = [1, 2] if smoke else ([1, 8, 64] if device.type == "cuda" else [1, 8])
     torch.manual_seed(0)
     eager = BestRQ2Encoder(BestRQ2Config.preset(preset, attention="math")).to(device).eval()
     fast = BestRQ2Encoder(BestRQ2Config.preset(preset, attention="auto")).to(device).eval()
     fast.load_state_dict(eager.state_dict())
+    runners = {}
+
+    def run_eager(wave):
+        with torch.no_grad():
+            return eager(wave)
+
+    def run_fast(wave):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return fast(wave)
+
+    runners["eager"], runners["fast"] = run_eager, run_fast
+    if device.type == "cpu" and cpu_bf16_units():
+        bf16 = BestRQ2Encoder(fast.config, precision="bf16").eval()
+        bf16.load_state_dict(eager.state_dict())
+
+        def run_bf16(wave):
+            with torch.inference_mode():
+                return bf16(wave)
+
+        runners["bf16"] = run_bf16
+    if device.type == "cpu":
+        try:
+            import tempfile
+
+            from bestrq2.onnx import OnnxEncoder
+
+            tmp = tempfile.mkdtemp()
+            ort = OnnxEncoder(fast.to_onnx(f"{tmp}/encoder.onnx"), threads=torch.get_num_threads())
+            runners["onnxruntime"] = lambda wave: torch.from_numpy(ort(wave.numpy()))
+        except ImportError as err:
+            print(f"  (no onnxruntime row: {err})")
     for b in batches:
         wave = torch.randn(b, 160_000, device=device) * 0.1
         shape = f"preset={preset},B={b},10s"
-
-        def run_fast():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                return fast(wave)
-
-        def run_eager():
-            with torch.no_grad():
-                return eager(wave)
-
-        diff = (run_fast().float() - run_eager()).abs().max().item()
+        ref = run_eager(wave).float()
+        diffs = {name: (fn(wave).float() - ref).abs().max().item() for name, fn in runners.items() if name != "eager"}
         reps = 1 if smoke else (3 if (b > 1 and device.type == "cpu") else 10)
         if device.type == "cuda":
-            stats = {name: time_fn(fn, device, reps=reps, warmup=1) for name, fn in (("eager", run_eager), ("fast", run_fast))}
-        else:  # interleave the two on CPU so drifts of a shared machine hit both alike
-            runs = {"eager": [], "fast": []}
+            stats = {name: time_fn(lambda fn=fn: fn(wave), device, reps=reps, warmup=1) for name, fn in runners.items()}
+        else:  # interleave on CPU so drifts of a shared machine hit every provider alike
+            runs = {name: [] for name in runners}
             for _ in range(reps):
-                for name, fn in (("eager", run_eager), ("fast", run_fast)):
+                for name, fn in runners.items():
                     t0 = time.perf_counter()
-                    fn()
+                    fn(wave)
                     runs[name].append(1e3 * (time.perf_counter() - t0))
             stats = {k: _quantiles(v) for k, v in runs.items()}
         t = {}
-        for name in ("eager", "fast"):
+        for name in runners:
             med, p20, p80 = stats[name]
             t[name] = med
             rec.add("encoder_inference", name, "forward", shape, "time_ms", med)
@@ -63,7 +93,10 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
             rec.add("encoder_inference", name, "forward", shape, "time_p80_ms", p80)
             rec.add("encoder_inference", name, "forward", shape, "clips_per_s", 1e3 * b / med)
             rec.add("encoder_inference", name, "forward", shape, "ms_per_clip", med / b)
-        rec.add("encoder_inference", "fast", "forward", shape, "speedup_vs_eager", t["eager"] / t["fast"])
-        rec.add("encoder_inference", "fast", "forward", shape, "max_abs_diff_vs_eager", diff)
-        print(f"  encoder B={b}: eager {t['eager']:.1f} ms, fast {t['fast']:.1f} ms "
-              f"({t['eager'] / t['fast']:.2f}x), max |diff| {diff:.2e}")
+            if name != "eager":
+                rec.add("encoder_inference", name, "forward", shape, "speedup_vs_eager", t["eager"] / med)
+                rec.add("encoder_inference", name, "forward", shape, "max_abs_diff_vs_eager", diffs[name])
+                rec.add("encoder_inference", name, "forward", shape, "max_rel_diff_vs_eager",
+                        diffs[name] / max(float(ref.abs().max()), 1e-30))
+        print(f"  encoder B={b}: " + ", ".join(f"{n} {t[n]:.1f} ms ({t['eager'] / t[n]:.2f}x"
+                                                 + (f", |diff| {diffs[n]:.1e})" if n in diffs else ")") for n in runners))

@@ -15,6 +15,22 @@ from .tokens import wave_to_grid
 from .transformer import Transformer
 
 
+def chunk_plan(num_samples: int, chunk: int = 10 * SAMPLE_RATE) -> list[tuple[int, int, int, int]]:
+    """How a clip is fed to the encoder, as the authors' X-ARES adapter does: [(start, samples, samples
+    fed, frames kept)]. A clip of at most ``chunk`` samples is one piece; a longer one is cut into
+    ``chunk``-sample pieces, and a tail under 1 s is zero-padded to 1 s and keeps one frame."""
+    if num_samples <= chunk:
+        return [(0, num_samples, num_samples, num_time_patches(num_samples))]
+    plan = []
+    for start in range(0, num_samples, chunk):
+        r = min(chunk, num_samples - start)
+        if r < SAMPLE_RATE:  # X-ARES: pad a short tail to 1 s, keep 1 frame
+            plan.append((start, r, SAMPLE_RATE, max(1, int(num_time_patches(SAMPLE_RATE) * r / SAMPLE_RATE))))
+        else:
+            plan.append((start, r, r, num_time_patches(r)))
+    return plan
+
+
 class BestRQ2Encoder(nn.Module):
     """Frozen-use encoder: frontend + patch embedding + context ViT (no predictor, no head).
 
@@ -103,14 +119,14 @@ class BestRQ2Encoder(nn.Module):
     # --------------------------------------------------------------- public
     def num_output_frames(self, num_samples: int) -> int:
         """Frames the encoder gives a clip of ``num_samples`` samples."""
-        chunk, second = self.config.chunk_samples, self.sampling_rate
-        if num_samples <= chunk:
-            return num_time_patches(num_samples)
-        total = 0
-        for start in range(0, num_samples, chunk):
-            remaining = min(chunk, num_samples - start)
-            total += 1 if remaining < second else num_time_patches(remaining)
-        return total
+        return sum(keep for *_, keep in chunk_plan(num_samples, self.config.chunk_samples))
+
+    def to_onnx(self, path: str | os.PathLike) -> Path:
+        """Write this encoder as ONNX (dynamic batch and length; see ``bestrq2.onnx``); run it with
+        ``bestrq2.onnx.OnnxEncoder``."""
+        from .onnx import export_onnx
+
+        return export_onnx(self, path)
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,
@@ -123,28 +139,16 @@ class BestRQ2Encoder(nn.Module):
         if max(lens) <= chunk and b <= max_batch:
             return self._frames(wave[:, : max(lens)], lengths)
         # cut every clip into <= 10 s pieces at its own length, run the pieces as padded batches
-        pieces: list[tuple[int, int, int, int]] = []  # (clip, start, samples fed, frames kept)
-        for i, n in enumerate(lens):
-            if n <= chunk:
-                pieces.append((i, 0, n, num_time_patches(n)))
-                continue
-            for start in range(0, n, chunk):
-                remaining = min(chunk, n - start)
-                if remaining < self.sampling_rate:  # X-ARES: pad a short tail to 1 s, keep 1 frame
-                    pieces.append((i, start, remaining, max(1, int(num_time_patches(self.sampling_rate) * remaining / self.sampling_rate))))
-                else:
-                    pieces.append((i, start, remaining, num_time_patches(remaining)))
+        pieces = [(i, *piece) for i, n in enumerate(lens) for piece in chunk_plan(n, chunk)]
         outs: list[torch.Tensor] = []
         for s in range(0, len(pieces), max_batch):
-            group = pieces[s: s + max_batch]
-            fed = [max(r, self.sampling_rate) if n > chunk else r
-                   for (i, _, r, _), n in ((p, lens[p[0]]) for p in group)]
-            batch = wave.new_zeros(len(group), max(fed))
-            for j, (i, start, r, _) in enumerate(group):
+            group = pieces[s: s + max_batch]  # (clip, start, samples, samples fed, frames kept)
+            batch = wave.new_zeros(len(group), max(g[3] for g in group))
+            for j, (i, start, r, _, _) in enumerate(group):
                 batch[j, :r] = wave[i, start: start + r]
-            outs.extend(self._frames(batch, torch.tensor(fed)).unbind(0))
+            outs.extend(self._frames(batch, torch.tensor([g[3] for g in group])).unbind(0))
         per_clip: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        for (i, _, _, keep), fr in zip(pieces, outs):
+        for (i, _, _, _, keep), fr in zip(pieces, outs):
             per_clip[i].append(fr[:keep])
         joined = [torch.cat(p, dim=0) for p in per_clip]
         out = wave.new_zeros(b, max(j.shape[0] for j in joined), self.output_dim)

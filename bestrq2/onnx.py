@@ -1,0 +1,131 @@
+"""ONNX export of the encoder (dynamic batch and length) and a runner for onnxruntime.
+
+The exported graph maps a waveform batch [B, T] (float32, 16 kHz, one clip of at most 10 s per row,
+T >= 9375) to frames [B, W, D] with W = floor((1 + T // 625) / 16): the encoder's ``_frames`` on
+equal-length clips. The STFT is written as a strided 1-D convolution with the windowed, normalised
+DFT basis (ONNX's STFT op has no complex output that every runtime takes), so the spectrogram differs
+from ``torch.stft``'s FFT by float32 rounding only. ``OnnxEncoder`` runs the file with onnxruntime and
+does what the graph leaves to the caller, as ``BestRQ2Encoder`` does: clips longer than 10 s cut into
+10 s chunks (a tail under 1 s zero-padded to 1 s, one frame), padded batches by ``lengths``.
+Needs the ``onnx`` extra: ``pip install 'bestrq2[onnx]'`` (onnx, onnxscript, onnxruntime).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import HOP, N_FFT, PATCH, SAMPLE_RATE
+from .frontend import AMIN
+from .positions import sincos_2d
+
+
+class ConvLogMel(nn.Module):
+    """The log-mel frontend with the STFT as conv1d over the reflect-padded wave: [B, T] -> [B, 128, frames]."""
+
+    def __init__(self, window: torch.Tensor, fb: torch.Tensor) -> None:
+        super().__init__()
+        n = torch.arange(N_FFT, dtype=torch.float64)
+        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
+        ang = 2 * math.pi * k[:, None] * n[None, :] / N_FFT
+        w = window.double() / window.double().pow(2).sum().sqrt()  # torchaudio's normalized=True
+        basis = torch.cat([torch.cos(ang) * w, -torch.sin(ang) * w])  # [2 * 1025, 2048]
+        self.register_buffer("basis", basis.float()[:, None, :])
+        self.register_buffer("fb", fb.float())
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = F.pad(wave[:, None, :], (N_FFT // 2, N_FFT // 2), mode="reflect")
+        spec = F.conv1d(x, self.basis, stride=HOP)  # [B, 2 * 1025, frames]
+        re, im = spec.chunk(2, dim=1)
+        power = re * re + im * im
+        mel = torch.matmul(power.transpose(1, 2), self.fb).transpose(1, 2)
+        return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
+
+
+class _ExportedFrames(nn.Module):
+    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file."""
+
+    def __init__(self, enc) -> None:
+        super().__init__()
+        self.frontend = ConvLogMel(enc.frontend.window, enc.frontend.fb)
+        self.patch_embed, self.encoder = enc.patch_embed, enc.encoder
+        self.dim, self.layout = enc.config.encoder_dim, enc.config.pos_layout
+        self.fp = enc.config.freq_patches
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = self.frontend(wave)
+        b, fbins, frames = spec.shape
+        w = frames // PATCH
+        spec = spec[..., : w * PATCH]
+        patches = spec.reshape(b, self.fp, PATCH, w, PATCH).permute(0, 1, 3, 2, 4).reshape(b, self.fp * w, PATCH * PATCH)
+        if self.layout == "grid":  # cell (f, t) of the 8 x W grid, built without dividing by the symbolic W
+            f = torch.arange(self.fp, device=wave.device)[:, None].expand(self.fp, w).reshape(-1)
+            t = torch.arange(w, device=wave.device)[None, :].expand(self.fp, w).reshape(-1)
+        else:  # the authors' rows: flat index into their 8 x 16 table
+            n = torch.arange(self.fp * w, device=wave.device)
+            f, t = n // 16, n % 16
+        x = self.patch_embed(patches) + sincos_2d(f, t, self.dim)
+        tok = self.encoder(x)
+        return tok.reshape(b, self.fp, w, -1).mean(dim=1)
+
+
+def export_onnx(enc, path: str | Path, opset: int = 18) -> Path:
+    """Write ``enc`` (a ``BestRQ2Encoder``) as ONNX with dynamic batch and length. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _ExportedFrames(enc).eval()
+    attention = model.encoder.attention
+    model.encoder.attention = "math"  # plain matmul + softmax: every ONNX runtime has those ops
+    try:
+        wave = torch.randn(2, 3 * SAMPLE_RATE) * 0.1
+        batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("samples", min=9375, max=10 * SAMPLE_RATE)
+        with torch.no_grad():
+            torch.onnx.export(model, (wave,), str(path), input_names=["wave"], output_names=["frames"],
+                              dynamic_shapes={"wave": {0: batch, 1: length}}, opset_version=opset, dynamo=True,
+                              external_data=False)
+    finally:
+        model.encoder.attention = attention
+    return path
+
+
+class OnnxEncoder:
+    """The exported encoder under onnxruntime, with ``BestRQ2Encoder``'s contract: ``enc(wave, lengths=None)``
+    on float [B, T] 16 kHz audio of any length -> frames [B, T', D] (numpy float32)."""
+
+    sampling_rate = SAMPLE_RATE
+    hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def _run(self, wave: np.ndarray) -> np.ndarray:
+        return self.session.run(["frames"], {"wave": np.ascontiguousarray(wave, dtype=np.float32)})[0]
+
+    def __call__(self, wave, lengths=None) -> np.ndarray:
+        from .encoder import chunk_plan
+        from .inputs import check_wave
+
+        wave, lengths = check_wave(torch.as_tensor(wave), lengths, None)
+        wave = wave.float().numpy()
+        lens = lengths.tolist() if lengths is not None else [wave.shape[1]] * wave.shape[0]
+        per_clip = []
+        for i, n in enumerate(lens):
+            frames = []
+            for start, r, fed, keep in chunk_plan(n):
+                piece = np.zeros((1, fed), dtype=np.float32)
+                piece[0, :r] = wave[i, start: start + r]
+                frames.append(self._run(piece)[0, :keep])
+            per_clip.append(np.concatenate(frames))
+        out = np.zeros((len(per_clip), max(len(f) for f in per_clip), per_clip[0].shape[1]), dtype=np.float32)
+        for i, f in enumerate(per_clip):
+            out[i, : len(f)] = f
+        return out
