@@ -24,6 +24,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .kernels._dispatch import interpreting
+
 log = logging.getLogger("bestrq2")
 BACKENDS = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")
 VARLEN = ("flash_attn", "fa4", "triton")
@@ -46,7 +48,7 @@ def available() -> dict[str, bool]:
         "fa4": cuda and _has("flash_attn.cute"),
         "sdpa": True,
         "math": True,
-        "triton": cuda or os.environ.get("TRITON_INTERPRET") == "1",
+        "triton": cuda or interpreting(),
     }
 
 
@@ -62,7 +64,7 @@ def _unsupported(name: str, x: torch.Tensor, head_dim: int, max_len: int) -> str
         if head_dim % 8 or head_dim > 256:
             return f"takes head dims that are multiples of 8 up to 256, not {head_dim}"
     if name == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not x.is_cuda and not interpreting():
             return "on CPU tensors needs TRITON_INTERPRET=1"
         if head_dim > 128:
             return f"takes head dim <= 128, not {head_dim}"

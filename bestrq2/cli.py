@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, pretrain, run_total_steps
+    from .train import TrainConfig, pretrain, process_rank, run_total_steps
 
     out = args.resume or args.out
     if args.resume and args.out and args.out != args.resume:
@@ -33,7 +33,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         model_cfg = BestRQ2Config.preset(args.preset, seed=args.seed, **overrides)
     res = pretrain(tc, model_cfg=model_cfg, resume=bool(args.resume))
-    if int(__import__("os").environ.get("RANK", "0")) != 0:
+    if process_rank()[0] != 0:
         return 0
     losses = res["losses"]
     if losses:

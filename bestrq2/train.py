@@ -268,9 +268,13 @@ def _resumed_schedule(resumed: dict, tc: TrainConfig, path: Path) -> LRSchedule:
 
 
 # ------------------------------------------------------------------------------------ distributed
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _dist_setup(tc: TrainConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = process_rank()
     use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
