@@ -50,6 +50,8 @@ def model_overrides(args: argparse.Namespace) -> dict:
         out["one_stage"] = True
     if args.drop_path is not None:
         out["encoder_drop_path"] = args.drop_path
+    if args.rpq_norm is not None:
+        out["rpq_norm"] = args.rpq_norm
     if args.mask_ratio is not None:
         out["mask_ratio_min"], out["mask_ratio_max"] = args.mask_ratio
     if args.predictor_depth is not None:
@@ -199,6 +201,19 @@ def _cv_arg(s: str):
     return k
 
 
+def _codes(args: argparse.Namespace) -> int:
+    import json
+
+    from .codes import report, run
+
+    res = run(args.paths, run_dir=args.run, seed=args.seed, rpq_norm=args.rpq_norm, seconds=args.seconds,
+              max_clips=args.max_clips, plot=args.plot)
+    print(report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     import soundfile as sf
 
@@ -246,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="masked fraction drawn uniformly from [MIN, MAX] per step (paper: 0.4 0.6)")
     pt.add_argument("--predictor-depth", type=_positive_int("--predictor-depth"), default=None,
                     help="predictor blocks (default: the preset's; paper: 4)")
+    pt.add_argument("--rpq-norm", default=None, choices=["none", "patch", "bin"],
+                    help="quantizer input: none (the paper, raw dB), patch (each patch standardised), bin (the "
+                         "log-mel standardised per mel bin with statistics of the corpus's first clips)")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=None, help="run directory (default runs/demo)")
     pt.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
@@ -320,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="encoder precision (see embed --precision); the log-mel floor is always fp32")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
+
+    co = sub.add_parser("codes", help="code usage of the quantizer on audio files, folders or a prepared corpus")
+    co.add_argument("paths", nargs="+", help="audio files, folders of them, or one prepared corpus")
+    co.add_argument("--run", default=None, help="take the quantizer of this run (its latest checkpoint)")
+    co.add_argument("--seed", type=int, default=0, help="quantizer seed without --run")
+    co.add_argument("--rpq-norm", default="none", choices=["none", "patch", "bin"], help="without --run")
+    co.add_argument("--seconds", type=float, default=10.0, help="read at most this much of each file")
+    co.add_argument("--max-clips", type=_positive_int("--max-clips"), default=256)
+    co.add_argument("--plot", default=None, help="write a histogram of the sorted code shares (png)")
+    co.add_argument("--json", default=None, help="write the figures as JSON")
+    co.set_defaults(func=_codes)
 
     sy = sub.add_parser("synth", help="write one clip of the procedural corpus as a wav")
     sy.add_argument("out")

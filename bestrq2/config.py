@@ -16,6 +16,7 @@ REFERENCE_TIME_PATCHES = 16  # a 10 s clip gives 16 time patches: the 8 x 16 gri
 MASK_MODES = ("shared", "per_sample")
 ATTENTION = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")
 POS_LAYOUTS = ("grid", "official")
+RPQ_NORMS = ("none", "patch", "bin")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class BestRQ2Config:
     codebook_size: int = 8192
     codebook_dim: int = 16
     num_codebooks: int = 1
+    rpq_norm: str = "none"  # quantizer input: "none" (the paper), "patch" (each patch standardised), "bin"
     # masking
     mask_ratio_min: float = 0.4
     mask_ratio_max: float = 0.6
@@ -89,6 +91,7 @@ class BestRQ2Config:
         need(self.attention in ATTENTION, f"attention must be one of {ATTENTION} (got {self.attention!r})")
         need(self.mask_equal_counts or self.mask_mode == "per_sample",
              "mask_equal_counts=False needs mask_mode='per_sample' (a shared mask has one count)")
+        need(self.rpq_norm in RPQ_NORMS, f"rpq_norm must be one of {RPQ_NORMS} (got {self.rpq_norm!r})")
         need(self.pos_layout in POS_LAYOUTS, f"pos_layout must be one of {POS_LAYOUTS} (got {self.pos_layout!r})")
         need(0.0 <= self.encoder_drop_path < 1.0 and 0.0 <= self.predictor_drop_path < 1.0,
              "drop path rates must lie in [0, 1)")

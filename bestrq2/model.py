@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .config import PATCH, BestRQ2Config
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
 from .inputs import check_wave, to_device
-from .kernels import gather_tokens, linear_cross_entropy, rpq_codes, scatter_tokens
+from .kernels import gather_tokens, linear_cross_entropy, scatter_tokens
 from .masking import MaskPlan, check_mask, sample_mask
 from .positions import positions_for
 from .quantizer import RandomProjectionQuantizer
@@ -60,7 +60,7 @@ class BestRQ2(nn.Module):
         self.config = cfg = config or BestRQ2Config()
         self.frontend = LogMel()
         self.quantizer = RandomProjectionQuantizer(cfg.patch_dim, cfg.codebook_dim, cfg.codebook_size,
-                                                   cfg.num_codebooks, seed=cfg.seed)
+                                                   cfg.num_codebooks, seed=cfg.seed, norm=cfg.rpq_norm)
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)  # = Conv2d(1, D, 16, stride 16)
         self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
                                    cfg.encoder_drop_path, cfg.attention)
@@ -83,8 +83,7 @@ class BestRQ2(nn.Module):
         """Codes of every patch: int64 [B, N, num_codebooks]."""
         wave, lengths = check_wave(wave, lengths)
         spec = truncate_to_patches(self.frontend(wave.to(self.head.weight.device)))
-        q = self.quantizer
-        return rpq_codes(spec, q.projection, q.codebooks).reshape(wave.shape[0], -1, q.num_codebooks)
+        return self.quantizer.codes(spec).reshape(wave.shape[0], -1, self.quantizer.num_codebooks)
 
     def _pos_table(self, num_tokens: int, width: int, dim: int) -> torch.Tensor:
         """Sincos rows of the N grid slots, [N, dim] (the pretraining grid is the same for every clip)."""
@@ -146,7 +145,7 @@ class BestRQ2(nn.Module):
         where a patch lies wholly in padding or fills a ragged row."""
         q = self.quantizer
         b = spec.shape[0]
-        targets = rpq_codes(spec, q.projection, q.codebooks, index=plan.mask_idx).reshape(b, -1, q.num_codebooks)
+        targets = q.codes(spec, plan.mask_idx).reshape(b, -1, q.num_codebooks)
         ignore = None if padding is None else torch.gather(padding, 1, plan.mask_idx)
         if plan.mask_valid is not None:
             ignore = ~plan.mask_valid if ignore is None else ignore | ~plan.mask_valid

@@ -18,11 +18,21 @@ __all__ = ["RandomProjectionQuantizer", "rpq_codes_ref", "rpq_scores_ref"]  # th
 
 
 class RandomProjectionQuantizer(torch.nn.Module):
-    """Holds the frozen projection [C, 256, d] and codebooks [C, K, d]; no trainable state."""
+    """Holds the frozen projection [C, 256, d] and codebooks [C, K, d]; no trainable state.
+
+    ``norm`` (``BestRQ2Config.rpq_norm``): "none" (the paper: raw dB patches), "patch" (each 256-value
+    patch standardised), "bin" (the log-mel standardised per mel bin with corpus statistics, the buffers
+    ``bin_mean`` / ``bin_std`` [128], estimated once before training and saved in checkpoints;
+    ``bin_count`` says how many frames they came from, 0 = not estimated yet)."""
 
     def __init__(self, input_dim: int = 256, codebook_dim: int = 16, codebook_size: int = 8192,
-                 num_codebooks: int = 1, seed: int = 0) -> None:
+                 num_codebooks: int = 1, seed: int = 0, norm: str = "none", n_mels: int = 128) -> None:
         super().__init__()
+        self.norm = norm
+        if norm == "bin":
+            self.register_buffer("bin_mean", torch.zeros(n_mels))
+            self.register_buffer("bin_std", torch.ones(n_mels))
+            self.register_buffer("bin_count", torch.zeros((), dtype=torch.float64))
         g = torch.Generator().manual_seed(int(seed))
         bound = math.sqrt(6.0 / (input_dim + codebook_dim))  # Xavier uniform, gain 1
         projection = (torch.rand(num_codebooks, input_dim, codebook_dim, generator=g) * 2 - 1) * bound
@@ -34,9 +44,30 @@ class RandomProjectionQuantizer(torch.nn.Module):
     def num_codebooks(self) -> int:
         return self.codebooks.shape[0]
 
+    def stats(self) -> dict:
+        """Keyword arguments of ``rpq_codes`` for this quantizer's normalisation."""
+        if self.norm == "bin":
+            if float(self.bin_count) == 0 and not torch.compiler.is_compiling():
+                raise ValueError("rpq_norm='bin' needs per-bin statistics: estimate them first "
+                                 "(bestrq2.train.estimate_bin_stats, done by pretrain) or load a checkpoint")
+            return {"norm": "bin", "bin_mean": self.bin_mean, "bin_std": self.bin_std}
+        return {"norm": self.norm}
+
+    @torch.no_grad()
+    def set_bin_stats(self, mean: torch.Tensor, std: torch.Tensor, count: int) -> None:
+        self.bin_mean.copy_(mean)
+        self.bin_std.copy_(std.clamp_min(1e-3))
+        self.bin_count.fill_(float(count))
+
+    @torch.no_grad()
+    def codes(self, spec: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel [B, F, T] (T a multiple of 16) -> int64 codes [B * (m or N), C]."""
+        return rpq_codes(spec, self.projection, self.codebooks, index, **self.stats())
+
     @torch.no_grad()
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [..., 256] -> int64 codes [..., C]."""
+        """patches [..., 256] -> int64 codes [..., C] (norm "none" or "patch"; "bin" needs the log-mel:
+        ``codes``)."""
         lead = patches.shape[:-1]
         flat = patches.reshape(-1, patches.shape[-1])
-        return rpq_codes(flat, self.projection, self.codebooks).reshape(*lead, self.num_codebooks)
+        return rpq_codes(flat, self.projection, self.codebooks, **self.stats()).reshape(*lead, self.num_codebooks)

@@ -33,7 +33,7 @@ from .config import BestRQ2Config
 from .flops import pretrain_step_flops
 from .frontend import num_time_patches
 from .masking import sample_mask
-from .model import BestRQ2
+from .model import IGNORE, BestRQ2
 
 
 @dataclass
@@ -353,6 +353,37 @@ def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused, foreach=not fused)
 
 
+def code_health(counts: torch.Tensor) -> torch.Tensor:
+    """[perplexity, distinct codes] of a batch's targets from their counts [K] (on the device):
+    perplexity = exp(entropy in nats) of the code frequencies; 1 when one code takes everything, K
+    when all are equally used."""
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+    return torch.stack([torch.exp(entropy), (counts > 0).sum().to(counts.dtype)])
+
+
+@torch.no_grad()
+def estimate_bin_stats(model: BestRQ2, source, clips: int = 64) -> int:
+    """rpq_norm="bin": per-mel-bin mean and std of the log-mel over the corpus's first ``clips`` clips
+    (each clip's true length only; float64 sums), frozen into the quantizer. Every process computes the
+    same (the corpus is a pure function of the index). Returns the frame count."""
+    n_bins = model.config.n_mels
+    s, s2, n = torch.zeros(n_bins, dtype=torch.float64), torch.zeros(n_bins, dtype=torch.float64), 0
+    frontend = model.frontend
+    device = model.head.weight.device
+    for i in range(min(clips, len(source))):
+        wave, length = source[i]
+        length = max(int(length), model.config.min_samples)
+        spec = frontend(wave[None, :length].float().to(device))[0].double().cpu()  # [bins, frames]
+        s += spec.sum(1)
+        s2 += (spec * spec).sum(1)
+        n += spec.shape[1]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+    model.quantizer.set_bin_stats(mean.float(), std.float(), n)
+    return n
+
+
 def uses_bf16(tc: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast for the step: --precision bf16, or auto on CUDA."""
     return tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
@@ -367,6 +398,7 @@ def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: tor
     micro = wave.shape[0] // tc.grad_accum
     opt.zero_grad(set_to_none=True)
     loss_sum, acc_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    counts = torch.zeros(model.config.codebook_size, device=device)  # target health: codebook 0's usage
     for k in range(tc.grad_accum):
         sl = slice(k * micro, (k + 1) * micro)
         sync = k == tc.grad_accum - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
@@ -377,10 +409,13 @@ def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: tor
         (res.loss / tc.grad_accum).backward()
         loss_sum += res.loss.detach() / tc.grad_accum
         acc_sum += res.accuracy.detach() / tc.grad_accum
-    stats = torch.stack([loss_sum, acc_sum, torch.tensor(float(stop_flag), device=device)])
-    if world > 1:  # one all-reduce: the global batch's loss and accuracy, and whether any rank must stop
+        t = res.targets[..., 0].reshape(-1)
+        counts.scatter_add_(0, t.clamp_min(0), (t != IGNORE).float())  # no boolean indexing: no sync
+    stats = torch.cat([torch.stack([loss_sum, acc_sum, torch.tensor(float(stop_flag), device=device)]), counts])
+    if world > 1:  # one all-reduce: loss, accuracy, whether any rank must stop, and the code counts
         dist.all_reduce(stats)
         stats[:2] /= world
+    stats = torch.cat([stats[:3], code_health(stats[3:])])
     if opt.defaults.get("fused"):
         opt.found_inf = (~torch.isfinite(stats[0])).float()  # the fused step leaves everything as it was
         opt.grad_scale = None
@@ -436,6 +471,10 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
 
     local = tc.batch_size // world
     source = make_source(tc)
+    if cfg.rpq_norm == "bin" and float(model.quantizer.bin_count) == 0:  # fresh run: measure, then freeze
+        frames = estimate_bin_stats(model, source)
+        if main:
+            print(f"rpq_norm=bin: per-bin statistics from {frames} frames of the corpus's first clips", flush=True)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(StepBatches(source, tc.batch_size, rank * local, (rank + 1) * local),
                                 range(start, tc.steps)),
@@ -477,7 +516,8 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
         log_f = open(out / "metrics.csv", "w" if new_file else "a", newline="")
         writer = csv.writer(log_f)
         if new_file:
-            writer.writerow(["step", "loss", "accuracy", "lr", "clips_per_s", "mfu", "bad_steps", "skipped_files"])
+            writer.writerow(["step", "loss", "accuracy", "lr", "clips_per_s", "mfu", "bad_steps", "skipped_files",
+                             "code_perplexity", "codes_used"])
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -509,7 +549,7 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
         """Log the oldest launched step (reads the device); True when the run must stop."""
         nonlocal bad_total, bad_run
         s_, stats, lr, _ = pending.popleft()
-        loss, acc, flag = stats.tolist()
+        loss, acc, flag, ppl, used = stats.tolist()
         now = time.perf_counter()
         dt, t_last[0] = now - t_last[0], now
         cps = tc.batch_size / dt
@@ -524,12 +564,14 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
         skipped = len(getattr(source, "skipped", {}))
         if main:
             writer.writerow([s_ + 1, f"{loss:.6f}", f"{acc:.4f}", f"{lr:.3e}", f"{cps:.2f}", f"{mfu:.4f}",
-                             bad_total, skipped])
+                             bad_total, skipped, f"{ppl:.2f}", int(used)])
             if tb is not None:
                 tb.add_scalar("loss", loss, s_ + 1)
                 tb.add_scalar("accuracy", acc, s_ + 1)
                 tb.add_scalar("lr", lr, s_ + 1)
-        post = dict(loss=f"{loss:.3f}", acc=f"{acc:.3f}", clips_s=f"{cps:.1f}")
+                tb.add_scalar("targets/code_perplexity", ppl, s_ + 1)
+                tb.add_scalar("targets/codes_used", used, s_ + 1)
+        post = dict(loss=f"{loss:.3f}", acc=f"{acc:.3f}", clips_s=f"{cps:.1f}", ppl=f"{ppl:.0f}", codes=int(used))
         if peak:
             post["mfu"] = f"{100 * mfu:.1f}%"
         if skipped:

@@ -45,6 +45,28 @@ def rpq_scores_ref(patches: torch.Tensor, projection: torch.Tensor, codebooks: t
         return torch.einsum("...cd,ckd->...ck", proj, codebooks.to(dt))
 
 
+NORMS = ("none", "patch", "bin")
+NORM_EPS = 1e-5
+
+
+def normalize_input(x: torch.Tensor, norm: str = "none", bin_mean: torch.Tensor | None = None,
+                    bin_std: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantizer's input normalisation. ``bin``: a log-mel [B, F, T] standardised per mel bin with
+    corpus statistics (mean, std [F]); ``patch`` is applied to patches (``normalize_patches``)."""
+    if norm == "bin":
+        return (x - bin_mean[:, None]) / bin_std[:, None]
+    return x
+
+
+def normalize_patches(patches: torch.Tensor, norm: str = "none") -> torch.Tensor:
+    """``patch``: each 256-value patch to zero mean and unit variance (eps 1e-5 on the variance)."""
+    if norm != "patch":
+        return patches
+    mean = patches.mean(-1, keepdim=True)
+    var = patches.var(-1, unbiased=False, keepdim=True)
+    return (patches - mean) / torch.sqrt(var + NORM_EPS)
+
+
 def spec_patches(spec: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """Log-mel [B, F, T] -> patches [B, N or m, 256] in the official order (an unfold copy)."""
     b, fbins, t = spec.shape
@@ -57,10 +79,13 @@ def spec_patches(spec: torch.Tensor, index: torch.Tensor | None = None) -> torch
 
 
 def rpq_codes_ref(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
-                  index: torch.Tensor | None = None) -> torch.Tensor:
+                  index: torch.Tensor | None = None, norm: str = "none", bin_mean: torch.Tensor | None = None,
+                  bin_std: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: materialises the [M, C, K] score matrix. Same contract as ``rpq_codes``."""
-    patches = spec_patches(x, index) if x.dim() == 3 else x
-    return rpq_scores_ref(patches.reshape(-1, patches.shape[-1]), projection, codebooks).argmax(dim=-1)
+    if x.dim() == 3:
+        x = spec_patches(normalize_input(x, norm, bin_mean, bin_std), index)
+    patches = normalize_patches(x.reshape(-1, x.shape[-1]), norm)
+    return rpq_scores_ref(patches, projection, codebooks).argmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -75,9 +100,10 @@ RESCORE_MARGIN = 1e-4
 def _rpq_codes_fwd_kernel(
     x_ptr, stride_xb, stride_xr, stride_xc,  # spec [B, F, T] strides, or raw [M, 256] as (0, row, col)
     idx_ptr, m_per_clip, num_tokens, width,
-    p_ptr, cb_ptr, best_ptr, second_ptr, arg_ptr, need_ptr,
+    p_ptr, cb_ptr, best_ptr, second_ptr, arg_ptr, need_ptr, bmean_ptr, bstd_ptr,
     M, K, C, D, K_PER,
     FROM_SPEC: tl.constexpr, HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, RESCORE: tl.constexpr,
+    NORM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per row block and codebook (and codebook split): best score, runner-up and argmax over the
@@ -109,6 +135,12 @@ def _rpq_codes_fwd_kernel(
     else:
         offs = rows.to(tl.int64)[:, None] * stride_xr + j[None, :] * stride_xc
     x = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, 256]
+    if NORM == 2:  # "bin": per mel bin, corpus statistics (only from a log-mel input: fr is the bin)
+        x = (x - tl.load(bmean_ptr + fr)) / tl.load(bstd_ptr + fr)
+    if NORM == 1:  # "patch": each patch to zero mean, unit variance
+        mean = tl.sum(x, axis=1) / 256
+        xc = x - mean[:, None]
+        x = xc / tl.sqrt(tl.sum(xc * xc, axis=1) / 256 + 1e-5)[:, None]
 
     dd = tl.arange(0, D_PAD)
     dmask = dd < D
@@ -166,29 +198,33 @@ def _layout(x: torch.Tensor, index: torch.Tensor | None, k: int):
 
 
 def rescore_rows(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor, index: torch.Tensor | None,
-                 codes: torch.Tensor, need: torch.Tensor) -> None:
+                 codes: torch.Tensor, need: torch.Tensor, norm: int = 0, bin_mean: torch.Tensor | None = None,
+                 bin_std: torch.Tensor | None = None) -> None:
     """codes [M, C] of the rows flagged in need (int8 [M, C]) recomputed from IEEE float32 scores over
     the whole codebook, in place; row blocks without a flagged row exit at once."""
     c, k, d = codebooks.shape
     m, strides, idx, per, from_spec, block_m, block_k = _layout(x, index, k)
+    stats = (bin_mean, bin_std) if bin_mean is not None else (x, x)
     wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, 1)](
-        x, *strides, idx, *per, projection, codebooks, codes, codes, codes, need, m, k, c, d, k,
-        FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="ieee", RESCORE=True,
+        x, *strides, idx, *per, projection, codebooks, codes, codes, codes, need, *stats, m, k, c, d, k,
+        FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="ieee", RESCORE=True, NORM=norm,
         D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k)
 
 
 @triton_op("bestrq2::rpq_codes", mutates_args={})
 def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
-                  index: torch.Tensor | None) -> torch.Tensor:
+                  index: torch.Tensor | None, norm: int, bin_mean: torch.Tensor | None,
+                  bin_std: torch.Tensor | None) -> torch.Tensor:
     c, k, d = codebooks.shape
     m, strides, idx, per, from_spec, block_m, block_k = _layout(x, index, k)
     splits, k_per = _k_splits(triton.cdiv(m, block_m) * c, k, block_k, x.device)
     best = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
     second = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
     arg = torch.empty(splits, m, c, dtype=torch.int64, device=x.device)
+    stats = (bin_mean, bin_std) if bin_mean is not None else (x, x)
     wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, splits)](
-        x, *strides, idx, *per, projection, codebooks, best, second, arg, arg, m, k, c, d, k_per,
-        FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="tf32x3", RESCORE=False,
+        x, *strides, idx, *per, projection, codebooks, best, second, arg, arg, *stats, m, k, c, d, k_per,
+        FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="tf32x3", RESCORE=False, NORM=norm,
         D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k)
     # merge the splits: the best split per row (argmax takes the first of equal maxima, i.e. the lowest
     # code index); the runner-up is the larger of that split's own second and the other splits' bests
@@ -198,7 +234,7 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
     if splits > 1:
         runner = torch.maximum(runner, best.scatter(0, top, float("-inf")).amax(0))
     need = ((best.gather(0, top)[0] - runner) < RESCORE_MARGIN).to(torch.int8)  # near-ties: IEEE decides
-    rescore_rows(x, projection, codebooks, index, codes, need)
+    rescore_rows(x, projection, codebooks, index, codes, need, norm, bin_mean, bin_std)
     return codes
 
 
@@ -213,7 +249,7 @@ def _k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tupl
 
 
 @_rpq_codes_op.register_fake
-def _rpq_codes_fake(x, projection, codebooks, index):
+def _rpq_codes_fake(x, projection, codebooks, index, norm, bin_mean, bin_std):
     if x.dim() == 3:
         n = (x.shape[1] // PATCH) * (x.shape[2] // PATCH)
         m = x.shape[0] * (index.shape[1] if index is not None else n)
@@ -223,7 +259,14 @@ def _rpq_codes_fake(x, projection, codebooks, index):
 
 
 # ------------------------------------------------------------------------------------- public op
-def _validate(x, projection, codebooks, index) -> None:
+def _validate(x, projection, codebooks, index, norm="none", bin_mean=None, bin_std=None) -> None:
+    need(norm in NORMS, f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "bin":
+        need(x.dim() == 3, "norm='bin' needs the log-mel [B, F, T] (the patch rows do not say their mel bins)")
+        need(bin_mean is not None and bin_std is not None and bin_mean.shape == (x.shape[1],) == bin_std.shape,
+             f"norm='bin' needs bin_mean and bin_std of shape [{x.shape[1]}]")
+        if checking(bin_std):
+            need(bool((bin_std > 0).all()), "bin_std must be positive")
     check_tensor("x", x, dims=(2, 3), floating=True)
     check_tensor("projection", projection, dims=(3,), floating=True)
     check_tensor("codebooks", codebooks, dims=(3,), floating=True)
@@ -251,13 +294,17 @@ def _validate(x, projection, codebooks, index) -> None:
 
 
 def rpq_codes(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
-              index: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 codes [M, C]; see the module docstring. Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
-    _validate(x, projection, codebooks, index)
+              index: torch.Tensor | None = None, norm: str = "none", bin_mean: torch.Tensor | None = None,
+              bin_std: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 codes [M, C]; see the module docstring. ``norm``: the quantizer's input normalisation,
+    "none" (the paper), "patch" (each patch standardised) or "bin" (the log-mel standardised per mel bin
+    with ``bin_mean`` / ``bin_std`` [F]). Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
+    _validate(x, projection, codebooks, index, norm, bin_mean, bin_std)
     if index is not None and index.shape[1] == 0:
         return torch.empty(0, codebooks.shape[0], dtype=torch.int64, device=x.device)
     if not use_triton(x, projection, codebooks):
-        return rpq_codes_ref(x, projection, codebooks, index)
+        return rpq_codes_ref(x, projection, codebooks, index, norm, bin_mean, bin_std)
     if index is not None:
         index = index.contiguous()
-    return _rpq_codes_op(x, projection, codebooks, index)
+    stats = (bin_mean.float().contiguous(), bin_std.float().contiguous()) if norm == "bin" else (None, None)
+    return _rpq_codes_op(x, projection, codebooks, index, NORMS.index(norm), *stats)
