@@ -88,7 +88,22 @@ def _prepare(args: argparse.Namespace) -> int:
     from .data.shards import prepare
 
     t0 = time.time()
-    res = prepare(args.src, args.out, workers=args.workers, shard_mb=args.shard_mb, progress=not args.no_progress)
+    if args.debian:
+        from .data.debian_corpus import prepare_debian
+
+        if len(args.paths) != 1:
+            raise ValueError("prepare --debian PKG[,PKG...] OUT: give only OUT (the audio comes from the packages)")
+        out = args.paths[0]
+        res = prepare_debian([p.strip() for p in args.debian.split(",") if p.strip()], out, cache=args.cache,
+                             workers=args.workers, progress=not args.no_progress)
+        for name, m in res["packages"].items():
+            print(f"  {name} {m['version']}: {m['clips']} clips, {m['hours']:.2f} h ({', '.join(m['licences'][:4])})")
+    else:
+        if len(args.paths) != 2:
+            raise ValueError("prepare SRC OUT: a folder of audio and the output folder")
+        out = args.paths[1]
+        res = prepare(args.paths[0], out, workers=args.workers, shard_mb=args.shard_mb, progress=not args.no_progress)
+    args.out = out
     dt = time.time() - t0
     print(f"prepared {res['clips']} clips ({res['hours']:.2f} h of audio) in {dt:.1f} s -> {args.out}")
     if res["skipped"]:
@@ -287,9 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--no-progress", action="store_true")
     pt.set_defaults(func=_pretrain)
 
-    pr = sub.add_parser("prepare", help="decode a folder of audio into memory-mapped int16 shards")
-    pr.add_argument("src")
-    pr.add_argument("out")
+    pr = sub.add_parser("prepare", help="decode a folder of audio (or Debian packages' audio) into int16 shards")
+    pr.add_argument("paths", nargs="+", metavar="SRC OUT | OUT", help="SRC OUT, or OUT alone with --debian")
+    pr.add_argument("--debian", default=None, metavar="PKG[,PKG...]|default",
+                    help="fetch these Debian packages (no root) and prepare their audio; 'default' = the 15-package "
+                         "set in bestrq2.data.debian_corpus (never a package a built-in eval task uses)")
+    pr.add_argument("--cache", default=None, help="package cache (default ~/.cache/bestrq2/eval)")
     pr.add_argument("--workers", type=_positive_int("--workers"), default=None, help="decoding processes (default: all cores)")
     pr.add_argument("--shard-mb", type=_positive_int("--shard-mb"), default=512)
     pr.add_argument("--no-progress", action="store_true")

@@ -81,3 +81,44 @@ def test_codes_command(tmp_path, capsys):
     assert main(["codes", str(tmp_path), "--rpq-norm", "patch"]) == 0
     assert "rpq_norm=patch" in capsys.readouterr().out
     assert main(["codes", str(tmp_path / "nothing")]) == 2
+
+
+def test_prepare_debian_on_fake_packages(tmp_path, monkeypatch, capsys):
+    """prepare --debian without the network: fetch_package returns fake unpacked trees; hours per package
+    are recorded, a package without audio is reported, eval packages are refused."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    import bestrq2.eval.debian as D
+    from bestrq2.cli import main
+
+    def fake_fetch(name, cache):
+        root = tmp_path / "roots" / name
+        if name == "empty-data":
+            (root / "usr").mkdir(parents=True, exist_ok=True)
+            return root
+        d = root / "usr" / "share" / "games" / name / "sounds"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            sf.write(d / f"s{i}.wav", (np.random.default_rng(i).standard_normal(16000 * (i + 1)) * 0.1).astype(np.float32), 16000)
+        meta = json.loads((cache / "packages.json").read_text()) if (cache / "packages.json").exists() else {}
+        meta[name] = {"version": "1.0-1", "licences": ["GPL-2+"]}
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "packages.json").write_text(json.dumps(meta))
+        return root
+
+    monkeypatch.setattr(D, "fetch_package", fake_fetch)
+    out = tmp_path / "corpus"
+    assert main(["prepare", "--debian", "pingus-data,empty-data,tuxpaint-data", str(out), "--cache",
+                 str(tmp_path / "cache"), "--no-progress", "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "pingus-data 1.0-1: 3 clips, 0.00 h" in text and "prepared 6 clips" in text
+    meta = json.loads((out / "packages.json").read_text())
+    assert meta["packages"]["pingus-data"]["hours"] == pytest.approx(6 / 3600) and "empty-data" in meta["failed"]
+    res = pretrain(TrainConfig(preset="tiny", steps=1, batch_size=2, seconds=1.0, data=str(out), out=str(tmp_path / "r"),
+                               num_workers=0, progress=False))
+    assert len(res["losses"]) == 1
+    assert main(["prepare", "--debian", "hedgewars-data", str(tmp_path / "x")]) == 2
+    assert "eval tasks" in capsys.readouterr().err
