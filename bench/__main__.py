@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     if want("inference"):
         from .inference import bench_inference
 
-        bench_inference(rec, device, args.smoke)
+        bench_inference(rec, device, args.smoke, with_onnx=args.suite == "cpu")
     if want("memory") and args.suite == "cpu":
         head_memory_cpu(rec, args.smoke)
     if want("pipeline") and args.suite == "cpu":

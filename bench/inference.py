@@ -24,7 +24,7 @@ def _quantiles(ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), pick(0.2), pick(0.8)
 
 
-def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = None) -> None:
+def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = None, with_onnx: bool = True) -> None:
     """Providers: eager (the authors' formulation, fp32), fast (SDPA; bf16 autocast on CUDA), and on CPU
     bf16 (``precision="bf16"``, where the CPU has AMX / AVX512-BF16) and onnxruntime (the exported
     encoder, where onnxruntime is installed). CPU providers are timed interleaved, one run each per
@@ -57,7 +57,7 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
                 return bf16(wave)
 
         runners["bf16"] = run_bf16
-    if device.type == "cpu":
+    if device.type == "cpu" and with_onnx:
         try:
             import tempfile
 

@@ -20,7 +20,7 @@ def pretrain_step_flops(cfg: BestRQ2Config, batch: int, num_tokens: int = 128, n
     """FLOPs of forward + backward for one batch."""
     n, m = num_tokens, num_masked
     enc_tokens = n if cfg.one_stage else n - m
-    f = 2 * cfg.patch_dim * cfg.encoder_dim * n
+    f = 2 * cfg.patch_dim * cfg.encoder_dim * enc_tokens  # two-stage embeds the visible patches only
     f += transformer_flops(enc_tokens, cfg.encoder_dim, cfg.encoder_depth, cfg.mlp_ratio)
     if cfg.one_stage:
         head_dim = cfg.encoder_dim

@@ -131,11 +131,11 @@ class BestRQ2(nn.Module):
         spec = truncate_to_patches(self.frontend(batch.wave))  # [B, 128, 16 W], float32 under any autocast
         width = spec.shape[-1] // PATCH
         targets = self._masked_targets(spec, plan, batch.target_padding)
-        tokens = self.patch_embed(patchify(spec))  # [B, N, De]
+        raw = patchify(spec)  # [B, N, 256]
         if cfg.one_stage:
-            h = self._one_stage(tokens, plan, width)
+            h = self._one_stage(self.patch_embed(raw), plan, width)
         else:
-            h = self._two_stage(tokens, plan, width)
+            h = self._two_stage(raw, plan, width)
         loss, acc = self._head_loss(h, targets)
         return PretrainOutput(loss, targets, plan.mask, plan.mask_idx, acc, h, self.head, cfg.num_codebooks)
 
@@ -167,10 +167,13 @@ class BestRQ2(nn.Module):
                                              impl=None if cfg.fused_head else "reference")
         return loss, acc.mean()
 
-    def _two_stage(self, tokens: torch.Tensor, plan: MaskPlan, width: int) -> torch.Tensor:
+    def _two_stage(self, raw: torch.Tensor, plan: MaskPlan, width: int) -> torch.Tensor:
         cfg = self.config
-        n = tokens.shape[1]
-        visible = gather_tokens(tokens, plan.keep_idx, self._pos_table(n, width, cfg.encoder_dim))
+        n = raw.shape[1]
+        # the visible raw patches first (256 wide), then the patch embedding on those rows only: the
+        # masked patches' embedding and its backward were wasted work, and the gather has no backward
+        visible = self.patch_embed(gather_tokens(raw, plan.keep_idx))
+        visible = visible + self._pos_table(n, width, cfg.encoder_dim)[plan.keep_idx]
         context = self.encoder(visible, plan.keep_pad)  # [B, V, De]; a ragged row's tail is padding
         ctx = self.predictor_input_proj(context)
         # grid order: context at its slots (no position added), mask token + position elsewhere
