@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -85,11 +86,16 @@ def inference_table(idx) -> list[str]:
     shapes = sorted({k[3] for k in idx if k[0] == "encoder_inference"})
     if not shapes:
         return []
-    lines = ["| shape | eager ms/clip | fast ms/clip | fast clips/s | x eager | max abs diff |", "|---|---|---|---|---|---|"]
+    lines = ["| shape | provider | ms/clip | clips/s | x eager | max abs diff vs eager |", "|---|---|---|---|---|---|"]
+    order = ["eager", "fast", "bf16", "onnxruntime"]
     for s in shapes:
-        e, f = idx[("encoder_inference", "eager", "forward", s)], idx[("encoder_inference", "fast", "forward", s)]
-        lines.append(f"| {s} | {e['ms_per_clip']:.1f} | {f['ms_per_clip']:.1f} | {f['clips_per_s']:.2f} | "
-                     f"{f['speedup_vs_eager']:.2f}x | {f['max_abs_diff_vs_eager']:.1e} |")
+        provs = sorted({k[1] for k in idx if k[0] == "encoder_inference" and k[3] == s},
+                       key=lambda p: order.index(p) if p in order else 99)
+        for p in provs:
+            m = idx[("encoder_inference", p, "forward", s)]
+            x = "1.00x" if p == "eager" else f"{m.get('speedup_vs_eager', float('nan')):.2f}x"
+            d = "" if p == "eager" else f"{m.get('max_abs_diff_vs_eager', float('nan')):.1e}"
+            lines.append(f"| {s} | {p} | {m['ms_per_clip']:.1f} | {m['clips_per_s']:.2f} | {x} | {d} |")
     return lines
 
 
@@ -177,15 +183,25 @@ def render(smoke: bool = False) -> str:
     for path in sorted(RESULTS.glob("*.csv")):
         if path.stem.endswith("smoke") and not smoke:
             continue
-        rows = load(path)
-        if not rows:
-            continue
+        all_rows = load(path)
+        # one section per device: figures of different machines never share a table
+        devices = sorted({r["device"] for r in all_rows}, key=lambda d: max(r["date"] for r in all_rows if r["device"] == d))
+        for device in reversed(devices):  # the newest machine first
+            parts += _render_device(path, [r for r in all_rows if r["device"] == device], len(devices) > 1)
+    return "\n".join(parts) if parts else "_No results yet: run `python -m bench --suite cpu` or `--suite gpu`._"
+
+
+def _render_device(path: Path, rows: list[dict], several: bool) -> list[str]:
+    parts: list[str] = []
+    if rows:
         idx = index(rows)
         meta = rows[-1]
         vers = json.loads(meta["versions"])
         runs = sorted({(r["date"], r["commit"], r["command"]) for r in rows})
         bounds = {r["provider"]: float(r["value"]) for r in rows if r["op"] == "bound"}
-        parts += [f"### Suite `{path.stem}`", "",
+        name = re.sub(r"[^a-z0-9]+", "-", meta["device"].split(" (")[0].lower()).strip("-")[:32]
+        slug = path.stem if not several else f"{path.stem}-{name}"
+        parts += [f"### Suite `{path.stem}`" + (f" on {meta['device'].split(' (')[0]}" if several else ""), "",
                   f"Device: **{meta['device']}**. Versions: {', '.join(f'{k} {v}' for k, v in vers.items())}. "
                   "Runs: " + "; ".join(f"`{c}` at commit `{h}`, {d}" for d, h, c in runs) + ".", "",
                   "Bounds measured in the latest run (each row's % of bound uses its own run's): " + ", ".join(
@@ -195,9 +211,9 @@ def render(smoke: bool = False) -> str:
                              ("Ops", ops_table(idx)), ("Data pipeline (pytest-benchmark)", pipeline_table(idx))):
             if table and len(table) > 2:
                 parts += [f"#### {title}", "", *table, ""]
-        for p in plots(path.stem, idx, RESULTS / "plots"):
+        for p in plots(slug, idx, RESULTS / "plots"):
             parts += [f"![{p.stem}](results/plots/{p.name})", ""]
-    return "\n".join(parts) if parts else "_No results yet: run `python -m bench --suite cpu` or `--suite gpu`._"
+    return parts
 
 
 def main(argv=None) -> int:
