@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import PATCH, BestRQ2Config
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
