@@ -205,15 +205,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _cv_arg(s: str):
-    if s == "groups":
-        return s
-    try:
-        k = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cv takes an integer K >= 3 or 'groups', got {s!r}") from None
-    if k < 3:
-        raise argparse.ArgumentTypeError(f"--cv needs K >= 3, got {k}")
-    return k
+    """--cv: 'groups' or an integer K >= 3."""
+    return s if s == "groups" else _int_at_least("--cv", 3)(s)
 
 
 def _codes(args: argparse.Namespace) -> int:
@@ -239,16 +232,20 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(name: str):
+def _int_at_least(name: str, lowest: int):
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lowest}, got {v}")
         return v
     return parse
+
+
+def _positive_int(name: str):
+    return _int_at_least(name, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,29 +44,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _seq_block(cu_ptr, b, first, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """Sequence b's block of BLOCK tokens from ``first``: (sequence length, positions in the sequence,
+    their mask, head-dim offsets and mask, global row indices)."""
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    offs = first + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    return seqlen, offs, offs < seqlen, offs_d, offs_d < D, (start + offs).to(tl.int64)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
                      T, D, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DOT_FP32: tl.constexpr):
     """Online softmax in base 2: qk_scale = Dh^-0.5 * log2(e), so exp2 replaces exp; the stored
     log-sum-exp is in base-2 units too (only the backward reads it)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_ptr + b)
-    seqlen = tl.load(cu_ptr + b + 1) - start
+    seqlen, offs_m, mmask, offs_d, dmask, rows = _seq_block(cu_ptr, b, pid_m * BLOCK_M, D, BLOCK_M, D_PAD)
     if pid_m * BLOCK_M >= seqlen:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mmask = offs_m < seqlen
-    dmask = offs_d < D
-    rows = (start + offs_m).to(tl.int64)
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < seqlen
-        cols = (start + offs_n).to(tl.int64)
+        _, _, nmask, _, _, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
         s = _dot(q, tl.trans(kb), DOT_FP32) * qk_scale
@@ -150,13 +153,7 @@ def _attn_bwd_one_tile_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_pt
     dP computed once, then dV = P^T dO, dK = dS^T Q, dQ = dS K in the same program (no recompute,
     no atomics, one launch)."""
     h, b = tl.program_id(0), tl.program_id(1)
-    start = tl.load(cu_ptr + b)
-    seqlen = tl.load(cu_ptr + b + 1) - start
-    offs = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    msk = offs < seqlen
-    dmask = offs_d < D
-    rows = (start + offs).to(tl.int64)
+    _, _, msk, offs_d, dmask, rows = _seq_block(cu_ptr, b, 0, D, BLOCK, D_PAD)
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, msk, dmask, DOT_FP32)
     kb = _tile(k_ptr, rows, sk_t, h, sk_h, offs_d, msk, dmask, DOT_FP32)
     vb = _tile(v_ptr, rows, sv_t, h, sv_h, offs_d, msk, dmask, DOT_FP32)
@@ -177,23 +174,15 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, d
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                           DOT_FP32: tl.constexpr):
     pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_ptr + b)
-    seqlen = tl.load(cu_ptr + b + 1) - start
+    seqlen, _, nmask, offs_d, dmask, cols = _seq_block(cu_ptr, b, pid_n * BLOCK_N, D, BLOCK_N, D_PAD)
     if pid_n * BLOCK_N >= seqlen:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    nmask = offs_n < seqlen
-    dmask = offs_d < D
-    cols = (start + offs_n).to(tl.int64)
     kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
     vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     for m0 in range(0, seqlen, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mmask = offs_m < seqlen
-        rows = (start + offs_m).to(tl.int64)
+        _, _, mmask, _, _, rows = _seq_block(cu_ptr, b, m0, D, BLOCK_M, D_PAD)
         q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
         do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
         lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
@@ -211,23 +200,15 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, cu_
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                         DOT_FP32: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(cu_ptr + b)
-    seqlen = tl.load(cu_ptr + b + 1) - start
+    seqlen, _, mmask, offs_d, dmask, rows = _seq_block(cu_ptr, b, pid_m * BLOCK_M, D, BLOCK_M, D_PAD)
     if pid_m * BLOCK_M >= seqlen:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mmask = offs_m < seqlen
-    dmask = offs_d < D
-    rows = (start + offs_m).to(tl.int64)
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
     do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
     lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < seqlen
-        cols = (start + offs_n).to(tl.int64)
+        _, _, nmask, _, _, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
         _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32)

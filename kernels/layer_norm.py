@@ -41,8 +41,8 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, eps,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rows_tile(x_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's whole rows: x in float32 [BLOCK_R, BLOCK_D], with its offsets and masks."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < R
@@ -50,6 +50,13 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
     mask = rmask[:, None] & cmask[None, :]
     off = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return x, rows, cols, rmask, cmask, mask, off
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, eps,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -65,13 +72,7 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
 def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, R, D,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < R
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
