@@ -14,8 +14,6 @@ real ``bestrq2 pretrain`` loop on prepared shards with the faster of (c)/(d)'s s
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
 import time
 
@@ -23,6 +21,7 @@ import torch
 
 from bestrq2 import BestRQ2, BestRQ2Config
 from bestrq2.flops import pretrain_step_flops
+from bestrq2.kernels._dispatch import use_backend
 
 from .common import Recorder
 
@@ -32,20 +31,6 @@ VARIANTS = {
     "c_fast": dict(attention="auto", fused_head=True, kernels="auto", bf16=True, compile=False),
     "d_fast_compile": dict(attention="auto", fused_head=True, kernels="auto", bf16=True, compile=True),
 }
-
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: v for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Variant:
@@ -85,7 +70,7 @@ class Variant:
         if self.name == "a_eager_fp32":
             torch.set_float32_matmul_precision("medium")
         try:
-            with _env(BESTRQ2_KERNELS=self.v["kernels"]):
+            with use_backend(self.v["kernels"]):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()

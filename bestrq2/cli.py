@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .precision import PRECISIONS
+
 
 def _pretrain(args: argparse.Namespace) -> int:
     from .train import TrainConfig, pretrain, process_rank, run_total_steps
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--num-workers", type=int, default=1)
     pt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pt.add_argument("--compile", action="store_true", help="torch.compile the model")
-    pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    pt.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with AMX / AVX512-BF16 is "
                          "about 2-3x faster (targets always come from the fp32 frontend)")
     pt.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (under torchrun)")
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--model", default="runs/demo/encoder", help="directory written by pretrain/save_pretrained")
     em.add_argument("--out", default=None, help="save frames [T', D] as .npy")
     em.add_argument("--device", default="cpu")
-    em.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    em.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32 (frontend always fp32)")
     em.set_defaults(func=_embed)
 
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epochs", type=_positive_int("--epochs"), default=1000, help="xares probe: most epochs")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default=None, help="write the markdown report (and a .json beside it)")
-    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    ev.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="encoder precision (see embed --precision); the log-mel floor is always fp32")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from .config import SAMPLE_RATE, BestRQ2Config
-from .frontend import truncate_to_patches
+from .frontend import LogMel, truncate_to_patches
 from .model import BestRQ2
+from .quantizer import RandomProjectionQuantizer
 
 
 def usage(codes: torch.Tensor, k: int) -> dict:
@@ -69,16 +70,17 @@ def run(paths: list[str], run_dir: str | None = None, seed: int = 0, rpq_norm: s
         state = torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=True)
         model = BestRQ2(BestRQ2Config.from_dict(state["model_config"]))
         model.load_state_dict(state["model"])
-    else:
-        model = BestRQ2(BestRQ2Config(seed=seed, rpq_norm=rpq_norm, encoder_depth=1, predictor_depth=1,
-                                      encoder_dim=64, encoder_heads=1, predictor_dim=64, predictor_heads=1))
-    cfg, q = model.config, model.quantizer
-    specs = [(name, truncate_to_patches(model.frontend(w[None].float()))) for name, w in clip_source(paths, seconds, max_clips)]
+        cfg, frontend, q = model.config, model.frontend, model.quantizer
+    else:  # the paper's quantizer shape with this seed and normalisation; no model needed around it
+        cfg = BestRQ2Config(seed=seed, rpq_norm=rpq_norm)
+        frontend = LogMel()
+        q = RandomProjectionQuantizer(cfg.patch_dim, cfg.codebook_dim, cfg.codebook_size, cfg.num_codebooks,
+                                      seed=seed, norm=rpq_norm)
+    specs = [(name, truncate_to_patches(frontend(w[None].float()))) for name, w in clip_source(paths, seconds, max_clips)]
     if not specs:
         raise ValueError("no readable audio of at least 0.586 s among the inputs")
     if q.norm == "bin" and float(q.bin_count) == 0:  # a fresh quantizer: statistics of these clips
-        allspec = torch.cat([s[0] for _, s in specs], dim=1).double()
-        q.set_bin_stats(allspec.mean(1).float(), allspec.std(1).float(), allspec.shape[1])
+        q.fit_bin_stats(s[0] for _, s in specs)
     rows, per_band = [], [[] for _ in range(cfg.freq_patches)]
     for _, spec in specs:
         codes = q.codes(spec)[:, 0]  # [8 * W], token f * W + t

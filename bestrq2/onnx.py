@@ -77,25 +77,20 @@ def export_onnx(enc, path: str | Path, opset: int = 18) -> Path:
     """Write ``enc`` (a ``BestRQ2Encoder``) as ONNX with dynamic batch and length. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import os
+    from .kernels._dispatch import use_backend
 
     model = _ExportedFrames(enc).eval()
-    attention, kernels = model.encoder.attention, os.environ.get("BESTRQ2_KERNELS")
+    attention = model.encoder.attention
     model.encoder.attention = "math"  # plain matmul + softmax: every ONNX runtime has those ops
-    os.environ["BESTRQ2_KERNELS"] = "reference"  # plain PyTorch ops into the graph, no Triton kernels
     try:
         wave = torch.randn(2, 3 * SAMPLE_RATE) * 0.1
         batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("samples", min=9375, max=10 * SAMPLE_RATE)
-        with torch.no_grad():
+        with torch.no_grad(), use_backend("reference"):  # plain PyTorch ops into the graph, no Triton kernels
             torch.onnx.export(model, (wave,), str(path), input_names=["wave"], output_names=["frames"],
                               dynamic_shapes={"wave": {0: batch, 1: length}}, opset_version=opset, dynamo=True,
                               external_data=False)
     finally:
         model.encoder.attention = attention
-        if kernels is None:
-            os.environ.pop("BESTRQ2_KERNELS", None)
-        else:
-            os.environ["BESTRQ2_KERNELS"] = kernels
     return path
 
 

@@ -60,6 +60,23 @@ class RandomProjectionQuantizer(torch.nn.Module):
         self.bin_count.fill_(float(count))
 
     @torch.no_grad()
+    def fit_bin_stats(self, specs) -> int:
+        """Per-mel-bin mean and std over log-mels [bins, frames] (an iterable; float64 sums, streamed),
+        frozen into this quantizer. Returns the frame count."""
+        s = s2 = None
+        n = 0
+        for spec in specs:
+            spec = spec.detach().double().cpu()
+            s = spec.sum(1) if s is None else s + spec.sum(1)
+            s2 = (spec * spec).sum(1) if s2 is None else s2 + (spec * spec).sum(1)
+            n += spec.shape[1]
+        if n == 0:
+            raise ValueError("fit_bin_stats: no frames")
+        mean = s / n
+        self.set_bin_stats(mean.float(), (s2 / n - mean * mean).clamp_min(0).sqrt().float(), n)
+        return n
+
+    @torch.no_grad()
     def codes(self, spec: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Log-mel [B, F, T] (T a multiple of 16) -> int64 codes [B * (m or N), C]."""
         return rpq_codes(spec, self.projection, self.codebooks, index, **self.stats())

@@ -34,6 +34,7 @@ from .flops import pretrain_step_flops
 from .frontend import num_time_patches
 from .masking import sample_mask
 from .model import IGNORE, BestRQ2
+from .precision import PRECISIONS
 
 
 @dataclass
@@ -75,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"--warmup-pct must lie in [0, 1) (got {self.warmup_pct})")
         if self.seconds * 16000 < 9375:
             raise ValueError(f"--seconds {self.seconds} is shorter than one patch (0.586 s)")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
@@ -239,22 +240,25 @@ def _check_fresh_out(out: Path, tc: TrainConfig, main: bool, world: int) -> None
         dist.barrier()
 
 
+def saved_schedule(state: dict, tc: TrainConfig) -> LRSchedule:
+    """A checkpoint's schedule (for checkpoints written before schedules were stored: the fresh schedule
+    of their own train config, ``tc``'s values where that lacks one)."""
+    if state.get("schedule"):
+        return LRSchedule(**state["schedule"])
+    saved_tc = state.get("train_config", {})
+    return LRSchedule.fresh(int(saved_tc.get("steps", tc.steps)), float(saved_tc.get("warmup_pct", tc.warmup_pct)),
+                            float(saved_tc.get("final_lr_ratio", tc.final_lr_ratio)))
+
+
 def run_total_steps(run: str | Path) -> int:
     """The total steps the run in ``run`` is scheduled for (its latest checkpoint's)."""
     state = torch.load(latest_checkpoint(run), map_location="cpu", weights_only=True, mmap=True)
-    if state.get("schedule"):
-        return int(state["schedule"]["total"])
-    return int(state["train_config"]["steps"])
+    return saved_schedule(state, TrainConfig()).total
 
 
 def _resumed_schedule(resumed: dict, tc: TrainConfig, path: Path) -> LRSchedule:
     """The checkpoint's schedule; another total only with ``--extend`` (see LRSchedule.extended)."""
-    saved_tc = resumed.get("train_config", {})
-    if resumed.get("schedule"):
-        sched = LRSchedule(**resumed["schedule"])
-    else:  # checkpoints written before schedules were stored: the fresh schedule of their own config
-        sched = LRSchedule.fresh(int(saved_tc.get("steps", tc.steps)), float(saved_tc.get("warmup_pct", tc.warmup_pct)),
-                                 float(saved_tc.get("final_lr_ratio", tc.final_lr_ratio)))
+    sched = saved_schedule(resumed, tc)
     if tc.steps == sched.total:
         return sched
     done = int(resumed["step"])
@@ -367,21 +371,15 @@ def estimate_bin_stats(model: BestRQ2, source, clips: int = 64) -> int:
     """rpq_norm="bin": per-mel-bin mean and std of the log-mel over the corpus's first ``clips`` clips
     (each clip's true length only; float64 sums), frozen into the quantizer. Every process computes the
     same (the corpus is a pure function of the index). Returns the frame count."""
-    n_bins = model.config.n_mels
-    s, s2, n = torch.zeros(n_bins, dtype=torch.float64), torch.zeros(n_bins, dtype=torch.float64), 0
-    frontend = model.frontend
     device = model.head.weight.device
-    for i in range(min(clips, len(source))):
-        wave, length = source[i]
-        length = max(int(length), model.config.min_samples)
-        spec = frontend(wave[None, :length].float().to(device))[0].double().cpu()  # [bins, frames]
-        s += spec.sum(1)
-        s2 += (spec * spec).sum(1)
-        n += spec.shape[1]
-    mean = s / n
-    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-    model.quantizer.set_bin_stats(mean.float(), std.float(), n)
-    return n
+
+    def specs():
+        for i in range(min(clips, len(source))):
+            wave, length = source[i]
+            length = max(int(length), model.config.min_samples)
+            yield model.frontend(wave[None, :length].float().to(device))[0]  # [bins, frames]
+
+    return model.quantizer.fit_bin_stats(specs())
 
 
 def uses_bf16(tc: TrainConfig, device: torch.device) -> bool:
@@ -542,13 +540,13 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     # for the device inside a step (non-finite steps are skipped on the device by the fused optimizer).
     # CPU: read at once (no queue to keep full), and the update is skipped on the host.
     lag = 1 if device.type == "cuda" else 0
-    pending: collections.deque = collections.deque()  # (step, stats [loss, acc, stop flag], lr, launch time)
+    pending: collections.deque = collections.deque()  # (step, stats [loss, acc, stop, perplexity, codes used], lr)
     t_last = [time.perf_counter()]
 
     def read_oldest() -> bool:
         """Log the oldest launched step (reads the device); True when the run must stop."""
         nonlocal bad_total, bad_run
-        s_, stats, lr, _ = pending.popleft()
+        s_, stats, lr = pending.popleft()
         loss, acc, flag, ppl, used = stats.tolist()
         now = time.perf_counter()
         dt, t_last[0] = now - t_last[0], now
@@ -589,24 +587,27 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
             stop = read_oldest() or stop
         return stop
 
+    def stop_signalled() -> _Stop:
+        return _Stop(stop_request[0] if stop_request else "a signal to another rank")
+
     try:
         for step, (wave, lengths) in zip(range(start, tc.steps), loader):
             mask = sample_mask(tc.batch_size, num_tokens, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
                                generator=mask_gen, equal_counts=cfg.mask_equal_counts)[rank * local:(rank + 1) * local]
             stats = train_step(model, wrapped, forward, opt, tc, wave, lengths, mask, device, world, bool(stop_request))
             sched.step()
-            pending.append((step, stats, sched.get_last_lr()[0], time.perf_counter()))
+            pending.append((step, stats, sched.get_last_lr()[0]))
             stop = False
             while len(pending) > lag:
                 stop = read_oldest() or stop
             if stop:
                 drain()
-                raise _Stop(stop_request[0] if stop_request else "a signal to another rank")
+                raise stop_signalled()
             if stop_after is not None and step + 1 - start >= stop_after:
                 break
             if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
                 if drain():
-                    raise _Stop(stop_request[0] if stop_request else "a signal to another rank")
+                    raise stop_signalled()
                 log_f and log_f.flush()
                 checkpoint(step + 1)
         drain()

@@ -6,6 +6,7 @@ as the tests do). The variable is read at each call, so tests can switch it with
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -18,6 +19,23 @@ def backend() -> str:
     if v not in CHOICES:
         raise ValueError(f"BESTRQ2_KERNELS must be one of {CHOICES}, got {v!r}")
     return v
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed code with ``BESTRQ2_KERNELS=name`` (then restore it): e.g. "reference" to trace
+    plain PyTorch ops (ONNX export) or to benchmark the reference path."""
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+    old = os.environ.get("BESTRQ2_KERNELS")
+    os.environ["BESTRQ2_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("BESTRQ2_KERNELS", None)
+        else:
+            os.environ["BESTRQ2_KERNELS"] = old
 
 
 def interpreting() -> bool:
