@@ -48,11 +48,7 @@ def main(argv=None) -> int:
     name = args.suite + ("-smoke" if args.smoke else "")
     rec = Recorder(name, device)
     t0 = time.time()
-    with_fast = args.suite == "gpu"  # the Triton paths: on CUDA, or interpreted in the gpu smoke check
-    if with_fast:
-        os.environ.setdefault("BESTRQ2_KERNELS", "triton" if device_kind == "cpu" else "auto")
-    else:
-        os.environ["BESTRQ2_KERNELS"] = "reference"
+    with_fast = args.suite == "gpu"  # the Triton paths (named per call): on CUDA, or interpreted in the smoke check
     reps = 2 if args.smoke else (20 if device.type == "cuda" else 5)
 
     from . import ops

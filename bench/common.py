@@ -59,10 +59,11 @@ def versions() -> str:
 def commit() -> str:
     """The measured code's commit: ``BESTRQ2_COMMIT`` if set (the device machine's copy of .git can lag
     the working tree it was sent, as on 2026-11-26), else git's HEAD."""
-    import os
 
-    if os.environ.get("BESTRQ2_COMMIT"):
-        return os.environ["BESTRQ2_COMMIT"]
+    from bestrq2.env import read
+
+    if read("BESTRQ2_COMMIT"):
+        return read("BESTRQ2_COMMIT")
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"

@@ -21,15 +21,15 @@ import torch
 
 from bestrq2 import BestRQ2, BestRQ2Config
 from bestrq2.flops import pretrain_step_flops
-from bestrq2.kernels._dispatch import use_backend
 
 from .common import Recorder
 
-VARIANTS = {
-    "a_eager_fp32": dict(attention="math", fused_head=False, kernels="reference", bf16=False, compile=False),
-    "b_bf16_sdpa": dict(attention="sdpa", fused_head=False, kernels="reference", bf16=True, compile=False),
-    "c_fast": dict(attention="auto", fused_head=True, kernels="auto", bf16=True, compile=False),
-    "d_fast_compile": dict(attention="auto", fused_head=True, kernels="auto", bf16=True, compile=True),
+PLAIN = {op: "reference" for op in ("rpq", "gather", "scatter", "head", "block")}
+VARIANTS = {  # kernels: BestRQ2Config.kernels ("fast": every op on its Triton path, "auto" on CUDA)
+    "a_eager_fp32": dict(kernels=PLAIN | {"attention": "math"}, bf16=False, compile=False),
+    "b_bf16_sdpa": dict(kernels=PLAIN | {"attention": "sdpa"}, bf16=True, compile=False),
+    "c_fast": dict(kernels="fast", bf16=True, compile=False),
+    "d_fast_compile": dict(kernels="fast", bf16=True, compile=True),
 }
 
 
@@ -44,7 +44,9 @@ class Variant:
         self.name, self.device, self.batch = name, device, batch
         self.v = v = VARIANTS[name]
         torch.manual_seed(0)
-        self.cfg = BestRQ2Config.preset(preset, attention=v["attention"], fused_head=v["fused_head"])
+        # the Triton paths run interpreted in the CPU smoke check (their own "auto" would pick the references)
+        fast = {} if device.type == "cuda" else {op: "triton" for op in PLAIN} | {"attention": "sdpa"}
+        self.cfg = BestRQ2Config.preset(preset, kernels=fast if v["kernels"] == "fast" else v["kernels"])
         self.model = BestRQ2(self.cfg).to(device)
         self.opt = make_optimizer(self.model.parameters(), TrainConfig(lr=1e-4, weight_decay=0.05), device)
         wave = torch.randn(batch, 160_000) * 0.1
@@ -70,15 +72,14 @@ class Variant:
         if self.name == "a_eager_fp32":
             torch.set_float32_matmul_precision("medium")
         try:
-            with use_backend(self.v["kernels"]):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    self.step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                return (time.perf_counter() - t0) / steps
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / steps
         finally:
             torch.set_float32_matmul_precision(prec)
 
@@ -160,6 +161,6 @@ def _spec_peak(device) -> float | None:
     """The card's dense bf16 spec (H100/H200 SXM: 989 TFLOP/s), for MFU against a fixed peak."""
     if device.type != "cuda":
         return None
-    from bestrq2.train import _peak_flops
+    from bestrq2.train_log import peak_flops as _peak_flops
 
     return _peak_flops(device)

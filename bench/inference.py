@@ -34,8 +34,8 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
     preset = preset or ("tiny" if smoke else "base")
     batches = [1, 2] if smoke else ([1, 8, 64] if device.type == "cuda" else [1, 8])
     torch.manual_seed(0)
-    eager = BestRQ2Encoder(BestRQ2Config.preset(preset, attention="math")).to(device).eval()
-    fast = BestRQ2Encoder(BestRQ2Config.preset(preset, attention="auto")).to(device).eval()
+    eager = BestRQ2Encoder(BestRQ2Config.preset(preset, kernels={"attention": "math"})).to(device).eval()
+    fast = BestRQ2Encoder(BestRQ2Config.preset(preset)).to(device).eval()
     fast.load_state_dict(eager.state_dict())
     runners = {}
 

@@ -94,7 +94,7 @@ def bench_rpq(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps:
         shape = f"B={b},N={n},m={m},K={k},d={d},{str(dt)[6:]}"
         nbytes = {"forward": b * m * 256 * spec.element_size() + (k * d + 256 * d) * 4 + b * m * 8}
         flops = {"forward": 2 * b * m * (256 * d + k * d)}
-        fns = {"fast": lambda: rpq_codes(spec, p, cb, idx), "reference": lambda: rpq_codes_ref(spec, p, cb, idx),
+        fns = {"fast": lambda: rpq_codes(spec, p, cb, idx, impl="triton"), "reference": lambda: rpq_codes_ref(spec, p, cb, idx),
                "compile": (lambda f=_compiled(rpq_codes_ref): f(spec, p, cb, idx))}
         times = {}
         for prov in providers(device, with_fast):
@@ -121,7 +121,7 @@ def bench_gather_scatter(rec: Recorder, device, bounds, smoke: bool, with_fast: 
         shape = f"B={b},N={n},D={d},M={m},{str(dt)[6:]}+fp32 table"
         gb = {"forward": es * b * m * d + f4 * (n * d + b * m * d), "backward": f4 * b * m * d + es * b * n * d}
         gb["full"] = gb["forward"] + gb["backward"]
-        fns = {"fast": lambda: gather_tokens(x, ci, pos), "reference": lambda: gather_tokens_ref(x, ci, pos),
+        fns = {"fast": lambda: gather_tokens(x, ci, pos, impl="triton"), "reference": lambda: gather_tokens_ref(x, ci, pos),
                "compile": (lambda f=_compiled(gather_tokens_ref): f(x, ci, pos))}
         times = {p: _run_modes(rec, "gather_tokens", p, shape, device, fns[p], (x,), gb, None, bounds,
                                ["forward", "backward", "full"], reps) for p in providers(device, with_fast)}
@@ -131,7 +131,7 @@ def bench_gather_scatter(rec: Recorder, device, bounds, smoke: bool, with_fast: 
         fill = torch.randn(d, device=device, requires_grad=True)  # the mask token: a float32 parameter
         sb = {"forward": es * b * m * d + f4 * (n * d + d + b * n * d), "backward": f4 * (b * n * d + d) + es * b * m * d}
         sb["full"] = sb["forward"] + sb["backward"]
-        fns = {"fast": lambda: scatter_tokens(ctx, ci, fill, fi, pos),
+        fns = {"fast": lambda: scatter_tokens(ctx, ci, fill, fi, pos, impl="triton"),
                "reference": lambda: scatter_tokens_ref(ctx, ci, fill, fi, pos),
                "compile": (lambda f=_compiled(scatter_tokens_ref): f(ctx, ci, fill, fi, pos))}
         times = {p: _run_modes(rec, "scatter_tokens", p, shape, device, fns[p], (ctx, fill), sb, None, bounds,

@@ -6,8 +6,8 @@ PyTorch SDPA (which itself picks its flash or cuDNN kernel). On CPU: SDPA. Also 
 ``math`` (scores written out, as the authors' code; the eager baseline) and ``triton`` (this project's
 kernel, ``bestrq2.kernels.attention``; on CPU tensors it needs TRITON_INTERPRET=1).
 
-Force one with the config field ``attention`` or the environment variable ``BESTRQ2_ATTENTION``
-(the variable wins). A forced backend that cannot take the input raises ``ValueError``; ``auto`` falls
+Force one with the config's ``kernels["attention"]`` or the environment variable ``BESTRQ2_ATTENTION``
+(the variable wins; ``BestRQ2Config.resolved`` folds it into the config when a model is built). A forced backend that cannot take the input raises ``ValueError``; ``auto`` falls
 back to SDPA with a one-line warning. The choice is logged once per backend and kept on each
 ``Transformer`` as ``attention_backend``.
 
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from .config import ATTENTION as BACKENDS
 from .kernels._dispatch import interpreting
 
 log = logging.getLogger("bestrq2")
-BACKENDS = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")
 VARLEN = ("flash_attn", "fa4", "triton")
 _logged: set[str] = set()
 _warned: set[str] = set()
@@ -75,8 +74,7 @@ def _unsupported(name: str, x: torch.Tensor, head_dim: int, max_len: int) -> str
 
 def resolve(requested: str, x: torch.Tensor, head_dim: int, max_len: int) -> str:
     """The backend that will run for input x (any [.., D] activation) under ``requested``."""
-    env = os.environ.get("BESTRQ2_ATTENTION", "").strip().lower()
-    name = env or requested
+    name = requested
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import SAMPLE_RATE
 from .precision import PRECISIONS
 
 
@@ -74,7 +75,7 @@ def _embed(args: argparse.Namespace) -> int:
     print(f"precision: {enc.precision_in_use}")
     wave = torch.from_numpy(load_audio(args.file))[None]
     frames = enc(wave)[0].cpu().numpy()
-    print(f"{args.file}: {wave.shape[1] / 16000:.2f} s -> {frames.shape[0]} frames x {frames.shape[1]} dims "
+    print(f"{args.file}: {wave.shape[1] / SAMPLE_RATE:.2f} s -> {frames.shape[0]} frames x {frames.shape[1]} dims "
           f"(one per {enc.hop_size_in_ms:g} ms)")
     mean = frames.mean(0)
     print("clip embedding (mean over frames), first 8 dims:", np.array2string(mean[:8], precision=4))
@@ -115,7 +116,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .train import export_encoder
+    from .checkpoints import export_encoder
 
     used = export_encoder(args.ckpt, args.out)
     print(f"exported the encoder of {used} to {args.out} (config.json + model.safetensors)")
@@ -229,7 +230,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     from .data.synthetic import synth_clip
 
-    sf.write(args.out, synth_clip(args.seed, args.index, args.seconds), 16000)
+    sf.write(args.out, synth_clip(args.seed, args.index, args.seconds), SAMPLE_RATE)
     print(f"wrote {args.out} ({args.seconds:g} s of the procedural corpus, clip {args.index})")
     return 0
 

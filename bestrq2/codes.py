@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import SAMPLE_RATE, BestRQ2Config
+from .config import MIN_SAMPLES, SAMPLE_RATE, BestRQ2Config
 from .frontend import LogMel, truncate_to_patches
 from .model import BestRQ2
 from .quantizer import RandomProjectionQuantizer
@@ -50,7 +50,7 @@ def clip_source(paths: list[str], seconds: float, max_clips: int):
         corpus = ShardedCorpus(paths[0], seconds=seconds, seed=0)
         for i in range(min(max_clips, len(corpus))):
             wave, n = corpus[i]
-            yield f"{paths[0]}#{i}", wave[: max(int(n), 9375)]
+            yield f"{paths[0]}#{i}", wave[: max(int(n), MIN_SAMPLES)]
         return
     for p in _audio_paths(paths)[:max_clips]:
         try:
@@ -58,14 +58,14 @@ def clip_source(paths: list[str], seconds: float, max_clips: int):
         except ValueError as err:
             print(f"skipping {p}: {err}")
             continue
-        if wave.shape[0] >= 9375:
+        if wave.shape[0] >= MIN_SAMPLES:
             yield str(p), wave
 
 
 def run(paths: list[str], run_dir: str | None = None, seed: int = 0, rpq_norm: str = "none", seconds: float = 10.0,
         max_clips: int = 256, plot: str | None = None) -> dict:
     if run_dir:
-        from .train import latest_checkpoint
+        from .checkpoints import latest_checkpoint
 
         state = torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=True)
         model = BestRQ2(BestRQ2Config.from_dict(state["model_config"]))

@@ -12,9 +12,22 @@ HOP = 625  # 39.0625 ms
 N_MELS = 128
 PATCH = 16
 REFERENCE_TIME_PATCHES = 16  # a 10 s clip gives 16 time patches: the 8 x 16 grid
+MIN_SAMPLES = (PATCH - 1) * HOP  # 9375 samples (0.586 s): the shortest audio with one 16-frame patch column
 
 MASK_MODES = ("shared", "per_sample")
-ATTENTION = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")
+ATTENTION = ("auto", "flash_attn", "fa4", "sdpa", "math", "triton")  # see bestrq2.attention
+# The implementation of each fast op (``BestRQ2Config.kernels``): auto = Triton on CUDA tensors, the
+# plain-PyTorch reference beside it elsewhere. "block" is the transformer block's LayerNorm, bias + GELU
+# and drop-path + residual; "head" also has "torch" (the chunked head with a PyTorch row step).
+KERNEL_CHOICES = ("auto", "triton", "reference")
+OPS: dict[str, tuple[str, ...]] = {
+    "rpq": KERNEL_CHOICES,
+    "gather": KERNEL_CHOICES,
+    "scatter": KERNEL_CHOICES,
+    "head": ("auto", "triton", "torch", "reference"),
+    "block": KERNEL_CHOICES,
+    "attention": ATTENTION,
+}
 POS_LAYOUTS = ("grid", "official")
 RPQ_NORMS = ("none", "patch", "bin")
 
@@ -53,11 +66,13 @@ class BestRQ2Config:
     mask_ratio_max: float = 0.6
     mask_mode: str = "shared"  # "shared" (paper) | "per_sample"
     mask_equal_counts: bool = True  # per_sample only: False draws each clip's own ratio (ragged batches)
-    attention: str = "auto"  # auto | flash_attn | fa4 | sdpa | math | triton (env BESTRQ2_ATTENTION wins)
+    # implementation per op (keys of OPS; a missing key is "auto"): one switch for every fast path.
+    # Environment overrides (BESTRQ2_KERNELS, BESTRQ2_ATTENTION) are folded in by ``resolved()`` when a
+    # model is built, so the config a run saves names what ran
+    kernels: dict[str, str] = field(default_factory=dict)
     # variants
     one_stage: bool = False  # True: the paper's BEST-RQ (ViT) baseline, no predictor
     pos_layout: str = "grid"  # "grid": each (f, t) cell its own sincos row; "official": authors' quirk
-    fused_head: bool = True  # head + cross-entropy in row chunks (kernels.linear_cross_entropy)
     loss_on_padding: bool = False  # True restores the paper's code: fully padded patches are targets too
     seed: int = 0  # seed of the frozen quantizer (and of weight init when built through the CLI)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, saved with the config
@@ -88,7 +103,9 @@ class BestRQ2Config:
         need(0.0 <= self.mask_ratio_min <= self.mask_ratio_max < 1.0,
              f"need 0 <= mask_ratio_min <= mask_ratio_max < 1 (got {self.mask_ratio_min}, {self.mask_ratio_max})")
         need(self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES} (got {self.mask_mode!r})")
-        need(self.attention in ATTENTION, f"attention must be one of {ATTENTION} (got {self.attention!r})")
+        for op, impl in self.kernels.items():
+            need(op in OPS, f"kernels: unknown op {op!r}; the ops are {tuple(OPS)}")
+            need(impl in OPS[op], f"kernels[{op!r}] must be one of {OPS[op]} (got {impl!r})")
         need(self.mask_equal_counts or self.mask_mode == "per_sample",
              "mask_equal_counts=False needs mask_mode='per_sample' (a shared mask has one count)")
         need(self.rpq_norm in RPQ_NORMS, f"rpq_norm must be one of {RPQ_NORMS} (got {self.rpq_norm!r})")
@@ -111,11 +128,25 @@ class BestRQ2Config:
     @property
     def min_samples(self) -> int:
         """Fewest samples that give one 16-frame patch column: 1 + T // 625 >= 16."""
-        return (self.patch_size - 1) * HOP
+        return MIN_SAMPLES
 
     @property
     def chunk_samples(self) -> int:
         return int(self.max_seconds * self.sample_rate)
+
+    def resolved(self) -> "BestRQ2Config":
+        """This config with every op named and the environment's overrides applied (``bestrq2.env``):
+        ``BESTRQ2_KERNELS`` sets rpq, gather, scatter, head and block; ``BESTRQ2_ATTENTION`` attention."""
+        from .env import read
+
+        ops = {op: self.kernels.get(op, "auto") for op in OPS}
+        forced = read("BESTRQ2_KERNELS").lower()
+        if forced:
+            if forced not in KERNEL_CHOICES:
+                raise ValueError(f"BESTRQ2_KERNELS must be one of {KERNEL_CHOICES}, got {forced!r}")
+            ops.update({op: forced for op in OPS if op != "attention"})
+        ops["attention"] = read("BESTRQ2_ATTENTION").lower() or ops["attention"]
+        return dataclasses.replace(self, kernels=ops)
 
     # ------------------------------------------------------------- presets / io
     @classmethod
@@ -132,6 +163,14 @@ class BestRQ2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BestRQ2Config":
+        d = dict(d)
+        # configs saved before the one ``kernels`` switch: attention and fused_head were fields
+        kernels = dict(d.pop("kernels", {}))
+        if "attention" in d:
+            kernels.setdefault("attention", d.pop("attention"))
+        if d.pop("fused_head", True) is False:
+            kernels.setdefault("head", "reference")
+        d["kernels"] = kernels
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

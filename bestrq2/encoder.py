@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 
 from .config import HOP, PATCH, SAMPLE_RATE, BestRQ2Config
+from .context_encoder import ContextEncoder
 from .frontend import LogMel, num_time_patches
 from .inputs import check_wave
+from .model import upgrade_state_dict
 from .tokens import wave_to_grid
-from .transformer import Transformer
 
 
 def chunk_plan(num_samples: int, chunk: int = 10 * SAMPLE_RATE) -> list[tuple[int, int, int, int]]:
@@ -32,7 +33,7 @@ def chunk_plan(num_samples: int, chunk: int = 10 * SAMPLE_RATE) -> list[tuple[in
 
 
 class BestRQ2Encoder(nn.Module):
-    """Frozen-use encoder: frontend + patch embedding + context ViT (no predictor, no head).
+    """Frozen-use encoder: frontend + context encoder (patch embedding + ViT; no predictor, no head).
 
     ``encoder(wave, lengths=None)``: float32 [B, T] at 16 kHz, any length -> frames [B, T', D].
     Audio longer than ``config.max_seconds`` (10 s) is cut into 10 s chunks as the authors' X-ARES
@@ -47,12 +48,11 @@ class BestRQ2Encoder(nn.Module):
 
     def __init__(self, config: BestRQ2Config | None = None, precision: str = "fp32") -> None:
         super().__init__()
-        self.config = cfg = config or BestRQ2Config()
+        self.config = cfg = (config or BestRQ2Config()).resolved()  # kernels: see BestRQ2Config.kernels
         self.set_precision(precision)
         self.frontend = LogMel()
-        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)
-        self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
-                                   cfg.encoder_drop_path, cfg.attention)
+        self.encoder = ContextEncoder(cfg)  # the same module, and forward, as pretraining's
+        upgrade_state_dict(self, one_stage=True)  # earlier files: patch_embed.* beside encoder.*
         self.eval()
 
     def set_precision(self, precision: str) -> "BestRQ2Encoder":
@@ -78,7 +78,7 @@ class BestRQ2Encoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.patch_embed.weight.device
+        return self.encoder.patch_embed.weight.device
 
     # ------------------------------------------------------------------ core
     def tokens(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,11 +100,8 @@ class BestRQ2Encoder(nn.Module):
         grid = wave_to_grid(self.frontend, wave, lengths)  # float32 whatever the precision
         dtype = announce(self.precision, self.device)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            x = self.patch_embed(grid.raw.to(self.patch_embed.weight.dtype))
-            pos = grid.positions(self.config.encoder_dim, self.config.pos_layout)
-            # under bf16 the residual stream stays float32: positions are added, not rounded to bf16
-            x = x.float() + pos if dtype is not None else x + pos.to(x.dtype)
-            out = self.encoder(x, grid.key_padding)
+            raw = grid.raw.to(self.encoder.patch_embed.weight.dtype)
+            out = self.encoder(raw, grid.positions(self.config.encoder_dim, self.config.pos_layout), grid.key_padding)
         out = out.float() if dtype is not None else out
         if grid.key_padding is not None:
             out = out.masked_fill(grid.key_padding[..., None], 0.0)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import HOP, PATCH, SAMPLE_RATE
+from .config import MIN_SAMPLES, SAMPLE_RATE
 
-MIN_SAMPLES = (PATCH - 1) * HOP  # 9375 samples (0.586 s): the shortest audio that gives one patch column
 
 
 def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,12 +14,13 @@ import torch.nn as nn
 from .config import PATCH, BestRQ2Config
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
 from .inputs import check_wave, to_device
-from .kernels import gather_tokens, linear_cross_entropy, scatter_tokens
+from .context_encoder import ContextEncoder
+from .kernels import gather_tokens, linear_cross_entropy
 from .masking import MaskPlan, check_mask, sample_mask
 from .positions import positions_for
+from .predictor import Predictor
 from .quantizer import RandomProjectionQuantizer
 from .tokens import target_padding
-from .transformer import Transformer
 
 IGNORE = -100
 
@@ -51,30 +52,55 @@ class PretrainOutput:
         return self.head(self.hidden).unflatten(-1, (self.num_codebooks, -1))
 
 
+# Weight names before the context encoder and the predictor were modules of their own (also the
+# authors' names, after official.py's renames): loaded checkpoints and encoders are upgraded on load
+LEGACY_KEYS = (("patch_embed.", "encoder.patch_embed."), ("predictor_input_proj.", "predictor.input_proj."))
+
+
+def upgrade_key(name: str, one_stage: bool) -> str:
+    """A weight name of any earlier layout -> this one (unchanged if already current)."""
+    for old, new in LEGACY_KEYS:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return "predictor.mask_token" if name == "mask_token" and not one_stage else name
+
+
+def upgrade_state_dict(module: nn.Module, one_stage: bool) -> None:
+    """Register a load hook on ``module`` that renames earlier weight names (``upgrade_key``)."""
+    def hook(state_dict, prefix, *_):
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            new = prefix + upgrade_key(k[len(prefix):], one_stage)
+            if new != k and new not in state_dict:
+                state_dict[new] = state_dict.pop(k)
+
+    module._register_load_state_dict_pre_hook(hook)
+
+
 class BestRQ2(nn.Module):
-    """The pretraining module. ``forward(wave, lengths=None, mask=None) -> PretrainOutput``."""
+    """The pretraining module. ``forward(wave, lengths=None, mask=None) -> PretrainOutput``.
+
+    ``encoder`` (ContextEncoder: patch embedding + ViT, the product), ``predictor`` (Predictor, None for
+    the one-stage baseline), ``head`` (the code classifier), a frozen ``quantizer`` and the ``frontend``.
+    The implementation of each fast op comes from ``config.kernels``, resolved here once (environment
+    overrides included) and kept in ``self.config``, which is what checkpoints save."""
 
     def __init__(self, config: BestRQ2Config | None = None) -> None:
         super().__init__()
-        self.config = cfg = config or BestRQ2Config()
+        self.config = cfg = (config or BestRQ2Config()).resolved()
         self.frontend = LogMel()
         self.quantizer = RandomProjectionQuantizer(cfg.patch_dim, cfg.codebook_dim, cfg.codebook_size,
-                                                   cfg.num_codebooks, seed=cfg.seed, norm=cfg.rpq_norm)
-        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.encoder_dim)  # = Conv2d(1, D, 16, stride 16)
-        self.encoder = Transformer(cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio,
-                                   cfg.encoder_drop_path, cfg.attention)
+                                                   cfg.num_codebooks, seed=cfg.seed, norm=cfg.rpq_norm,
+                                                   impl=cfg.kernels["rpq"])
+        self.encoder = ContextEncoder(cfg)
         if cfg.one_stage:
-            head_dim = cfg.encoder_dim
-            self.predictor_input_proj = None
             self.predictor = None
+            self.mask_token = nn.Parameter(torch.zeros(cfg.encoder_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
         else:
-            head_dim = cfg.predictor_dim
-            self.predictor_input_proj = nn.Linear(cfg.encoder_dim, cfg.predictor_dim)
-            self.predictor = Transformer(cfg.predictor_dim, cfg.predictor_depth, cfg.predictor_heads,
-                                         cfg.mlp_ratio, cfg.predictor_drop_path, cfg.attention)
-        self.mask_token = nn.Parameter(torch.zeros(head_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+            self.predictor = Predictor(cfg)
+        head_dim = cfg.encoder_dim if cfg.one_stage else cfg.predictor_dim
         self.head = nn.Linear(head_dim, cfg.num_codebooks * cfg.codebook_size)
+        upgrade_state_dict(self, cfg.one_stage)
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
@@ -126,17 +152,21 @@ class BestRQ2(nn.Module):
     def forward_batch(self, batch: PretrainBatch) -> PretrainOutput:
         """Device side of a step: grid -> targets -> context -> predict -> loss. No host reads (ragged
         masks excepted), so it runs asynchronously and compiles to one graph."""
-        cfg, plan = self.config, batch.plan
+        cfg, plan, gather = self.config, batch.plan, self._gather
         spec = truncate_to_patches(self.frontend(batch.wave))  # [B, 128, 16 W], float32 under any autocast
-        width = spec.shape[-1] // PATCH
         targets = self._masked_targets(spec, plan, batch.target_padding)
-        raw = patchify(spec)  # [B, N, 256]
-        if cfg.one_stage:
-            h = self._one_stage(self.patch_embed(raw), plan, width)
-        else:
-            h = self._two_stage(raw, plan, width)
-        loss, acc = self._head_loss(h, targets)
-        return PretrainOutput(loss, targets, plan.mask, plan.mask_idx, acc, h, self.head, cfg.num_codebooks)
+        raw, width = patchify(spec), spec.shape[-1] // PATCH  # [B, N, 256], N = 8 W
+        pos = self._pos_table(raw.shape[1], width, cfg.encoder_dim)
+        if cfg.one_stage:  # every patch in, the masked ones as the mask token
+            hidden = gather(self.encoder(raw, pos, replace=(plan.mask, self.mask_token)), plan.mask_idx)
+        else:  # the visible patches only (their raw rows gathered first); the predictor fills in the rest
+            context = self.encoder(gather(raw, plan.keep_idx), pos[plan.keep_idx], plan.keep_pad)
+            hidden = self.predictor(context, plan, self._pos_table(raw.shape[1], width, cfg.predictor_dim))
+        loss, acc = self._head_loss(hidden, targets)
+        return PretrainOutput(loss, targets, plan.mask, plan.mask_idx, acc, hidden, self.head, cfg.num_codebooks)
+
+    def _gather(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return gather_tokens(x, idx, impl=self.config.kernels["gather"])
 
     @torch.no_grad()
     def _masked_targets(self, spec: torch.Tensor, plan: MaskPlan, padding: torch.Tensor | None) -> torch.Tensor:
@@ -162,44 +192,21 @@ class BestRQ2(nn.Module):
         c, d = cfg.num_codebooks, h.shape[-1]
         with torch.autocast(h.device.type, enabled=False):
             loss, acc = linear_cross_entropy(h.reshape(-1, d), w.view(c, -1, d), b.view(c, -1),
-                                             targets.reshape(-1, c), IGNORE,
-                                             impl=None if cfg.fused_head else "reference")
+                                             targets.reshape(-1, c), IGNORE, impl=cfg.kernels["head"])
         return loss, acc.mean()
 
-    def _two_stage(self, raw: torch.Tensor, plan: MaskPlan, width: int) -> torch.Tensor:
-        cfg = self.config
-        n = raw.shape[1]
-        # the visible raw patches first (256 wide), then the patch embedding on those rows only: the
-        # masked patches' embedding and its backward were wasted work, and the gather has no backward
-        visible = self.patch_embed(gather_tokens(raw, plan.keep_idx))
-        visible = visible + self._pos_table(n, width, cfg.encoder_dim)[plan.keep_idx]
-        context = self.encoder(visible, plan.keep_pad)  # [B, V, De]; a ragged row's tail is padding
-        ctx = self.predictor_input_proj(context)
-        # grid order: context at its slots (no position added), mask token + position elsewhere
-        pos_pred = self._pos_table(n, width, cfg.predictor_dim)
-        pred_in = scatter_tokens(ctx, plan.keep_idx, self.mask_token, plan.fill_idx, pos_pred)
-        if plan.ragged:  # padding slots of short rows are masked tokens: give them the mask token
-            pred_in = torch.where(plan.mask[..., None], (self.mask_token + pos_pred).to(pred_in.dtype), pred_in)
-        pred = self.predictor(pred_in)
-        return gather_tokens(pred, plan.mask_idx)
-
-    def _one_stage(self, tokens: torch.Tensor, plan: MaskPlan, width: int) -> torch.Tensor:
-        cfg = self.config
-        x = torch.where(plan.mask[..., None], self.mask_token.to(tokens.dtype), tokens)
-        x = x + self._pos_table(tokens.shape[1], width, cfg.encoder_dim)
-        return gather_tokens(self.encoder(x), plan.mask_idx)
-
     # ---------------------------------------------------------------- export
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights the inference encoder keeps: patch_embed.* and encoder.*."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("patch_embed.", "encoder."))}
-
     def to_encoder(self):
+        """The inference encoder: this model's context encoder (weights copied) and frontend, with every
+        op on "auto" (an exported encoder runs wherever it is loaded, whatever this run forced)."""
+        import dataclasses
+
         from .encoder import BestRQ2Encoder
 
         with torch.random.fork_rng(devices=[]):  # building it must not move the training run's RNG
-            enc = BestRQ2Encoder(self.config)
-        enc.load_state_dict(self.encoder_state_dict())
+            enc = BestRQ2Encoder(dataclasses.replace(self.config, kernels={}))
+        enc.encoder.load_state_dict(self.encoder.state_dict())
+        enc.frontend.use_buffers(window=self.frontend.window, fb=self.frontend.fb)
         return enc.to(self.head.weight.device)
 
     @classmethod

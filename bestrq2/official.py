@@ -14,8 +14,10 @@ import torch
 
 from .config import BestRQ2Config
 from .frontend import mel_filterbank
+from .model import upgrade_key
 
-# authors' key prefix -> ours (everything else keeps its name: encoder.*, predictor.*, mask_token)
+# authors' key prefix -> ours (then ``model.upgrade_key``: patch_embed.* and predictor_input_proj.* move
+# under the context encoder and the predictor, as does a two-stage model's mask_token)
 _RENAMES = [
     ("patch_embed.patch_embed.proj.", "patch_embed."),
     ("rq_proj.", "head."),
@@ -123,7 +125,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], cfg: BestRQ2Config) -> dict[
             k, v = "quantizer.projection", v[None]
         elif k == "quantizer.CB":
             k, v = "quantizer.codebooks", v[None]
-        out[k] = v.float()
+        out[upgrade_key(k, cfg.one_stage)] = v.float()
     return out
 
 
@@ -148,10 +150,10 @@ def load_official(cls, path, allow_pickle: bool = False, **config_fields):
     model.frontend.use_buffers(**frontend_buffers)
     state = convert_state_dict(sd, cfg)
     wanted = model.state_dict()
-    if not hasattr(model, "head"):  # the inference encoder keeps patch_embed.* and encoder.* only
+    if not hasattr(model, "head"):  # the inference encoder keeps encoder.* only
         state = {k: v for k, v in state.items() if k in wanted}
     elif cfg.one_stage:  # a two-stage file read as the one-stage baseline (as the fixtures' BEST-RQ (ViT))
-        state = {k: v for k, v in state.items() if not k.startswith(("predictor.", "predictor_input_proj."))}
+        state = {k: v for k, v in state.items() if not k.startswith("predictor.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -1,7 +1,7 @@
 """ONNX export of the encoder (dynamic batch and length) and a runner for onnxruntime.
 
 The exported graph maps a waveform batch [B, T] (float32, 16 kHz, one clip of at most 10 s per row,
-T >= 9375) to frames [B, W, D] with W = floor((1 + T // 625) / 16): the encoder's ``_frames`` on
+T >= MIN_SAMPLES = 9375) to frames [B, W, D] with W = floor((1 + T // 625) / 16): the encoder's ``_frames`` on
 equal-length clips. The STFT is written as a strided 1-D convolution with the windowed, normalised
 DFT basis (ONNX's STFT op has no complex output that every runtime takes), so the spectrogram differs
 from ``torch.stft``'s FFT by float32 rounding only. ``OnnxEncoder`` runs the file with onnxruntime and
@@ -11,6 +11,7 @@ Needs the ``onnx`` extra: ``pip install 'bestrq2[onnx]'`` (onnx, onnxscript, onn
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import HOP, N_FFT, PATCH, SAMPLE_RATE
-from .frontend import AMIN
+from .config import HOP, MIN_SAMPLES, N_FFT, OPS, PATCH, SAMPLE_RATE
+from .context_encoder import ContextEncoder
+from .frontend import AMIN, patchify, truncate_to_patches
 from .positions import sincos_2d
 
 
@@ -47,50 +49,45 @@ class ConvLogMel(nn.Module):
 
 
 class _ExportedFrames(nn.Module):
-    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file."""
+    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file: the encoder's own
+    ContextEncoder, rebuilt with plain PyTorch ops (reference kernels, attention written out as matmul
+    + softmax, which every ONNX runtime has) around the same weights."""
 
     def __init__(self, enc) -> None:
         super().__init__()
         self.frontend = ConvLogMel(enc.frontend.window, enc.frontend.fb)
-        self.patch_embed, self.encoder = enc.patch_embed, enc.encoder
+        plain = {op: "reference" for op in OPS} | {"attention": "math"}
+        with torch.random.fork_rng(devices=[]):
+            self.encoder = ContextEncoder(dataclasses.replace(enc.config, kernels=plain))
+        self.encoder.load_state_dict(enc.encoder.state_dict())
         self.dim, self.layout = enc.config.encoder_dim, enc.config.pos_layout
         self.fp = enc.config.freq_patches
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        spec = self.frontend(wave)
-        b, fbins, frames = spec.shape
-        w = frames // PATCH
-        spec = spec[..., : w * PATCH]
-        patches = spec.reshape(b, self.fp, PATCH, w, PATCH).permute(0, 1, 3, 2, 4).reshape(b, self.fp * w, PATCH * PATCH)
+        spec = truncate_to_patches(self.frontend(wave))
+        w = spec.shape[-1] // PATCH
         if self.layout == "grid":  # cell (f, t) of the 8 x W grid, built without dividing by the symbolic W
             f = torch.arange(self.fp, device=wave.device)[:, None].expand(self.fp, w).reshape(-1)
             t = torch.arange(w, device=wave.device)[None, :].expand(self.fp, w).reshape(-1)
         else:  # the authors' rows: flat index into their 8 x 16 table
             n = torch.arange(self.fp * w, device=wave.device)
             f, t = n // 16, n % 16
-        x = self.patch_embed(patches) + sincos_2d(f, t, self.dim)
-        tok = self.encoder(x)
-        return tok.reshape(b, self.fp, w, -1).mean(dim=1)
+        tok = self.encoder(patchify(spec), sincos_2d(f, t, self.dim))
+        return tok.reshape(tok.shape[0], self.fp, w, -1).mean(dim=1)
 
 
 def export_onnx(enc, path: str | Path, opset: int = 18) -> Path:
     """Write ``enc`` (a ``BestRQ2Encoder``) as ONNX with dynamic batch and length. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .kernels._dispatch import use_backend
-
     model = _ExportedFrames(enc).eval()
-    attention = model.encoder.attention
-    model.encoder.attention = "math"  # plain matmul + softmax: every ONNX runtime has those ops
-    try:
-        wave = torch.randn(2, 3 * SAMPLE_RATE) * 0.1
-        batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("samples", min=9375, max=10 * SAMPLE_RATE)
-        with torch.no_grad(), use_backend("reference"):  # plain PyTorch ops into the graph, no Triton kernels
-            torch.onnx.export(model, (wave,), str(path), input_names=["wave"], output_names=["frames"],
-                              dynamic_shapes={"wave": {0: batch, 1: length}}, opset_version=opset, dynamo=True,
-                              external_data=False)
-    finally:
-        model.encoder.attention = attention
+    wave = torch.randn(2, 3 * SAMPLE_RATE) * 0.1
+    batch = torch.export.Dim("batch", min=1)
+    length = torch.export.Dim("samples", min=MIN_SAMPLES, max=10 * SAMPLE_RATE)
+    with torch.no_grad():
+        torch.onnx.export(model, (wave,), str(path), input_names=["wave"], output_names=["frames"],
+                          dynamic_shapes={"wave": {0: batch, 1: length}}, opset_version=opset, dynamo=True,
+                          external_data=False)
     return path
 
 

@@ -11,8 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernels import rpq_codes
-from .kernels import rpq_codes_ref, rpq_scores_ref
+from .kernels import rpq_codes, rpq_codes_ref, rpq_scores_ref
 
 __all__ = ["RandomProjectionQuantizer", "rpq_codes_ref", "rpq_scores_ref"]  # the references, re-exported
 
@@ -23,12 +22,14 @@ class RandomProjectionQuantizer(torch.nn.Module):
     ``norm`` (``BestRQ2Config.rpq_norm``): "none" (the paper: raw dB patches), "patch" (each 256-value
     patch standardised), "bin" (the log-mel standardised per mel bin with corpus statistics, the buffers
     ``bin_mean`` / ``bin_std`` [128], estimated once before training and saved in checkpoints;
-    ``bin_count`` says how many frames they came from, 0 = not estimated yet)."""
+    ``bin_count`` says how many frames they came from, 0 = not estimated yet). ``impl``: the kernel
+    (auto | triton | reference; ``BestRQ2Config.kernels["rpq"]``)."""
 
     def __init__(self, input_dim: int = 256, codebook_dim: int = 16, codebook_size: int = 8192,
-                 num_codebooks: int = 1, seed: int = 0, norm: str = "none", n_mels: int = 128) -> None:
+                 num_codebooks: int = 1, seed: int = 0, norm: str = "none", n_mels: int = 128,
+                 impl: str = "auto") -> None:
         super().__init__()
-        self.norm = norm
+        self.norm, self.impl = norm, impl
         if norm == "bin":
             self.register_buffer("bin_mean", torch.zeros(n_mels))
             self.register_buffer("bin_std", torch.ones(n_mels))
@@ -50,8 +51,8 @@ class RandomProjectionQuantizer(torch.nn.Module):
             if float(self.bin_count) == 0 and not torch.compiler.is_compiling():
                 raise ValueError("rpq_norm='bin' needs per-bin statistics: estimate them first "
                                  "(bestrq2.train.estimate_bin_stats, done by pretrain) or load a checkpoint")
-            return {"norm": "bin", "bin_mean": self.bin_mean, "bin_std": self.bin_std}
-        return {"norm": self.norm}
+            return {"norm": "bin", "bin_mean": self.bin_mean, "bin_std": self.bin_std, "impl": self.impl}
+        return {"norm": self.norm, "impl": self.impl}
 
     @torch.no_grad()
     def set_bin_stats(self, mean: torch.Tensor, std: torch.Tensor, count: int) -> None:

@@ -15,25 +15,25 @@ sizes, DDP and FSDP2.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import csv
 import dataclasses
 import math
-import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .config import BestRQ2Config
+from .config import MIN_SAMPLES, SAMPLE_RATE, BestRQ2Config
+from .env import read
 from .flops import pretrain_step_flops
 from .frontend import num_time_patches
 from .masking import sample_mask
+from .checkpoints import (full_state, latest_checkpoint, list_checkpoints, load_state, move_aside, run_contents,
+                          save_checkpoint)
 from .model import IGNORE, BestRQ2
+from .train_log import MetricsLog, StopTraining
 from .precision import PRECISIONS
 
 
@@ -74,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if not (0 <= self.warmup_pct < 1):
             raise ValueError(f"--warmup-pct must lie in [0, 1) (got {self.warmup_pct})")
-        if self.seconds * 16000 < 9375:
+        if self.seconds * SAMPLE_RATE < MIN_SAMPLES:
             raise ValueError(f"--seconds {self.seconds} is shorter than one patch (0.586 s)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
@@ -152,80 +152,6 @@ def make_source(tc: TrainConfig):
     return AudioFolder(tc.data, seconds=tc.seconds, seed=tc.seed)
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, fsync it, rename it over the target, fsync the folder.
-    A crash at any moment leaves either the old file set or the new one, never a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (its entry list reaches the disk)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
-
-
-def latest_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest loadable one in a run directory."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise ValueError(f"{p}: no such checkpoint file or run directory")
-    for c in reversed(list_checkpoints(p)):
-        try:
-            torch.load(c, map_location="cpu", weights_only=True, mmap=True)
-            return c
-        except Exception:  # a truncated file from a crash before atomic saves existed: skip it
-            continue
-    raise ValueError(f"{p}: no loadable checkpoint under {p / 'checkpoints'}")
-
-
-def export_encoder(ckpt: str | Path, out: str | Path) -> Path:
-    """``bestrq2 export``: encoder-only config.json + model.safetensors from a checkpoint or run dir."""
-    path = latest_checkpoint(ckpt)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = BestRQ2Config.from_dict(state["model_config"])
-    model = BestRQ2(cfg)
-    model.load_state_dict(state["model"])
-    model.to_encoder().save_pretrained(out)
-    return path
-
-
-def run_contents(out: Path) -> list[str]:
-    """What in ``out`` belongs to a training run (checkpoints, metrics, encoder); empty if none."""
-    found = [str(c.relative_to(out)) for c in list_checkpoints(out)]
-    found += [name for name in ("metrics.csv", "encoder") if (out / name).exists()]
-    return found
-
-
-def move_aside(out: Path) -> Path:
-    """Rename the run folder ``out`` to ``out.old-<UTC time>`` (``-2``, ``-3`` ... if taken) and fsync
-    the parent, as checkpoints are made durable: one rename, nothing deleted, never half moved."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    dest = out.with_name(f"{out.name}.old-{stamp}")
-    k = 2
-    while dest.exists():
-        dest = out.with_name(f"{out.name}.old-{stamp}-{k}")
-        k += 1
-    os.rename(out, dest)
-    fsync_dir(out.parent)
-    return dest
-
-
 def _check_fresh_out(out: Path, tc: TrainConfig, main: bool, world: int) -> None:
     """A fresh run never writes into a folder holding another run, unless ``--overwrite`` moved it aside."""
     held = run_contents(out) if out.is_dir() else []
@@ -274,7 +200,7 @@ def _resumed_schedule(resumed: dict, tc: TrainConfig, path: Path) -> LRSchedule:
 # ------------------------------------------------------------------------------------ distributed
 def process_rank() -> tuple[int, int]:
     """(rank, world size) as torchrun sets them; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return int(read("RANK", "0")), int(read("WORLD_SIZE", "1"))
 
 
 def _dist_setup(tc: TrainConfig) -> tuple[int, int, torch.device]:
@@ -283,7 +209,7 @@ def _dist_setup(tc: TrainConfig) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = int(read("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu" if tc.device in ("auto", "cpu") else tc.device)
@@ -306,48 +232,21 @@ def _wrap(model: BestRQ2, tc: TrainConfig, world: int, device: torch.device):
     return model
 
 
-def _full_state(model, opt) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts keyed by parameter name (portable across layouts)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-    return get_state_dict(model, optimizers=opt, options=opts)
-
-
-def _load_state(model, opt, model_sd: dict, optim_sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of known cards, for MFU; None on CPU or unknown cards."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
-        if key in name:
-            return peak
-    return None
-
-
-class _Stop(Exception):
-    pass
-
-
 # ------------------------------------------------------------------------------------ the loop
 def _resumed_config(state: dict, given: BestRQ2Config | None, path: Path) -> BestRQ2Config:
     """The checkpoint's model config; a config passed for the resumed run must equal it (a model flag that
-    differs would silently train another model, or fail deep inside load_state_dict)."""
+    differs would silently train another model, or fail deep inside load_state_dict). The kernels may
+    differ (they compute the same model): the given ones run from here on, else the saved ones (with the
+    environment's overrides, as at every build)."""
     saved = BestRQ2Config.from_dict(state["model_config"])
-    if given is not None:
-        a, b = saved.to_dict(), given.to_dict()
-        diff = [f"{k}: checkpoint {a[k]!r}, now {b[k]!r}" for k in a if a[k] != b[k]]
-        if diff:
-            raise ValueError(f"resuming {path} with another model config ({'; '.join(diff)}); "
-                             "resume with the flags the run started with, or drop the model flags")
-    return saved
+    if given is None:
+        return saved
+    a, b = saved.to_dict(), given.to_dict()
+    diff = [f"{k}: checkpoint {a[k]!r}, now {b[k]!r}" for k in a if a[k] != b[k] and k != "kernels"]
+    if diff:
+        raise ValueError(f"resuming {path} with another model config ({'; '.join(diff)}); "
+                         "resume with the flags the run started with, or drop the model flags")
+    return dataclasses.replace(saved, kernels=given.kernels)
 
 
 def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -426,21 +325,57 @@ def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: tor
     return stats
 
 
-def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
-             stop_after: int | None = None) -> dict:
-    """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
-    many steps with a checkpoint, as an interruption would. Returns the losses of this call."""
+@dataclass
+class Run:
+    """What a training run holds between steps (``setup_run``)."""
+
+    tc: TrainConfig
+    model: BestRQ2
+    wrapped: torch.nn.Module  # DDP / FSDP around the model, or the model
+    forward: object  # ``wrapped``, compiled with --compile
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    schedule: LRSchedule
+    mask_gen: torch.Generator  # masks of the global batch: the same stream on every rank
+    source: object  # the corpus
+    loader: torch.utils.data.DataLoader  # this rank's share of steps start ... steps - 1
+    start: int
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.tc.out)
+
+    @property
+    def num_tokens(self) -> int:
+        return 8 * num_time_patches(int(self.tc.seconds * SAMPLE_RATE))
+
+    def masks(self) -> torch.Tensor:
+        """The next step's masks, this rank's rows of the global batch's."""
+        cfg, local = self.model.config, self.tc.batch_size // self.world
+        mask = sample_mask(self.tc.batch_size, self.num_tokens, (cfg.mask_ratio_min, cfg.mask_ratio_max),
+                           cfg.mask_mode, generator=self.mask_gen, equal_counts=cfg.mask_equal_counts)
+        return mask[self.rank * local:(self.rank + 1) * local]
+
+
+def setup_run(tc: TrainConfig, model_cfg: BestRQ2Config | None, resume: bool) -> Run:
+    """Processes, the run folder, the model, optimizer and schedule (restored from the newest checkpoint
+    with ``resume``), the corpus and the step loader."""
     rank, world, device = _dist_setup(tc)
     tc.validate(world)
-    main = rank == 0
     out = Path(tc.out)
     if not resume:
-        _check_fresh_out(out, tc, main, world)
-    if main:
+        _check_fresh_out(out, tc, rank == 0, world)
+    if rank == 0:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
-    start = 0
-    resumed = None
+    resumed, start = None, 0
     schedule = LRSchedule.fresh(tc.steps, tc.warmup_pct, tc.final_lr_ratio)
     if resume:
         path = latest_checkpoint(out)
@@ -448,8 +383,7 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
         start = int(resumed["step"])
         model_cfg = _resumed_config(resumed, model_cfg, path)
         schedule = _resumed_schedule(resumed, tc, path)
-    cfg = model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)
-    model = BestRQ2(cfg).to(device)
+    model = BestRQ2(model_cfg or BestRQ2Config.preset(tc.preset, seed=tc.seed)).to(device)
     opt = make_optimizer(model.parameters(), tc, device)
     mask_gen = torch.Generator().manual_seed(tc.seed + 1)
     wrapped = _wrap(model, tc, world, device)
@@ -459,212 +393,117 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
     # old ones over an extended schedule on load; the schedule is saved on its own
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s))
     if resumed is not None:
-        _load_state(model, opt, resumed["model"], resumed["optimizer"])
+        load_state(model, opt, resumed["model"], resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
         mask_gen.set_state(resumed["mask_rng"])
         torch.set_rng_state(resumed["torch_rng"])
         if device.type == "cuda" and resumed.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(resumed["cuda_rng"])
-    forward = torch.compile(wrapped) if tc.compile else wrapped
-
-    local = tc.batch_size // world
     source = make_source(tc)
-    if cfg.rpq_norm == "bin" and float(model.quantizer.bin_count) == 0:  # fresh run: measure, then freeze
+    if model.config.rpq_norm == "bin" and float(model.quantizer.bin_count) == 0:  # fresh run: measure, freeze
         frames = estimate_bin_stats(model, source)
-        if main:
+        if rank == 0:
             print(f"rpq_norm=bin: per-bin statistics from {frames} frames of the corpus's first clips", flush=True)
+    local = tc.batch_size // world
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(StepBatches(source, tc.batch_size, rank * local, (rank + 1) * local),
                                 range(start, tc.steps)),
         batch_size=None, num_workers=tc.num_workers, prefetch_factor=4 if tc.num_workers else None,
         pin_memory=device.type == "cuda",  # so the wave's copy to the device does not block
         generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
-    num_tokens = 8 * num_time_patches(int(tc.seconds * 16000))
+    forward = torch.compile(wrapped) if tc.compile else wrapped
+    return Run(tc, model, wrapped, forward, opt, sched, schedule, mask_gen, source, loader, start, device, rank, world)
 
-    def checkpoint(step: int) -> None:
-        model_sd, optim_sd = _full_state(wrapped if tc.fsdp else model, opt)
-        if not main:
-            return
-        save_checkpoint(out / "checkpoints" / f"ckpt-{step:08d}.pt", {
-            "model": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
-            "mask_rng": mask_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "step": step,
-            "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc), "world_size": world,
-            "schedule": dataclasses.asdict(schedule)})
-        for old in list_checkpoints(out)[: -tc.keep]:
-            old.unlink(missing_ok=True)
-        with torch.random.fork_rng(devices=[]):
-            enc = BestRQ2(cfg)
-        enc.load_state_dict(model_sd)
-        enc.to_encoder().save_pretrained(out / "encoder")
 
-    flops = pretrain_step_flops(cfg, tc.batch_size, num_tokens, num_tokens // 2)
-    peak = _peak_flops(device)
-    from tqdm.auto import tqdm
+def write_checkpoint(run: Run, step: int) -> None:
+    """OUT/checkpoints/ckpt-<step>.pt (model, optimizer, schedule, every RNG, configs; the last ``keep``
+    kept) and OUT/encoder/ from it. Every rank takes part in gathering the state; rank 0 writes."""
+    model_sd, optim_sd = full_state(run.wrapped if run.tc.fsdp else run.model, run.opt)
+    if not run.main:
+        return
+    tc, out = run.tc, run.out
+    save_checkpoint(out / "checkpoints" / f"ckpt-{step:08d}.pt", {
+        "model": model_sd, "optimizer": optim_sd, "scheduler": run.sched.state_dict(),
+        "mask_rng": run.mask_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if run.device.type == "cuda" else None, "step": step,
+        "model_config": run.model.config.to_dict(), "train_config": dataclasses.asdict(tc), "world_size": run.world,
+        "schedule": dataclasses.asdict(run.schedule)})
+    for old in list_checkpoints(out)[: -tc.keep]:
+        old.unlink(missing_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        copy = BestRQ2(run.model.config)
+    copy.load_state_dict(model_sd)
+    copy.to_encoder().save_pretrained(out / "encoder")
 
-    bar = tqdm(total=tc.steps, initial=start, disable=not (tc.progress and main), desc="pretrain", unit="step")
-    log_f = writer = tb = None
-    if main:
-        new_file = start == 0 or not (out / "metrics.csv").exists()
-        if not new_file:  # a crash after the checkpoint logged steps that will now run again: drop them
-            with open(out / "metrics.csv", newline="") as f:
-                kept = [r for i, r in enumerate(csv.reader(f)) if i == 0 or (r and int(r[0]) <= start)]
-            with open(out / "metrics.csv", "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-        log_f = open(out / "metrics.csv", "w" if new_file else "a", newline="")
-        writer = csv.writer(log_f)
-        if new_file:
-            writer.writerow(["step", "loss", "accuracy", "lr", "clips_per_s", "mfu", "bad_steps", "skipped_files",
-                             "code_perplexity", "codes_used"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(out / "tb"))
-        except ImportError:
-            tb = None
-
-    # SIGTERM / first Ctrl-C: finish the current step, save, exit. A second Ctrl-C aborts at once.
-    # (Raising from the handler could land inside torch.save and tear the file being written.)
-    stop_request: list[str] = []
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM / first Ctrl-C append their name to the yielded list: the loop finishes the current step,
+    saves and exits. A second Ctrl-C aborts at once. (Raising from the handler could land inside
+    torch.save and tear the file being written.)"""
+    requests: list[str] = []
 
     def on_signal(signum, frame):
-        if signum == signal.SIGINT and stop_request:
+        if signum == signal.SIGINT and requests:
             raise KeyboardInterrupt
-        stop_request.append(signal.Signals(signum).name)
+        requests.append(signal.Signals(signum).name)
 
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    model.train()
-    losses: list[float] = []
-    bad_total = bad_run = 0
-    # CUDA: a step's loss is read one step late, once the next step is queued, so the host never waits
-    # for the device inside a step (non-finite steps are skipped on the device by the fused optimizer).
-    # CPU: read at once (no queue to keep full), and the update is skipped on the host.
-    lag = 1 if device.type == "cuda" else 0
-    pending: collections.deque = collections.deque()  # (step, stats [loss, acc, stop, perplexity, codes used], lr)
-    t_last = [time.perf_counter()]
-
-    def read_oldest() -> bool:
-        """Log the oldest launched step (reads the device); True when the run must stop."""
-        nonlocal bad_total, bad_run
-        s_, stats, lr = pending.popleft()
-        loss, acc, flag, ppl, used = stats.tolist()
-        now = time.perf_counter()
-        dt, t_last[0] = now - t_last[0], now
-        cps = tc.batch_size / dt
-        mfu = flops / dt / peak if peak else float("nan")
-        if not math.isfinite(loss):  # its update was skipped; a run of them stops the job
-            bad_total += 1
-            bad_run += 1
-            bar.write(f"step {s_ + 1}: non-finite loss ({loss}); update skipped ({bad_run} in a row)")
-        else:
-            bad_run = 0
-        losses.append(loss)
-        skipped = len(getattr(source, "skipped", {}))
-        if main:
-            writer.writerow([s_ + 1, f"{loss:.6f}", f"{acc:.4f}", f"{lr:.3e}", f"{cps:.2f}", f"{mfu:.4f}",
-                             bad_total, skipped, f"{ppl:.2f}", int(used)])
-            if tb is not None:
-                tb.add_scalar("loss", loss, s_ + 1)
-                tb.add_scalar("accuracy", acc, s_ + 1)
-                tb.add_scalar("lr", lr, s_ + 1)
-                tb.add_scalar("targets/code_perplexity", ppl, s_ + 1)
-                tb.add_scalar("targets/codes_used", used, s_ + 1)
-        post = dict(loss=f"{loss:.3f}", acc=f"{acc:.3f}", clips_s=f"{cps:.1f}", ppl=f"{ppl:.0f}", codes=int(used))
-        if peak:
-            post["mfu"] = f"{100 * mfu:.1f}%"
-        if skipped:
-            post["skipped_files"] = skipped
-        bar.set_postfix(post)
-        bar.update(1)
-        if bad_run >= tc.max_bad_steps:
-            raise _Stop(f"{bad_run} non-finite losses in a row")
-        # every rank stops at the same step when any was signalled (the flag is in the reduced stats)
-        return flag > 0 if world > 1 else bool(stop_request)
-
-    def drain() -> bool:
-        stop = False
-        while pending:
-            stop = read_oldest() or stop
-        return stop
-
-    def stop_signalled() -> _Stop:
-        return _Stop(stop_request[0] if stop_request else "a signal to another rank")
-
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for step, (wave, lengths) in zip(range(start, tc.steps), loader):
-            mask = sample_mask(tc.batch_size, num_tokens, (cfg.mask_ratio_min, cfg.mask_ratio_max), cfg.mask_mode,
-                               generator=mask_gen, equal_counts=cfg.mask_equal_counts)[rank * local:(rank + 1) * local]
-            stats = train_step(model, wrapped, forward, opt, tc, wave, lengths, mask, device, world, bool(stop_request))
-            sched.step()
-            pending.append((step, stats, sched.get_last_lr()[0]))
-            stop = False
-            while len(pending) > lag:
-                stop = read_oldest() or stop
-            if stop:
-                drain()
-                raise stop_signalled()
-            if stop_after is not None and step + 1 - start >= stop_after:
-                break
-            if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-                if drain():
-                    raise stop_signalled()
-                log_f and log_f.flush()
-                checkpoint(step + 1)
-        drain()
-        if log_f:
-            log_f.flush()
-        checkpoint(start + len(losses))
-    except (KeyboardInterrupt, _Stop) as why:
-        try:
-            drain()  # the steps already launched are done: log them, the checkpoint holds their updates
-        except _Stop:
-            pass
-        done = start + len(losses)
-        bar.write(f"stopping ({why or 'interrupted'}): saving a checkpoint at step {done}")
-        if log_f:
-            log_f.flush()
-        checkpoint(done)
-        if isinstance(why, _Stop) and "non-finite" in str(why):
-            raise RuntimeError(f"training stopped: {why}; checkpoint saved at step {done} in {out}") from None
-        if isinstance(why, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        return {"losses": losses, "out": str(out), "model_config": cfg, "bad_steps": bad_total,
-                "skipped_files": dict(getattr(source, "skipped", {})), "stopped": str(why)}
+        yield requests
     finally:
-        bar.close()
-        if log_f:
-            log_f.close()
-        if tb is not None:
-            tb.close()
-        for sig, h in old_handlers.items():
+        for sig, h in old.items():
             signal.signal(sig, h)
-        if main:
-            _plot_losses(out)
-        if world > 1 and dist.is_initialized():
-            dist.barrier()
-    return {"losses": losses, "out": str(out), "model_config": cfg, "bad_steps": bad_total,
-            "skipped_files": dict(getattr(source, "skipped", {}))}
 
 
-def _plot_losses(out: Path) -> None:
-    """OUT/loss.png from metrics.csv (skipped quietly when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
-    pts = [(int(r["step"]), float(r["loss"])) for r in rows if math.isfinite(float(r["loss"]))]
-    if not pts:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s for s, _ in pts], [v for _, v in pts], lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("masked-code cross-entropy")
-    ax.set_title(f"{out.name}: pretraining loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bool = False,
+             stop_after: int | None = None) -> dict:
+    """Train (or continue, ``resume``) up to ``tc.steps``; ``stop_after`` ends this call early after that
+    many steps with a checkpoint, as an interruption would. Returns the losses of this call."""
+    run = setup_run(tc, model_cfg, resume)
+    cfg = run.model.config
+    flops = pretrain_step_flops(cfg, tc.batch_size, run.num_tokens, run.num_tokens // 2)
+    stopped = None
+    with stop_on_signals() as stop_request:
+        log = MetricsLog(run.out, run.start, tc.steps, tc.batch_size, flops, run.device, run.main, run.world,
+                         tc.progress, tc.max_bad_steps, run.source, stop_request)
+        run.model.train()
+        try:
+            for step, (wave, lengths) in zip(range(run.start, tc.steps), run.loader):
+                stats = train_step(run.model, run.wrapped, run.forward, run.opt, tc, wave, lengths, run.masks(),
+                                   run.device, run.world, bool(stop_request))
+                run.sched.step()
+                if log.push(step, stats, run.sched.get_last_lr()[0]):
+                    log.drain()
+                    raise StopTraining(stop_request[0] if stop_request else "a signal to another rank")
+                if stop_after is not None and step + 1 - run.start >= stop_after:
+                    break
+                if (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                    if log.drain():
+                        raise StopTraining(stop_request[0] if stop_request else "a signal to another rank")
+                    log.flush()
+                    write_checkpoint(run, step + 1)
+            log.drain()
+            log.flush()
+            write_checkpoint(run, run.start + len(log.losses))
+        except (KeyboardInterrupt, StopTraining) as why:
+            try:
+                log.drain()  # the steps already launched are done: log them, the checkpoint holds their updates
+            except StopTraining:
+                pass
+            done = run.start + len(log.losses)
+            log.bar.write(f"stopping ({why or 'interrupted'}): saving a checkpoint at step {done}")
+            log.flush()
+            write_checkpoint(run, done)
+            if isinstance(why, StopTraining) and "non-finite" in str(why):
+                raise RuntimeError(f"training stopped: {why}; checkpoint saved at step {done} in {run.out}") from None
+            if isinstance(why, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            stopped = str(why)
+        finally:
+            log.close()
+            if run.world > 1 and dist.is_initialized():
+                dist.barrier()
+    result = {"losses": log.losses, "out": str(run.out), "model_config": cfg, "bad_steps": log.bad_total,
+              "skipped_files": dict(getattr(run.source, "skipped", {}))}
+    return result if stopped is None else {**result, "stopped": stopped}

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 
 from .attention import VARLEN, dense_attention, resolve, varlen_attention
 from .kernels import bias_gelu, layer_norm, residual_drop_path
-from .kernels._dispatch import use_triton
 
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the residual branch per sample with probability p (train only).
 
-    ``add(x, branch)`` is the residual add with the drop folded in: one ``addcmul`` pass,
-    x + branch * (noise / keep), where ``x + drop(branch)`` would write the scaled branch first."""
+    ``add(x, branch)`` is the residual add with the drop folded in, x + branch * (noise / keep), in one
+    pass (``kernels.residual_drop_path``), where ``x + drop(branch)`` would write the scaled branch first."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -32,29 +31,16 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        return x * self.scale(x, x.shape[0])
+        return x * self.factors(x.shape[0], x.device).view((-1,) + (1,) * (x.dim() - 1))
 
     def factors(self, n: int, device: torch.device) -> torch.Tensor:
         """float32 [n]: 0 for a dropped sample, 1 / keep for a kept one."""
         keep = 1.0 - self.p
         return torch.empty(n, device=device).bernoulli_(keep).div_(keep)
 
-    def scale(self, like: torch.Tensor, n: int) -> torch.Tensor:
-        """The factors shaped [n, 1, ...] to broadcast against ``like``."""
-        return self.factors(n, like.device).view((n,) + (1,) * (like.dim() - 1))
-
-    def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor:
+    def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None,
+            impl: str = "auto") -> torch.Tensor:
         """x + drop(branch); packed tokens (``sample_of[t]`` = clip of token t) drop per clip, not per token."""
-        if not self.active:
-            return x + branch
-        if sample_of is None:
-            return torch.addcmul(x, branch, self.scale(branch, branch.shape[0]))
-        per_clip = self.factors(int(sample_of.max()) + 1, branch.device)
-        return torch.addcmul(x, branch, per_clip[sample_of][:, None])
-
-    def add_fused(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor:
-        """``add`` through the fused kernel (``kernels.residual_drop_path``): the same draws, one pass
-        forward and one backward."""
         if not self.active:
             return x + branch
         if sample_of is None:
@@ -62,7 +48,7 @@ class DropPath(nn.Module):
         else:
             rows = self.factors(int(sample_of.max()) + 1, x.device)[sample_of]
         d = x.shape[-1]
-        return residual_drop_path(x.reshape(-1, d), branch.reshape(-1, d), rows).view(x.shape)
+        return residual_drop_path(x.reshape(-1, d), branch.reshape(-1, d), rows, impl=impl).view(x.shape)
 
 
 class Attention(nn.Module):
@@ -91,49 +77,48 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, as the authors' timm Mlp
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        # fc1 without its bias, then bias + exact (erf) GELU in one op (the authors' timm Mlp is the same
+        # function): one pass over the [rows, 4 D] activation instead of three
+        return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl=impl))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+    """Pre-norm block. ``impl`` (auto | triton | reference) picks the LayerNorm, bias + GELU and
+    drop-path + residual implementations: LayerNorm statistics in float32 with the output already in
+    the matmul's dtype, bias + GELU in one pass, each residual add with its drop-path scale in one pass."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 impl: str = "auto") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
+        self.impl = impl
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
                 packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None) -> torch.Tensor:
-        if use_triton(x):  # CUDA (BESTRQ2_KERNELS): fused LayerNorm, bias + GELU, drop-path + residual
-            return self._forward_fused(x, key_padding, backend, packed, sample_of)
-        x = self.drop_path.add(x, self.attn(self.norm1(x), key_padding, backend, packed), sample_of)
-        return self.drop_path.add(x, self.mlp(self.norm2(x)), sample_of)
+        impl = self.impl
+        h = self.attn(self._norm(self.norm1, x), key_padding, backend, packed)
+        x = self.drop_path.add(x, h, sample_of, impl)
+        return self.drop_path.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl)
 
-    def _forward_fused(self, x, key_padding, backend, packed, sample_of) -> torch.Tensor:
-        """The same block with its eager elementwise passes fused: LayerNorm with float32 statistics
-        whose output is already in the matmul's dtype (no cast pass), fc1 without bias then bias +
-        GELU in one pass, and each residual add with its drop-path scale in one pass."""
-        n1, n2, mlp = self.norm1, self.norm2, self.mlp
-        h = self.attn(layer_norm(x, n1.weight, n1.bias, n1.eps), key_padding, backend, packed)
-        x = self.drop_path.add_fused(x, h, sample_of)
-        h = layer_norm(x, n2.weight, n2.bias, n2.eps)
-        h = mlp.fc2(bias_gelu(F.linear(h, mlp.fc1.weight), mlp.fc1.bias))
-        return self.drop_path.add_fused(x, h, sample_of)
+    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, impl=self.impl)
 
 
 class Transformer(nn.Module):
     """``depth`` blocks and a final LayerNorm; drop path rises linearly from 0 to ``drop_path``."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 attention: str = "auto") -> None:
+                 attention: str = "auto", block: str = "auto") -> None:
         super().__init__()
         rates = torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r, block) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-5)
         self.heads = heads
         self.attention = attention  # requested backend; see bestrq2.attention

@@ -1,58 +1,42 @@
-"""Which implementation runs: ``BESTRQ2_KERNELS=triton|reference|auto`` (default auto).
+"""Which implementation runs, and the checks and launch helpers every op file shares.
 
-auto: the Triton path on CUDA tensors, the plain-PyTorch reference elsewhere. ``triton`` forces the
-Triton path on any device (on CPU it needs ``TRITON_INTERPRET=1`` set before the kernels are defined,
-as the tests do). The variable is read at each call, so tests can switch it with monkeypatch.
+Each op takes ``impl``: "auto" (the Triton path on CUDA tensors, the plain-PyTorch reference
+elsewhere), "triton" (on any device; on CPU it needs ``TRITON_INTERPRET=1`` set before the kernels are
+defined, as the tests do) or "reference". A model passes the implementation its config names
+(``BestRQ2Config.kernels``, resolved once when the model is built); a direct call without ``impl``
+takes ``BESTRQ2_KERNELS`` (default auto), read at that call.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
-CHOICES = ("auto", "triton", "reference")
+from ..config import KERNEL_CHOICES as CHOICES
+from ..env import read
 
 
-def backend() -> str:
-    v = os.environ.get("BESTRQ2_KERNELS", "auto").strip().lower() or "auto"
+def backend(impl: str | None = None) -> str:
+    """``impl``, or ``BESTRQ2_KERNELS`` when it is None; checked against auto | triton | reference."""
+    v = impl if impl is not None else (read("BESTRQ2_KERNELS").lower() or "auto")
     if v not in CHOICES:
-        raise ValueError(f"BESTRQ2_KERNELS must be one of {CHOICES}, got {v!r}")
+        raise ValueError(f"the implementation must be one of {CHOICES} (impl or BESTRQ2_KERNELS), got {v!r}")
     return v
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run the enclosed code with ``BESTRQ2_KERNELS=name`` (then restore it): e.g. "reference" to trace
-    plain PyTorch ops (ONNX export) or to benchmark the reference path."""
-    if name not in CHOICES:
-        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
-    old = os.environ.get("BESTRQ2_KERNELS")
-    os.environ["BESTRQ2_KERNELS"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("BESTRQ2_KERNELS", None)
-        else:
-            os.environ["BESTRQ2_KERNELS"] = old
-
-
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return read("TRITON_INTERPRET") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path should run for these inputs. float64 inputs always take the
-    reference (the tests' exact-arithmetic runs that bound float32 error)."""
-    b = backend()
+def use_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
+    """True when the Triton path should run for these inputs under ``impl`` (see ``backend``).
+    float64 inputs always take the reference (the tests' exact-arithmetic runs that bound float32 error)."""
+    b = backend(impl)
     if b == "reference" or any(t.dtype == torch.float64 for t in tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if b == "auto":
         return on_cuda
     if not on_cuda and not interpreting():
-        raise ValueError("BESTRQ2_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
+        raise ValueError("the Triton implementation on CPU tensors needs TRITON_INTERPRET=1 "
                          "(set before bestrq2 is imported)")
     return True
 
@@ -66,7 +50,7 @@ def checking(t: torch.Tensor | None = None) -> bool:
     kernels themselves). ``BESTRQ2_CHECK=0`` turns them off everywhere."""
     if torch.compiler.is_compiling():
         return False
-    v = os.environ.get("BESTRQ2_CHECK", "auto").strip().lower()
+    v = read("BESTRQ2_CHECK", "auto").lower()
     if v in ("0", "off", "false"):
         return False
     if v in ("1", "on", "true"):
@@ -106,7 +90,7 @@ def gpu_splits(programs: int, most: int, device: torch.device, env: str) -> int:
     """How many ways to split a kernel's serial loop (a batch sum, a codebook scan) so that its
     ``programs`` tiles become about 2 programs per SM; in [1, most]. 1 off the GPU and under the
     interpreter. The variable ``env`` forces the number (tests, tuning)."""
-    forced = os.environ.get(env, "").strip()
+    forced = read(env)
     if forced:
         want = int(forced)
     elif device.type == "cuda" and not interpreting():
@@ -114,3 +98,31 @@ def gpu_splits(programs: int, most: int, device: torch.device, env: str) -> int:
     else:
         want = 1
     return max(1, min(want, most))
+
+
+# ------------------------------------------------------------------ the token gather / scatter kernels
+def token_blocks(rows: int, d: int) -> tuple[int, int]:
+    """(rows, columns) per program of the token gather/scatter kernels: whole shapes under the interpreter."""
+    if interpreting():
+        return block_for(rows, 512), block_for(d, 1024)
+    return 32, min(128, block_for(d, 128))
+
+
+def batch_sum_grid(n: int, d: int, b: int, device: torch.device):
+    """Blocks and grid of a backward kernel that sums over the batch: (BLOCK_N, BLOCK_D, N x D tiles,
+    clips per program, batch slices). Slicing the batch lets a small tile count still fill the GPU
+    (``gpu_splits``; ``BESTRQ2_BATCH_CHUNKS=n`` forces n); the slices' partial sums are added after."""
+    import triton
+
+    bn, bd = token_blocks(n, d)
+    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
+    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, device, "BESTRQ2_BATCH_CHUNKS"))
+    return bn, bd, tiles, b_per, triton.cdiv(b, b_per)
+
+
+def inverse_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """idx int [B, M] (unique per row) -> int32 [B, N]: inv[b, idx[b, i]] = i, else -1."""
+    b, m = idx.shape
+    inv = torch.full((b, n), -1, dtype=torch.int32, device=idx.device)
+    src = torch.arange(m, dtype=torch.int32, device=idx.device).expand(b, m)
+    return inv.scatter(1, idx.long(), src)

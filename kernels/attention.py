@@ -14,13 +14,12 @@ kernel).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..env import read
 from ._dispatch import interpreting
 from ._rounding import round_to_bf16_rtne
 
@@ -228,7 +227,7 @@ def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
     if interpreting():  # one block per sequence: each interpreted loop step costs milliseconds
         blk = max(16, triton.next_power_of_2(max_seqlen))
         return blk, blk, d_pad, {}
-    env = os.environ.get("BESTRQ2_ATTN_CFG", "").strip()
+    env = read("BESTRQ2_ATTN_CFG")
     if env:
         bm, bn, warps, stages = (int(x) for x in env.split(","))
         return bm, bn, d_pad, {"num_warps": warps, "num_stages": stages}
@@ -298,19 +297,20 @@ def _attn_bwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
-        o, lse = _attn_fwd(q, k, v, cu_seqlens, max_seqlen)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.max_seqlen = max_seqlen
-        return o
+def _setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu = ctx.saved_tensors
-        dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, cu, ctx.max_seqlen)
-        return dq, dk, dv, None, None
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, cu, ctx.max_seqlen)
+    return dq, dk, dv, None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -323,4 +323,4 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last dim")
-    return _TritonAttention.apply(q, k, v, cu_seqlens.to(torch.int32).contiguous(), int(max_seqlen))
+    return _attn_fwd(q, k, v, cu_seqlens.to(torch.int32).contiguous(), int(max_seqlen))[0]

@@ -111,13 +111,13 @@ def _backward(ctx, dy):
 _bias_gelu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu(x + bias) [..., H] in x's dtype; Triton on CUDA, the reference on CPU (``BESTRQ2_KERNELS``)."""
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """gelu(x + bias) [..., H] in x's dtype; ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
     check_tensor("bias", bias, dims=(1,), floating=True)
     need(bias.shape == (x.shape[-1],), f"bias must be [H] = [{x.shape[-1]}], got {list(bias.shape)}")
     need(x.numel() >= 1, f"x must be non-empty, got shape {list(x.shape)}")
     same_device(x=x, bias=bias)
-    if not use_triton(x, bias):
+    if not use_triton(x, bias, impl=impl):
         return bias_gelu_ref(x, bias)
     return _bias_gelu_fwd(x.contiguous(), bias.contiguous())

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
+from ._dispatch import batch_sum_grid, check_tensor, checking, inverse_index, need, same_device, token_blocks, use_triton
 
 
 def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,41 +63,22 @@ def _gather_tokens_bwd_kernel(gout_ptr, inv_ptr, gx_ptr, gpos_ptr, B, M, N, D, B
         tl.store(gpos_ptr + (chunk * N + n.to(tl.int64))[:, None] * D + d[None, :], acc, mask=mask)
 
 
-def _blocks(rows: int, d: int) -> tuple[int, int]:
-    if interpreting():
-        return block_for(rows, 512), block_for(d, 1024)
-    return 32, min(128, block_for(d, 128))
-
-
-def _batch_sum_grid(n: int, d: int, b: int, device: torch.device):
-    """Blocks and grid of a backward kernel that sums over the batch: (BLOCK_N, BLOCK_D, N x D tiles,
-    clips per program, batch slices). Slicing the batch lets a small tile count still fill the GPU
-    (``gpu_splits``; ``BESTRQ2_BATCH_CHUNKS=n`` forces n); the slices' partial sums are added after."""
-    bn, bd = _blocks(n, d)
-    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, device, "BESTRQ2_BATCH_CHUNKS"))
-    return bn, bd, tiles, b_per, triton.cdiv(b, b_per)
-
-
-def inverse_index(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """idx int [B, M] (unique per row) -> int32 [B, N]: inv[b, idx[b, i]] = i, else -1."""
-    b, m = idx.shape
-    inv = torch.full((b, n), -1, dtype=torch.int32, device=idx.device)
-    src = torch.arange(m, dtype=torch.int32, device=idx.device).expand(b, m)
-    return inv.scatter(1, idx.long(), src)
-
-
 @triton_op("bestrq2::gather_tokens_fwd", mutates_args={})
 def _gather_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     b, n, d = x.shape
     m = idx.shape[1]
     dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
     out = torch.empty(b, m, d, dtype=dtype, device=x.device)
-    br, bd = _blocks(b * m, d)
+    br, bd = token_blocks(b * m, d)
     wrap_triton(_gather_tokens_fwd_kernel)[(triton.cdiv(b * m, br), triton.cdiv(d, bd))](
         x, idx, pos if pos is not None else x, out, b * m, m, n, d,
         HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd)
     return out
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The forward kernel alone, no checks, no position: scatter_tokens' backward takes grad_ctx with it."""
+    return _gather_fwd(x, idx, None)
 
 
 @triton_op("bestrq2::gather_tokens_bwd", mutates_args={})
@@ -106,7 +87,7 @@ def _gather_bwd(grad: torch.Tensor, inv: torch.Tensor, x_dtype: torch.dtype, pos
     b, m, d = grad.shape
     n = inv.shape[1]
     gx = torch.empty(b, n, d, dtype=x_dtype, device=grad.device)
-    bn, bd, tiles, b_per, chunks = _batch_sum_grid(n, d, b, grad.device)
+    bn, bd, tiles, b_per, chunks = batch_sum_grid(n, d, b, grad.device)
     partial = torch.empty(chunks if pos_dtype is not None else 0, n, d, dtype=torch.float32, device=grad.device)
     wrap_triton(_gather_tokens_bwd_kernel)[(*tiles, chunks)](
         grad, inv, gx, partial, b, m, n, d, b_per, HAS_POS=pos_dtype is not None, BLOCK_N=bn, BLOCK_D=bd)
@@ -156,8 +137,9 @@ def check_unique_rows(name: str, idx: torch.Tensor, n: int) -> None:
     need(not bool((s[:, 1:] == s[:, :-1]).any()), f"{name} repeats a token within a row; indices must be unique")
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, M, D] = x[b, idx[b]] + pos[idx[b]]; Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None,
+                  impl: str | None = None) -> torch.Tensor:
+    """[B, M, D] = x[b, idx[b]] + pos[idx[b]]; ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=(3,), floating=True)
     check_tensor("idx", idx, dims=(2,), integer=True)
     need(idx.shape[0] == x.shape[0], f"idx must be [B, M] with B = {x.shape[0]}, got {list(idx.shape)}")
@@ -166,6 +148,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
         need(pos.shape == (x.shape[1], x.shape[2]), f"pos must be [N, D] = {[x.shape[1], x.shape[2]]}, got {list(pos.shape)}")
     same_device(x=x, idx=idx, pos=pos)
     check_unique_rows("idx", idx, x.shape[1])
-    if not use_triton(x):
+    if not use_triton(x, impl=impl):
         return gather_tokens_ref(x, idx, pos)
     return _gather_fwd(x.contiguous(), idx.contiguous(), None if pos is None else pos.contiguous())

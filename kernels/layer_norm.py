@@ -154,9 +154,9 @@ _layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, impl: str | None = None) -> torch.Tensor:
     """y [..., D] in ``out_dtype`` (default: the autocast dtype, else x's); see the module docstring.
-    Triton on CUDA, the reference on CPU (``BESTRQ2_KERNELS``)."""
+    ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
     check_tensor("weight", weight, dims=(1,), floating=True)
     check_tensor("bias", bias, dims=(1,), floating=True)
@@ -167,7 +167,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     need(eps > 0, f"eps must be positive, got {eps}")
     same_device(x=x, weight=weight, bias=bias)
     out_dtype = out_dtype or compute_dtype(x)
-    if not use_triton(x, weight, bias):
+    if not use_triton(x, weight, bias, impl=impl):
         return layer_norm_ref(x, weight, bias, eps, out_dtype)
     need(d <= 16384, f"the Triton layer norm holds a row in registers: D <= 16384, got {d}")
     return _layer_norm_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps), out_dtype)[0]

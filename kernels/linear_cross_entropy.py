@@ -257,10 +257,9 @@ _lce_fused.register_autograd(_lce_backward, setup_context=_lce_setup)
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                          ignore_index: int = IGNORE, chunk: int | None = None, impl: str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, accuracy [C]); fused on CUDA, the unfused reference on CPU (``BESTRQ2_KERNELS``).
-
-    ``impl`` overrides the dispatch: "reference" (unfused), "triton" (chunked, Triton row kernel) or
-    "torch" (the same chunked algorithm with the row step in PyTorch ops; low memory on CPU)."""
+    """(loss, accuracy [C]). ``impl``: "auto" (fused on CUDA, the unfused reference elsewhere; also
+    None, which reads ``BESTRQ2_KERNELS``), "reference" (unfused), "triton" (chunked, Triton row kernel)
+    or "torch" (the same chunked algorithm with the row step in PyTorch ops; low memory on CPU)."""
     check_tensor("h", h, dims=(2,), floating=True)
     check_tensor("weight", weight, dims=(3,), floating=True)
     check_tensor("targets", targets, dims=(2,), integer=True)
@@ -279,9 +278,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         bad = (t != ignore_index) & ((t < 0) | (t >= k))
         need(not bool(bad.any()), f"targets must lie in [0, {k}) or equal ignore_index={ignore_index}; "
                                   f"got {t[bad][:5].tolist()}")
-    need(impl in (None, "reference", "triton", "torch"), f"impl must be reference, triton or torch, got {impl!r}")
-    if impl is None:
-        impl = "triton" if use_triton(h) else "reference"
+    need(impl in (None, "auto", "reference", "triton", "torch"), f"impl must be auto, reference, triton or torch, got {impl!r}")
+    if impl != "torch":
+        impl = "triton" if use_triton(h, impl=impl) else "reference"
     if impl == "reference":
         return linear_cross_entropy_ref(h, weight, bias, targets, ignore_index)
     need(chunk is None or chunk >= 1, f"chunk must be >= 1, got {chunk}")

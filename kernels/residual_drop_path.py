@@ -86,14 +86,15 @@ def _backward(ctx, dy):
 _residual_drop_path_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def residual_drop_path(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """x + branch * row_scale[:, None], [R, D]; Triton on CUDA, the reference on CPU (``BESTRQ2_KERNELS``)."""
+def residual_drop_path(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor,
+                       impl: str | None = None) -> torch.Tensor:
+    """x + branch * row_scale[:, None], [R, D]; ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=(2,), floating=True)
     check_tensor("branch", branch, dims=(2,), floating=True)
     check_tensor("row_scale", row_scale, dims=(1,), floating=True)
     need(branch.shape == x.shape, f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
     need(row_scale.shape == (x.shape[0],), f"row_scale must be [R] = [{x.shape[0]}], got {list(row_scale.shape)}")
     same_device(x=x, branch=branch, row_scale=row_scale)
-    if not use_triton(x, branch):
+    if not use_triton(x, branch, impl=impl):
         return residual_drop_path_ref(x, branch, row_scale)
     return _residual_drop_path_fwd(x.contiguous(), branch.contiguous(), row_scale.float().contiguous())

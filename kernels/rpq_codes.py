@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..config import PATCH
+from ..frontend import patchify, truncate_to_patches
 from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
-
-PATCH = 16
 
 
 # --------------------------------------------------------------------------------------- reference
@@ -68,11 +68,8 @@ def normalize_patches(patches: torch.Tensor, norm: str = "none") -> torch.Tensor
 
 
 def spec_patches(spec: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-mel [B, F, T] -> patches [B, N or m, 256] in the official order (an unfold copy)."""
-    b, fbins, t = spec.shape
-    w = t // PATCH
-    x = spec[..., : w * PATCH].reshape(b, fbins // PATCH, PATCH, w, PATCH).permute(0, 1, 3, 2, 4)
-    x = x.reshape(b, (fbins // PATCH) * w, PATCH * PATCH)
+    """Log-mel [B, F, T] -> patches [B, N or m, 256] in the official order (``frontend.patchify``)."""
+    x = patchify(truncate_to_patches(spec))
     if index is not None:
         x = torch.gather(x, 1, index.long()[..., None].expand(-1, -1, x.shape[-1]))
     return x
@@ -295,14 +292,14 @@ def _validate(x, projection, codebooks, index, norm="none", bin_mean=None, bin_s
 
 def rpq_codes(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
               index: torch.Tensor | None = None, norm: str = "none", bin_mean: torch.Tensor | None = None,
-              bin_std: torch.Tensor | None = None) -> torch.Tensor:
+              bin_std: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
     """int64 codes [M, C]; see the module docstring. ``norm``: the quantizer's input normalisation,
     "none" (the paper), "patch" (each patch standardised) or "bin" (the log-mel standardised per mel bin
-    with ``bin_mean`` / ``bin_std`` [F]). Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
+    with ``bin_mean`` / ``bin_std`` [F]). ``impl`` auto | triton | reference (kernels._dispatch)."""
     _validate(x, projection, codebooks, index, norm, bin_mean, bin_std)
     if index is not None and index.shape[1] == 0:
         return torch.empty(0, codebooks.shape[0], dtype=torch.int64, device=x.device)
-    if not use_triton(x, projection, codebooks):
+    if not use_triton(x, projection, codebooks, impl=impl):
         return rpq_codes_ref(x, projection, codebooks, index, norm, bin_mean, bin_std)
     if index is not None:
         index = index.contiguous()

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._dispatch import check_tensor, checking, need, same_device, use_triton
-from .gather_tokens import _batch_sum_grid, _blocks, _gather_fwd, inverse_index
+from ._dispatch import batch_sum_grid, check_tensor, checking, inverse_index, need, same_device, token_blocks, use_triton
+from .gather_tokens import gather_rows
 
 
 def scatter_tokens_ref(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor,
@@ -74,7 +74,7 @@ def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_
     n = inv.shape[1]
     dtype = torch.promote_types(ctx.dtype, torch.promote_types(fill.dtype, fill_pos.dtype))
     out = torch.empty(b, n, d, dtype=dtype, device=ctx.device)
-    br, bd = _blocks(b * n, d)
+    br, bd = token_blocks(b * n, d)
     wrap_triton(_scatter_tokens_fwd_kernel)[(triton.cdiv(b * n, br), triton.cdiv(d, bd))](
         ctx, inv, fill, fill_pos, out, b * n, m, n, d, BLOCK_R=br, BLOCK_D=bd)
     return out
@@ -83,7 +83,7 @@ def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_
 @triton_op("bestrq2::scatter_tokens_bwd_pos", mutates_args={})
 def _scatter_bwd_pos(grad: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     b, n, d = grad.shape
-    bn, bd, tiles, b_per, chunks = _batch_sum_grid(n, d, b, grad.device)
+    bn, bd, tiles, b_per, chunks = batch_sum_grid(n, d, b, grad.device)
     partial = torch.empty(chunks, n, d, dtype=torch.float32, device=grad.device)
     wrap_triton(_scatter_tokens_bwd_pos_kernel)[(*tiles, chunks)](
         grad, inv, partial, b, n, d, b_per, BLOCK_N=bn, BLOCK_D=bd)
@@ -103,7 +103,7 @@ def _backward(ctx, grad):
     b, n, _ = grad.shape
     # ctx_idx from the inverse map: the slots holding context token i, in order
     ctx_idx = torch.sort(torch.where(inv >= 0, inv, ctx.m), dim=1).indices[:, : ctx.m].to(torch.int32)
-    g_ctx = _gather_fwd(grad, ctx_idx, None).to(ctx.ctx_dtype)
+    g_ctx = gather_rows(grad, ctx_idx).to(ctx.ctx_dtype)
     fill_grad, pos_grad = ctx.grads
     if not (fill_grad or pos_grad):  # a constant fill and table: only the context's grad
         return g_ctx, None, None, None
@@ -127,8 +127,8 @@ _scatter_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor, fill_idx: torch.Tensor,
-                   fill_pos: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] predictor input; Triton on CUDA, reference on CPU (BESTRQ2_KERNELS)."""
+                   fill_pos: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """[B, N, D] predictor input; ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("ctx", ctx, dims=(3,), floating=True)
     check_tensor("ctx_idx", ctx_idx, dims=(2,), integer=True)
     check_tensor("fill", fill, dims=(1,), floating=True)
@@ -148,7 +148,7 @@ def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor,
             need(lo >= 0 and hi < n, f"ctx_idx/fill_idx values must lie in [0, {n}), got [{lo}, {hi}]")
         need(bool((allidx.sort(dim=1).values == torch.arange(n, device=allidx.device)).all()),
              "each row of cat(ctx_idx, fill_idx) must be a permutation of 0..N-1")
-    if not use_triton(ctx):
+    if not use_triton(ctx, impl=impl):
         return scatter_tokens_ref(ctx, ctx_idx, fill, fill_idx, fill_pos)
     inv = inverse_index(ctx_idx, n)
     return _scatter_fwd(ctx.contiguous(), inv, fill.contiguous(), fill_pos.contiguous())

@@ -99,14 +99,15 @@ def test_dispatch_rules(monkeypatch):
         A.resolve("xformers", x, 64, 8)
     with pytest.raises(ValueError, match="256 tokens"):
         A.resolve("triton", x, 64, 300)
-    monkeypatch.setenv("BESTRQ2_ATTENTION", "math")
-    assert A.resolve("sdpa", x, 64, 8) == "math"  # the variable wins over the config field
-    with pytest.raises(ValueError, match="attention must be one of"):
-        BestRQ2Config(attention="fast")
-    monkeypatch.setenv("BESTRQ2_ATTENTION", "triton")
+    monkeypatch.setenv("BESTRQ2_ATTENTION", "math")  # the variable wins over the config, folded in at build
+    cfg = BestRQ2Config(kernels={"attention": "sdpa"})
+    assert cfg.resolved().kernels["attention"] == "math"
+    assert BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1)).config.kernels["attention"] == "math"
+    with pytest.raises(ValueError, match=r"kernels\['attention'\] must be one of"):
+        BestRQ2Config(kernels={"attention": "fast"})
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        A.resolve("auto", x, 64, 8)
+        A.resolve("triton", x, 64, 8)
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
@@ -127,7 +128,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_encoder_padded_batch_equals_single_per_backend(backend):
     torch.manual_seed(0)
-    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2, attention=backend)).eval()
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2, kernels={"attention": backend})).eval()
     lengths = torch.tensor([160_000, 37_000, 9_375])
     wave = torch.randn(3, 160_000) * 0.1
     frames = enc(wave, lengths)
@@ -142,7 +143,7 @@ def test_encoder_padded_batch_equals_single_per_backend(backend):
 def test_ragged_per_sample_masks_equal_single_runs(backend, one_stage):
     torch.manual_seed(1)
     cfg = BestRQ2Config.preset("tiny", encoder_depth=2, predictor_depth=1, mask_mode="per_sample",
-                               mask_equal_counts=False, attention=backend, one_stage=one_stage,
+                               mask_equal_counts=False, kernels={"attention": backend}, one_stage=one_stage,
                                codebook_size=512)
     model = BestRQ2(cfg).eval()
     wave = torch.randn(4, 40_000) * 0.1
@@ -161,4 +162,4 @@ def test_ragged_per_sample_masks_equal_single_runs(backend, one_stage):
         weighted += m * alone.loss.item()
     assert abs(out.loss.item() - weighted / total) < 1e-4
     out.loss.backward()  # the ragged path trains
-    assert model.patch_embed.weight.grad.abs().sum() > 0
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0

@@ -129,14 +129,13 @@ def test_residual_drop_path(triton_path, r, d, branch_dtype):
 
 # ------------------------------------------------------------------------------- in the block
 @pytest.mark.parametrize("padded", [False, True])
-def test_transformer_blocks_same_on_both_paths(monkeypatch, padded):
-    """The Transformer (train mode, drop-path on) gives the same output and grads with the fused block
-    ops (BESTRQ2_KERNELS=triton) as with nn.LayerNorm / nn.GELU / addcmul; padded rows run packed
-    (per-clip drop-path over sample_of)."""
+def test_transformer_blocks_same_on_both_paths(padded):
+    """The Transformer (train mode, drop-path on) gives the same output and grads with the Triton block
+    ops (block="triton") as with their references (F.layer_norm, F.gelu, addcmul); padded rows run
+    packed (per-clip drop-path over sample_of)."""
     from bestrq2.transformer import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(48, 2, 3, drop_path=0.5, attention="sdpa").train()
     x = torch.randn(4, 10, 48)
     pad = torch.zeros(4, 10, dtype=torch.bool)
     if padded:
@@ -144,8 +143,8 @@ def test_transformer_blocks_same_on_both_paths(monkeypatch, padded):
         pad[3, 4:] = True
     res = {}
     for path in ("reference", "triton"):
-        monkeypatch.setenv("BESTRQ2_KERNELS", path)
-        model.zero_grad()
+        torch.manual_seed(0)  # the same weights
+        model = Transformer(48, 2, 3, drop_path=0.5, attention="sdpa", block=path).train()
         torch.manual_seed(7)  # the same drop-path draws
         xi = x.clone().requires_grad_()
         y = model(xi, pad if padded else None)

@@ -134,11 +134,12 @@ def test_chunk_rule():
 
 @pytest.mark.parametrize("codebooks", [1, 2])
 def test_training_step_same_with_fused_head_on_and_off(monkeypatch, codebooks):
-    monkeypatch.setenv("BESTRQ2_KERNELS", "triton")
+    monkeypatch.delenv("BESTRQ2_KERNELS", raising=False)
     results = []
-    for fused in (False, True):
+    for head in ("reference", "triton"):
         torch.manual_seed(7)
-        cfg = BestRQ2Config.preset("tiny", encoder_depth=2, predictor_depth=1, fused_head=fused,
+        ops = {op: "triton" for op in ("rpq", "gather", "scatter", "block")} | {"head": head}
+        cfg = BestRQ2Config.preset("tiny", encoder_depth=2, predictor_depth=1, kernels=ops,
                                    num_codebooks=codebooks, codebook_size=2048)
         model = BestRQ2(cfg)
         wave = torch.randn(2, 50_000) * 0.1

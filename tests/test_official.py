@@ -102,8 +102,8 @@ def test_codes(fixtures, models, twins, clip):
 def test_patch_embedding(fixtures, models, twins, clip):
     raw = fixtures["rq2"][f"{clip}.raw_patches"]
     ref = fixtures["rq2"][f"{clip}.patch_embed"]
-    assert_within_float32_error("patch_embed", models["enc"].patch_embed(raw),
-                                twins["enc"].patch_embed(raw.double()), ref)
+    assert_within_float32_error("patch_embed", models["enc"].encoder.patch_embed(raw),
+                                twins["enc"].encoder.patch_embed(raw.double()), ref)
 
 
 @pytest.mark.parametrize("clip", ["batch", "short"])
@@ -189,8 +189,7 @@ def test_pos_layouts(fixtures, models):
         table = sincos_table(8, 16, 128)
         raw = patchify(truncate_to_patches(enc_grid.frontend(short)))  # ours: same rounding as tokens()
         rows = torch.tensor([f * 16 + t for f in range(8) for t in range(5)])
-        x = enc_grid.patch_embed(raw) + table[rows]
-        torch.testing.assert_close(enc_grid.encoder(x), enc_grid.tokens(short), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(enc_grid.encoder(raw, table[rows]), enc_grid.tokens(short), rtol=1e-5, atol=1e-5)
 
 
 def test_official_layout_refuses_more_than_128_tokens(fixtures, models):
@@ -215,7 +214,7 @@ def test_pickled_ckpt_is_not_unpickled(tmp_path, fixtures):
         BestRQ2Encoder.from_official(evil, encoder_heads=4)
     with pytest.warns(UserWarning, match="allow_pickle"):
         enc2 = BestRQ2Encoder.from_official(evil, encoder_heads=4, allow_pickle=True)
-    torch.testing.assert_close(enc2.patch_embed.weight, enc.patch_embed.weight)
+    torch.testing.assert_close(enc2.encoder.patch_embed.weight, enc.encoder.patch_embed.weight)
 
 
 def test_wrong_heads_or_sizes_fail_clearly(tmp_path, fixtures):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bestrq2 import BestRQ2, BestRQ2Config
-from bestrq2.train import TrainConfig, code_health, latest_checkpoint, pretrain
+from bestrq2.checkpoints import latest_checkpoint
+from bestrq2.train import TrainConfig, code_health, pretrain
 
 
 def test_code_health_on_known_streams():

@@ -17,7 +17,8 @@ import torch
 from bestrq2 import BestRQ2, BestRQ2Config, BestRQ2Encoder
 from bestrq2.cli import main
 from bestrq2.data.shards import ShardedCorpus, prepare
-from bestrq2.train import TrainConfig, export_encoder, latest_checkpoint, list_checkpoints, pretrain
+from bestrq2.checkpoints import export_encoder, latest_checkpoint, list_checkpoints
+from bestrq2.train import TrainConfig, pretrain
 
 ROOT = Path(__file__).parent.parent
 

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..config import SAMPLE_RATE
 from .folder import EXTENSIONS
 
 # The default set (game and education packages with sound effects, music and spoken words)
@@ -75,7 +76,7 @@ def prepare_debian(packages: list[str], out: str | Path, cache: str | Path | Non
     for e in index:
         pkg = Path(e["source"]).parts[0]
         per[pkg]["clips"] += 1
-        per[pkg]["hours"] += e["length"] / 16000 / 3600
+        per[pkg]["hours"] += e["length"] / SAMPLE_RATE / 3600
     (out / "packages.json").write_text(json.dumps({"packages": per, "failed": failed}, indent=1))
     res.update(packages=per, failed=failed)
     return res

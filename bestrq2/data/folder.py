@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SR = 16_000
+from ..config import SAMPLE_RATE
+
+
 EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3"}
 log = logging.getLogger(__name__)
 
 
-def load_audio(path: str | Path, target_sr: int = SR) -> np.ndarray:
+def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Read a file -> float32 mono [T] at ``target_sr``. Raises ValueError if it cannot be decoded."""
     import soundfile as sf
 
@@ -56,7 +58,7 @@ class AudioFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = int(self.seconds * SR)
+        n = int(self.seconds * SAMPLE_RATE)
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
             try:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import SAMPLE_RATE
 from .folder import EXTENSIONS, load_audio
 
-SR = 16_000
+
 
 
 def _decode(path: str) -> tuple[str, np.ndarray | None, str]:
@@ -70,9 +71,9 @@ def prepare(src: str | Path, out: str | Path, workers: int | None = None, shard_
         raise ValueError(f"prepare: none of the {len(files)} files under {src} could be read")
     (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
     tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps({"sample_rate": SR, "dtype": "int16", "clips": index}))
+    tmp.write_text(json.dumps({"sample_rate": SAMPLE_RATE, "dtype": "int16", "clips": index}))
     os.replace(tmp, out / "index.json")  # the index appears only once every shard is complete
-    hours = sum(e["length"] for e in index) / SR / 3600
+    hours = sum(e["length"] for e in index) / SAMPLE_RATE / 3600
     return {"clips": len(index), "hours": hours, "skipped": skipped}
 
 
@@ -89,7 +90,7 @@ class ShardedCorpus(torch.utils.data.Dataset):
         if not is_prepared(self.root):
             raise ValueError(f"--data {root}: no index.json (run `bestrq2 prepare SRC {root}` first)")
         meta = json.loads((self.root / "index.json").read_text())
-        if meta.get("sample_rate") != SR or meta.get("dtype") != "int16":
+        if meta.get("sample_rate") != SAMPLE_RATE or meta.get("dtype") != "int16":
             raise ValueError(f"{root}/index.json: expected 16 kHz int16 shards, got {meta.get('sample_rate')} "
                              f"{meta.get('dtype')}")
         self.clips = meta["clips"]
@@ -106,7 +107,7 @@ class ShardedCorpus(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         e = self.clips[index % len(self.clips)]
-        n = int(self.seconds * SR)
+        n = int(self.seconds * SAMPLE_RATE)
         rng = np.random.default_rng([self.seed, index])
         start = int(rng.integers(0, e["length"] - n + 1)) if e["length"] > n else 0
         take = min(n, e["length"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SR = 16_000
+from ..config import SAMPLE_RATE
+
+
 
 
 def _envelope(n: int, attack: int, release: int) -> np.ndarray:
@@ -38,7 +40,7 @@ def _harmonic(phase: np.ndarray, amps: np.ndarray) -> np.ndarray:
 
 def _band_noise(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
     spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, 1 / SR)
+    f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
     spec[(f < lo) | (f > hi)] = 0
     x = np.fft.irfft(spec, n)
     return (x / (np.abs(x).max() + 1e-9)).astype(np.float32)
@@ -49,27 +51,27 @@ def _speech(rng: np.random.Generator, n: int) -> np.ndarray:
     base_f0 = rng.uniform(90, 240)
     t = 0
     while t < n:
-        syl = int(rng.uniform(0.12, 0.32) * SR)
+        syl = int(rng.uniform(0.12, 0.32) * SAMPLE_RATE)
         seg = min(syl, n - t)
         if seg < 200:
             break
-        tt = np.arange(seg) / SR
+        tt = np.arange(seg) / SAMPLE_RATE
         f0 = base_f0 * (1 + rng.uniform(-0.15, 0.15) + rng.uniform(-0.3, 0.3) * tt)  # intonation
-        phase = 2 * np.pi * np.cumsum(f0) / SR
+        phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
         formants = rng.uniform([300, 900, 2200], [900, 2300, 3300])
         h = np.arange(1, int(4000 / f0.mean()) + 1)
         hf = h * f0.mean()
         amp = sum(np.exp(-0.5 * ((hf - fm) / (60 + 0.08 * fm)) ** 2) for fm in formants) / h ** 0.7
         voiced = _harmonic(phase, amp)
-        voiced = voiced / (np.abs(voiced).max() + 1e-9) * _envelope(seg, int(0.02 * SR), int(0.05 * SR))
+        voiced = voiced / (np.abs(voiced).max() + 1e-9) * _envelope(seg, int(0.02 * SAMPLE_RATE), int(0.05 * SAMPLE_RATE))
         out[t: t + seg] += voiced.astype(np.float32)
         t += seg
         if rng.random() < 0.3 and t < n:  # fricative
-            fr = min(int(rng.uniform(0.04, 0.12) * SR), n - t)
+            fr = min(int(rng.uniform(0.04, 0.12) * SAMPLE_RATE), n - t)
             if fr > 100:
                 out[t: t + fr] += 0.4 * _band_noise(rng, fr, rng.uniform(2500, 4000), 7800) * _envelope(fr, 80, 200)
                 t += fr
-        t += int(rng.uniform(0.0, 0.15) * SR)  # pause
+        t += int(rng.uniform(0.0, 0.15) * SAMPLE_RATE)  # pause
     return out
 
 
@@ -77,21 +79,21 @@ def _tonal(rng: np.random.Generator, n: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.float32)
     t = 0
     while t < n:
-        dur = min(int(rng.uniform(0.15, 1.2) * SR), n - t)
+        dur = min(int(rng.uniform(0.15, 1.2) * SAMPLE_RATE), n - t)
         if dur < 200:
             break
-        tt = np.arange(dur) / SR
+        tt = np.arange(dur) / SAMPLE_RATE
         notes = 440 * 2 ** ((rng.integers(-24, 20, size=rng.integers(1, 4)) / 12))
         decay = rng.uniform(0.5, 6)
         tone = np.zeros(dur)
         for f in notes:
             vib = 1 + 0.004 * np.sin(2 * np.pi * rng.uniform(4, 7) * tt) * (rng.random() < 0.5)
-            phase = 2 * np.pi * np.cumsum(f * vib) / SR
+            phase = 2 * np.pi * np.cumsum(f * vib) / SAMPLE_RATE
             nh = max(1, min(12, int(7000 / f)))
             tone += _harmonic(phase, 1.0 / np.arange(1, nh + 1) ** rng.uniform(0.5, 2.0))
         tone *= np.exp(-decay * tt)
         out[t: t + dur] += (tone / (np.abs(tone).max() + 1e-9) * _envelope(dur, 40, 400)).astype(np.float32)
-        t += dur + int(rng.uniform(0, 0.3) * SR)
+        t += dur + int(rng.uniform(0, 0.3) * SAMPLE_RATE)
     return out
 
 
@@ -99,7 +101,7 @@ def _noise_events(rng: np.random.Generator, n: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.float32)
     for _ in range(rng.integers(2, 9)):
         kind = rng.integers(3)
-        dur = int(rng.uniform(0.02, 1.0) * SR)
+        dur = int(rng.uniform(0.02, 1.0) * SAMPLE_RATE)
         start = int(rng.integers(0, max(1, n - dur)))
         dur = min(dur, n - start)
         if dur < 64:
@@ -109,10 +111,10 @@ def _noise_events(rng: np.random.Generator, n: int) -> np.ndarray:
             ev = _band_noise(rng, dur, lo, min(7900, lo * rng.uniform(1.3, 4)))
         elif kind == 1:  # click train
             ev = np.zeros(dur, dtype=np.float32)
-            ev[:: int(rng.uniform(0.005, 0.1) * SR)] = 1.0
+            ev[:: int(rng.uniform(0.005, 0.1) * SAMPLE_RATE)] = 1.0
         else:  # sweep
             f = np.geomspace(rng.uniform(100, 2000), rng.uniform(200, 7500), dur)
-            ev = np.sin(2 * np.pi * np.cumsum(f) / SR).astype(np.float32)
+            ev = np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE).astype(np.float32)
         out[start: start + dur] += ev * _envelope(dur, 32, dur // 4) * rng.uniform(0.3, 1.0)
     return out
 
@@ -120,7 +122,7 @@ def _noise_events(rng: np.random.Generator, n: int) -> np.ndarray:
 def synth_clip(seed: int, index: int, seconds: float = 10.0) -> np.ndarray:
     """Clip ``index`` of corpus ``seed``: float32 [seconds * 16000] in [-1, 1]."""
     rng = np.random.default_rng([int(seed), int(index)])
-    n = int(seconds * SR)
+    n = int(seconds * SAMPLE_RATE)
     mix = np.zeros(n, dtype=np.float32)
     kinds = rng.choice(3, size=rng.integers(1, 4), replace=True)
     for k in kinds:

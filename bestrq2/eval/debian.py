@@ -24,6 +24,8 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+from ..config import SAMPLE_RATE
+from ..env import read
 from .tasks import group_split
 
 DEFAULT_CACHE = Path.home() / ".cache" / "bestrq2" / "eval"
@@ -200,7 +202,7 @@ def build_gm_instruments(cache: Path, seed: int = 0, limit: int | None = None) -
                     if (0, program) not in font.presets:
                         continue
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    sf.write(dest, font.render(program, key), 16000, subtype="PCM_16")
+                    sf.write(dest, font.render(program, key), SAMPLE_RATE, subtype="PCM_16")
                 rows.append({"path": str(dest.relative_to(out)), "label": family, "group": package, "split": split})
     return write_manifest(rows, out / "manifest.csv")
 
@@ -271,7 +273,7 @@ def _tts_env(cache: Path) -> tuple[dict, Path, Path, Path, Path]:
 
     roots = [fetch_package(p, cache) for p in TTS_PACKAGES]
     libdirs = sorted({str(f.parent) for r in roots for f in r.rglob("*.so*")})
-    env = dict(os.environ, LD_LIBRARY_PATH=":".join(libdirs + [os.environ.get("LD_LIBRARY_PATH", "")]))
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(libdirs + [read("LD_LIBRARY_PATH")]))
     espeak = cache / "root" / "espeak-ng" / "usr" / "bin" / "espeak-ng"
     flite = cache / "root" / "flite" / "usr" / "bin" / "flite"
     data = next((d for d in (cache / "root" / "espeak-ng-data").rglob("espeak-ng-data") if (d / "phontab").exists()),

@@ -1,0 +1,34 @@
+"""Every environment variable bestrq2 reads, and the one function that reads them.
+
+The variables are overrides for a run, not configuration: what they choose is resolved once (when a
+model is built, when a kernel is launched without an explicit ``impl``) and, for the per-op
+implementations, recorded in the saved config. The README's table "Environment variables" lists the
+same names (a test keeps the two in step, and another that nothing else in the package reads
+``os.environ``).
+"""
+from __future__ import annotations
+
+import os
+
+VARIABLES: dict[str, str] = {
+    "BESTRQ2_KERNELS": "auto | triton | reference: overrides the config's rpq, gather, scatter, head and block "
+                       "implementations (auto: Triton on CUDA tensors, the PyTorch reference elsewhere)",
+    "BESTRQ2_ATTENTION": "auto | flash_attn | fa4 | sdpa | math | triton: overrides the config's attention backend",
+    "BESTRQ2_CHECK": "auto | 1 | 0: data-dependent index checks (auto: on CPU tensors only, as they sync a GPU)",
+    "BESTRQ2_ATTN_CFG": "bm,bn,warps,stages: the Triton attention's tile and launch config (tuning sweeps)",
+    "BESTRQ2_BATCH_CHUNKS": "n: batch slices of the gather/scatter backward's batch sum (tuning, tests)",
+    "BESTRQ2_RPQ_SPLIT": "n: codebook splits of the RPQ kernel (tuning, tests)",
+    "BESTRQ2_COMMIT": "the commit the benchmarks record (when the tree on the GPU machine is not a git checkout)",
+    "TRITON_INTERPRET": "1: run the Triton kernels on the CPU through Triton's interpreter (set before import)",
+    "RANK": "set by torchrun: this process's rank",
+    "WORLD_SIZE": "set by torchrun: the number of processes",
+    "LOCAL_RANK": "set by torchrun: this process's GPU on its node",
+    "LD_LIBRARY_PATH": "extended, not replaced, for the text-to-speech tools that build the tts_digits eval task",
+}
+
+
+def read(name: str, default: str = "") -> str:
+    """The variable's value, stripped (``default`` when unset or blank). Only the names above."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not one of bestrq2's environment variables (bestrq2.env.VARIABLES)")
+    return os.environ.get(name, "").strip() or default

@@ -1,0 +1,154 @@
+"""The code's shape as a contract: weight names of earlier layouts still load (checkpoints, encoders,
+optimizer states), one per-op implementation switch that is resolved once and saved, and every
+environment variable read in one place and documented."""
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from bestrq2 import BestRQ2, BestRQ2Config, BestRQ2Encoder
+from bestrq2.config import OPS
+from bestrq2.env import VARIABLES
+from bestrq2.model import upgrade_key
+
+ROOT = Path(__file__).parent.parent
+LEGACY = {"encoder.patch_embed.": "patch_embed.", "predictor.input_proj.": "predictor_input_proj.",
+          "predictor.mask_token": "mask_token"}
+
+
+def tiny(**kw):
+    return BestRQ2Config.preset("tiny", **{"encoder_depth": 1, "predictor_depth": 1, "codebook_size": 256, **kw})
+
+
+def to_legacy(name: str) -> str:
+    for new, old in LEGACY.items():
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+@pytest.mark.parametrize("one_stage", [False, True])
+def test_earlier_weight_names_load(one_stage):
+    torch.manual_seed(0)
+    model = BestRQ2(tiny(one_stage=one_stage))
+    old = {to_legacy(k): v.clone() for k, v in model.state_dict().items()}
+    assert any(k.startswith("patch_embed.") for k in old) and "mask_token" in old
+    assert {upgrade_key(k, one_stage) for k in old} == set(model.state_dict())
+    torch.manual_seed(1)
+    fresh = BestRQ2(tiny(one_stage=one_stage))
+    fresh.load_state_dict(old)  # strict: every name found
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    enc = BestRQ2Encoder(model.config)
+    enc.load_state_dict({k: v for k, v in old.items() if k.startswith(("patch_embed.", "encoder."))})
+    wave = torch.randn(1, 20_000) * 0.1
+    torch.testing.assert_close(enc(wave), model.to_encoder()(wave))
+
+
+def test_resume_from_a_checkpoint_with_earlier_names(tmp_path):
+    """A checkpoint written before the ContextEncoder / Predictor modules (model and optimizer keyed by
+    the old names) resumes and continues exactly as the run would have."""
+    from bestrq2.checkpoints import latest_checkpoint
+    from bestrq2.train import TrainConfig, pretrain
+
+    kw = dict(preset="tiny", steps=4, batch_size=2, seconds=1.0, ckpt_every=100, num_workers=0, progress=False,
+              lr=1e-3)
+    full = pretrain(TrainConfig(out=str(tmp_path / "full"), **kw), tiny())["losses"]
+    pretrain(TrainConfig(out=str(tmp_path / "cut"), **kw), tiny(), stop_after=2)
+    path = latest_checkpoint(tmp_path / "cut")
+    state = torch.load(path, weights_only=True)
+    state["model"] = {to_legacy(k): v for k, v in state["model"].items()}
+    opt = state["optimizer"]
+    opt["state"] = {to_legacy(k): v for k, v in opt["state"].items()}
+    for g in opt["param_groups"]:
+        g["params"] = [to_legacy(k) for k in g["params"]]
+    assert "patch_embed.weight" in state["model"] and "patch_embed.weight" in opt["state"]
+    torch.save(state, path)
+    rest = pretrain(TrainConfig(out=str(tmp_path / "cut"), **kw), tiny(), resume=True)["losses"]
+    assert rest == full[2:]
+
+
+def test_one_switch_resolved_once_and_saved(monkeypatch, tmp_path):
+    monkeypatch.delenv("BESTRQ2_KERNELS", raising=False)
+    monkeypatch.delenv("BESTRQ2_ATTENTION", raising=False)
+    model = BestRQ2(tiny(kernels={"head": "torch", "attention": "math"}))
+    assert model.config.kernels == {op: "auto" for op in OPS} | {"head": "torch", "attention": "math"}
+    assert model.encoder.attention == "math" and model.predictor.blocks[0].impl == "auto"
+    monkeypatch.setenv("BESTRQ2_KERNELS", "reference")  # after the build: changes nothing built
+    assert model.quantizer.impl == "auto"
+    model = BestRQ2(tiny())  # at the build: every kernel op, recorded in the config it saves
+    assert {model.config.kernels[op] for op in OPS if op != "attention"} == {"reference"}
+    assert BestRQ2Config.from_dict(model.config.to_dict()) == model.config
+    monkeypatch.setenv("BESTRQ2_KERNELS", "fast")
+    with pytest.raises(ValueError, match="BESTRQ2_KERNELS must be one of"):
+        BestRQ2(tiny())
+    with pytest.raises(ValueError, match="unknown op 'rpqq'"):
+        tiny(kernels={"rpqq": "auto"})
+    with pytest.raises(ValueError, match=r"kernels\['head'\] must be one of"):
+        tiny(kernels={"head": "flash"})
+    # configs saved before the switch: attention and fused_head were fields of their own
+    old = {k: v for k, v in tiny().to_dict().items() if k != "kernels"} | {"attention": "sdpa", "fused_head": False}
+    assert BestRQ2Config.from_dict(old).kernels == {"attention": "sdpa", "head": "reference"}
+    # an exported encoder runs anywhere: its ops go back to auto
+    monkeypatch.delenv("BESTRQ2_KERNELS")
+    enc = BestRQ2(tiny(kernels={"rpq": "reference", "attention": "math"})).to_encoder()
+    assert enc.config.kernels == {op: "auto" for op in OPS}
+
+
+def test_resume_may_change_the_kernels_but_not_the_model(tmp_path):
+    from bestrq2.train import TrainConfig, pretrain
+
+    kw = dict(preset="tiny", steps=3, batch_size=2, seconds=1.0, ckpt_every=100, num_workers=0, progress=False)
+    pretrain(TrainConfig(out=str(tmp_path), **kw), tiny(), stop_after=1)
+    pretrain(TrainConfig(out=str(tmp_path), **kw), tiny(kernels={"head": "torch"}), resume=True)
+    saved = torch.load(sorted((tmp_path / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model_config"]
+    assert saved["kernels"]["head"] == "torch"
+    with pytest.raises(ValueError, match="another model config"):
+        pretrain(TrainConfig(out=str(tmp_path), **{**kw, "steps": 3}), tiny(codebook_size=512), resume=True)
+
+
+def test_reference_block_is_the_timm_block():
+    """The one Block forward on its reference ops computes the authors' (timm) pre-norm block:
+    x + attn(LN(x)), then + fc2(GELU(fc1(LN(x))))."""
+    import torch.nn.functional as F
+
+    from bestrq2.transformer import Block
+
+    torch.manual_seed(0)
+    blk = Block(32, 4, impl="reference").eval()
+    x = torch.randn(3, 7, 32)
+    a = blk.attn(F.layer_norm(x, (32,), blk.norm1.weight, blk.norm1.bias, 1e-5))
+    h = x + a
+    m = blk.mlp.fc2(F.gelu(blk.mlp.fc1(F.layer_norm(h, (32,), blk.norm2.weight, blk.norm2.bias, 1e-5))))
+    torch.testing.assert_close(blk(x), h + m, rtol=1e-5, atol=1e-6)
+
+
+def test_environment_read_in_one_place_and_documented():
+    """Nothing in the package or the benchmarks reads os.environ except bestrq2/env.py, and the README's
+    table lists exactly its variables."""
+    pattern = re.compile(r"os\.environ\.get|os\.getenv|os\.environ\[\s*[\"'][A-Z_]+[\"']\s*\](?!\s*=)")
+    readers = [str(p.relative_to(ROOT)) for d in ("bestrq2", "kernels", "bench") for p in (ROOT / d).rglob("*.py")
+               if p.name != "env.py" and pattern.search(p.read_text())]
+    assert readers == []
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("Environment variables"):]
+    table = table[: table.index("\n\n", table.index("|"))]
+    listed = set(re.findall(r"`([A-Z][A-Z0-9_]+)", table))
+    assert listed == set(VARIABLES), (listed ^ set(VARIABLES))
+
+
+def test_stage_modules_share_the_encoder():
+    """BestRQ2 and BestRQ2Encoder run the same ContextEncoder class; BestRQ2.forward_batch stays short."""
+    import inspect
+
+    from bestrq2.context_encoder import ContextEncoder
+    from bestrq2.predictor import Predictor
+
+    model = BestRQ2(tiny())
+    assert type(model.encoder) is ContextEncoder and type(model.to_encoder().encoder) is ContextEncoder
+    assert isinstance(model.predictor, Predictor)
+    body = inspect.getsource(BestRQ2.forward_batch).split('"""')[-1]
+    assert len([line for line in body.splitlines() if line.strip()]) <= 15
+    assert dataclasses.is_dataclass(model.prepare(torch.randn(1, 20_000) * 0.1).plan)
