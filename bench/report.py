@@ -99,24 +99,33 @@ def inference_table(idx) -> list[str]:
     return lines
 
 
-def memory_table(idx) -> list[str]:
-    keys = sorted(k for k in idx if k[0] == "linear_cross_entropy" and "peak_mem_bytes" in idx[k])
+def _simple_table(idx, op: str, header: str, row) -> list[str]:
+    """A markdown table of every row of ``op`` (``row(key, metrics)`` -> its cells), or [] when none."""
+    keys = sorted(k for k in idx if k[0] == op)
     if not keys:
         return []
-    lines = ["| provider | shape | peak extra memory |", "|---|---|---|"]
-    for k in keys:
-        lines.append(f"| {k[1]} | {k[3]} | {fmt_bytes(idx[k]['peak_mem_bytes'])} |")
-    return lines
+    separator = "|" + "|".join("---" for _ in header.strip(" |").split("|")) + "|"
+    return [header, separator] + [row(k, idx[k]) for k in keys]
+
+
+def memory_table(idx) -> list[str]:
+    mem = {k: v for k, v in idx.items() if "peak_mem_bytes" in v}
+    return _simple_table(mem, "linear_cross_entropy", "| provider | shape | peak extra memory |",
+                         lambda k, m: f"| {k[1]} | {k[3]} | {fmt_bytes(m['peak_mem_bytes'])} |")
 
 
 def pipeline_table(idx) -> list[str]:
-    keys = sorted(k for k in idx if k[0] == "data_pipeline")
-    if not keys:
-        return []
-    lines = ["| step | ms per call | clips/s per core |", "|---|---|---|"]
-    for k in keys:
-        lines.append(f"| {k[1]} | {idx[k]['time_ms']:.2f} | {idx[k]['clips_per_s_per_core']:.1f} |")
-    return lines
+    return _simple_table(idx, "data_pipeline", "| step | ms per call | clips/s per core |",
+                         lambda k, m: f"| {k[1]} | {m['time_ms']:.2f} | {m['clips_per_s_per_core']:.1f} |")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plots(name: str, idx, out_dir: Path) -> list[str]:
@@ -138,11 +147,7 @@ def plots(name: str, idx, out_dir: Path) -> list[str]:
         ax.set_yticks(range(len(sp)), labels, fontsize=6)
         ax.set_xlabel("speed-up over the reference op (x)")
         ax.set_title(f"{name}: fast paths vs references")
-        fig.tight_layout()
-        p = out_dir / f"{name}_speedups.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(fig, out_dir / f"{name}_speedups.png"))
     att = defaultdict(dict)
     for (op, prov, mode, shape), m in idx.items():
         if op == "attention" and mode == "full" and "time_ms" in m:
@@ -158,11 +163,7 @@ def plots(name: str, idx, out_dir: Path) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.legend()
         ax.set_title(f"{name}: attention backends")
-        fig.tight_layout()
-        p = out_dir / f"{name}_attention.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(fig, out_dir / f"{name}_attention.png"))
     e2e = sorted((k[1], m["clips_per_s"]) for k, m in idx.items() if k[0] == "pretrain_step" and "clips_per_s" in m)
     if e2e:
         fig, ax = plt.subplots(figsize=(5, 3))
@@ -170,11 +171,7 @@ def plots(name: str, idx, out_dir: Path) -> list[str]:
         ax.set_ylabel("clips / s")
         ax.set_title(f"{name}: pretraining throughput")
         plt.setp(ax.get_xticklabels(), rotation=20, fontsize=7)
-        fig.tight_layout()
-        p = out_dir / f"{name}_e2e.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(fig, out_dir / f"{name}_e2e.png"))
     return made
 
 

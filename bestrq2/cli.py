@@ -132,12 +132,12 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     import torch
-    from tqdm.auto import tqdm
 
     from .encoder import BestRQ2Encoder
-    from .eval.debian import DEFAULT_CACHE, prepare_tasks
+    from .eval.debian import DEFAULT_CACHE
+    from .eval.experiment import builtin_tasks, evaluate_tasks
     from .eval.stats import rounded
-    from .eval.suite import LogMelStats, evaluate_task, markdown, paired, summarize, summarize_ci
+    from .eval.suite import LogMelStats, markdown, paired, summarize, summarize_ci
     from .eval.tasks import read_manifest
 
     cache = Path(args.cache) if args.cache else DEFAULT_CACHE
@@ -147,18 +147,18 @@ def _eval(args: argparse.Namespace) -> int:
                          f"for {len(args.manifest)} manifests")
     specs = [(m, domains[i] if len(domains) > 1 else (domains[0] if domains else None), None)
              for i, m in enumerate(args.manifest)]
+    # every manifest is read and checked before any audio is encoded: a bad one fails the call at once
+    tasks = [read_manifest(m, name=name, domain=dom, seed=args.seed) for m, dom, name in specs]
     if args.prepare or args.builtin:
-        made = prepare_tasks(cache, args.tasks.split(",") if args.tasks else None, seed=args.seed, limit=args.limit)
-        print(f"built-in tasks ready under {cache}: {', '.join(made) or 'none'}")
-        specs += [(str(m), dom, name) for name, (dom, m) in made.items()]
+        made = builtin_tasks(cache, args.tasks.split(",") if args.tasks else None, seed=args.seed, limit=args.limit)
+        print(f"built-in tasks ready under {cache}: {', '.join(t.name for t in made) or 'none'}")
+        tasks += made
         if args.prepare and not args.model:
             return 0
     if not args.model:
         raise ValueError("--model: give the encoder directory to evaluate")
-    if not specs:
+    if not tasks:
         raise ValueError("--manifest / --builtin: give at least one task")
-    # every manifest is read and checked before any audio is encoded: a bad one fails the call at once
-    tasks = [read_manifest(m, name=name, domain=dom, seed=args.seed) for m, dom, name in specs]
     for t in tasks:
         if t.ignored_columns:
             print(f"task {t.name}: ignoring columns {', '.join(t.ignored_columns)}")
@@ -172,19 +172,8 @@ def _eval(args: argparse.Namespace) -> int:
         encoders["random_init"] = BestRQ2Encoder(enc.config, precision=args.precision).eval()
     encoders["logmel_stats"] = LogMelStats()
     seeds = tuple(range(args.seed, args.seed + args.seeds))
-    results = []
-    for task in tqdm(tasks, desc="tasks", unit="task", disable=args.no_progress):
-        try:
-            res = evaluate_task(task, encoders, epochs=args.epochs, seed=args.seed, probe=args.probe,
-                                cv=args.cv, seeds=seeds, progress=not args.no_progress)
-        except ValueError as err:
-            print(f"task {task.name}: skipped ({err})")
-            continue
-        if res.skipped or res.padded:
-            print(f"task {task.name}: {res.padded} clips under 1 s padded to 1 s, {res.skipped} files skipped"
-                  + (f" (e.g. {next(iter(res.skipped_files))}: {next(iter(res.skipped_files.values()))})"
-                     if res.skipped_files else ""))
-        results.append(res)
+    results = evaluate_tasks(tasks, encoders, probe=args.probe, epochs=args.epochs, seed=args.seed, seeds=seeds,
+                             cv=args.cv, progress=not args.no_progress)
     if not results:
         raise ValueError("no task could be evaluated")
     compare = ("model", "baseline") if args.baseline else ("model", "random_init")

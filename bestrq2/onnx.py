@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import HOP, MIN_SAMPLES, N_FFT, OPS, PATCH, SAMPLE_RATE
+from .config import HOP, MIN_SAMPLES, N_FFT, OPS, PATCH, REFERENCE_TIME_PATCHES, SAMPLE_RATE
 from .context_encoder import ContextEncoder
 from .frontend import AMIN, patchify, truncate_to_patches
 from .positions import sincos_2d
@@ -71,7 +71,7 @@ class _ExportedFrames(nn.Module):
             t = torch.arange(w, device=wave.device)[None, :].expand(self.fp, w).reshape(-1)
         else:  # the authors' rows: flat index into their 8 x 16 table
             n = torch.arange(self.fp * w, device=wave.device)
-            f, t = n // 16, n % 16
+            f, t = n // REFERENCE_TIME_PATCHES, n % REFERENCE_TIME_PATCHES
         tok = self.encoder(patchify(spec), sincos_2d(f, t, self.dim))
         return tok.reshape(tok.shape[0], self.fp, w, -1).mean(dim=1)
 

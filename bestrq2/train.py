@@ -354,7 +354,7 @@ class Run:
 
     @property
     def num_tokens(self) -> int:
-        return 8 * num_time_patches(int(self.tc.seconds * SAMPLE_RATE))
+        return self.model.config.freq_patches * num_time_patches(int(self.tc.seconds * SAMPLE_RATE))
 
     def masks(self) -> torch.Tensor:
         """The next step's masks, this rank's rows of the global batch's."""

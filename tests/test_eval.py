@@ -515,25 +515,23 @@ def test_builtin_tts_digits_real_packages(tmp_path):
 
 
 def test_dig_priors_and_code_stats_on_known_codes():
-    """eval/dig.py's context-free predictors: row r always holds code 3r (plus rare noise) -> the row prior
-    puts nearly all mass on 3r, the pooled one spreads it over 8 codes (entropy ln 8)."""
+    """The dig's context-free predictors (bestrq2.eval.code_prior): row r always holds code 3r (plus rare
+    noise) -> the row prior puts nearly all mass on 3r, the pooled one spreads it over 8 codes (entropy ln 8)."""
     import math
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
-    import dig
+    from bestrq2.codes import usage
+    from bestrq2.eval.code_prior import row_prior
 
     rows, w, k = 8, 16, 64
     codes = (3 * torch.arange(rows)).repeat_interleave(w).repeat(50, 1)  # [50 clips, 8 * 16 tokens]
     codes[0, 0] = 63  # one rare code in row 0
-    lp_row, lp_pool = dig.row_prior(codes, rows, k)
+    lp_row, lp_pool = row_prior(codes, rows, k)
     assert lp_row.shape == (rows, k) and lp_pool.shape == (k,)
     assert torch.equal(lp_row.argmax(1), 3 * torch.arange(rows))
     assert lp_row.exp().sum(1).sub(1).abs().max() < 1e-9 and abs(lp_pool.exp().sum() - 1) < 1e-9
     assert (lp_row[torch.arange(rows), 3 * torch.arange(rows)].exp() > 0.97).all()
     assert lp_row[1, 63] < lp_row[0, 63] < 0  # the rare code borrows mass in other rows, most in its own
-    st = dig.code_stats(codes[1:])
+    st = usage(codes[1:], k)
     assert st["codes_used"] == 8 and st["top_share"] == pytest.approx(1 / 8)
     assert st["entropy_nats"] == pytest.approx(math.log(8)) and st["patches"] == 49 * rows * w
 
@@ -541,11 +539,7 @@ def test_dig_priors_and_code_stats_on_known_codes():
 def test_dig_neighbour_model_reads_the_context():
     """Each clip repeats one code (of 4) along every row: a visible neighbour gives the masked code away
     (accuracy ~1), the context-free predictors stay at the 1-in-4 prior."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
-    import dig
+    from bestrq2.eval.code_prior import context_free_and_neighbour
 
     g = torch.Generator().manual_seed(0)
     rows, w, k = 8, 16, 32
@@ -556,7 +550,7 @@ def test_dig_neighbour_model_reads_the_context():
 
     mask = torch.zeros(rows * w, dtype=torch.bool)
     mask[torch.randperm(rows * w, generator=g)[:64]] = True
-    res = dig.context_free_and_neighbour(clips(200), clips(20), mask, rows, k)
+    res = context_free_and_neighbour(clips(200), clips(20), mask, rows, k)
     assert res["neighbour"]["accuracy"] > 0.99 and res["neighbour"]["loss"] < 0.1
     assert 0.1 < res["row_unigram"]["accuracy"] < 0.45 and res["row_unigram"]["loss"] > 1.2
     assert set(res["neighbour_by_beta"]) == {"1", "5", "20", "100"}

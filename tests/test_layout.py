@@ -152,3 +152,15 @@ def test_stage_modules_share_the_encoder():
     body = inspect.getsource(BestRQ2.forward_batch).split('"""')[-1]
     assert len([line for line in body.splitlines() if line.strip()]) <= 15
     assert dataclasses.is_dataclass(model.prepare(torch.randn(1, 20_000) * 0.1).plan)
+
+
+@pytest.mark.parametrize("script", ["claim", "dig", "precision"])
+def test_experiment_scripts_import_the_public_api(script):
+    """experiments/*.py run as plain scripts on the installed package (no sys.path tricks)."""
+    import subprocess
+    import sys
+
+    path = ROOT / "experiments" / f"{script}.py"
+    assert "sys.path" not in path.read_text()
+    out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-800:]

@@ -2,8 +2,8 @@
 fills the masks) against the one-stage BEST-RQ (ViT) baseline (all patches through the encoder, masked
 ones as mask tokens, no predictor), same encoder size, data, steps and seeds.
 
-    python eval/claim.py                        # pretrain 2 modes x 3 seeds, evaluate, write results
-    python eval/claim.py --steps 2 --seeds 0 --tasks ufoai_sfx --limit 4 --epochs 2 --out /tmp/claim --results /tmp/claim
+    python experiments/claim.py                        # pretrain 2 modes x 3 seeds, evaluate, write results
+    python experiments/claim.py --steps 2 --seeds 0 --tasks ufoai_sfx --limit 4 --epochs 2 --out /tmp/claim --results /tmp/claim
                                                 # a smoke run
 
 Pretraining uses the built-in procedural corpus (synthetic tones, chirps, noise bursts), so nothing it
@@ -16,47 +16,15 @@ claim.json and claim.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bestrq2.eval.experiment import (aggregate, experiment_args, floors, mean_std, pooled_paired, pretrain_stats,
+                                     run_dir, run_pretrain, score_builtin)
 
 MODES = {"two_step": [], "one_stage": ["--one-stage"]}
 SHOWN = ["two_step", "one_stage", "random_init", "logmel_stats"]
-
-
-def run_dir(out: Path, mode: str, seed: int) -> Path:
-    return out / f"{mode}-s{seed}"
-
-
-def finished(d: Path, steps: int) -> bool:
-    """A run has a checkpoint at `steps` or later (its encoder/ is written at every checkpoint, so the
-    encoder alone proves nothing)."""
-    ckpts = sorted((d / "checkpoints").glob("ckpt-*.pt")) if d.exists() else []
-    return bool(ckpts) and int(ckpts[-1].stem.split("-")[1]) >= steps
-
-
-def run_pretrain(d: Path, flags: list[str], preset: str, steps: int, batch_size: int, seed: int) -> float:
-    """`bestrq2 pretrain` into run dir d (logged to d/train.log), resuming it if it has checkpoints and
-    skipping it if it is finished; seconds spent in this call."""
-    if finished(d, steps):
-        return 0.0
-    resume = d.exists() and any((d / "checkpoints").glob("ckpt-*.pt"))
-    cmd = [sys.executable, "-m", "bestrq2.cli", "pretrain", "--preset", preset, *flags, "--steps", str(steps),
-           "--batch-size", str(batch_size), "--seed", str(seed), "--ckpt-every", str(max(1, steps // 5)),
-           "--no-progress"]
-    cmd += ["--resume", str(d)] if resume else ["--out", str(d)]
-    d.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a run stopped before its first checkpoint left nothing worth keeping
-        (d / "metrics.csv").unlink(missing_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] pretrain {d.name}: {' '.join(cmd[3:])}", flush=True)
-    t0 = time.time()
-    with open(d / "train.log", "a") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return time.time() - t0
 
 
 def pretrain(args, mode: str, seed: int) -> float:
@@ -73,83 +41,11 @@ def evaluate(args, seed: int) -> dict:
 
     encoders = {m: BestRQ2Encoder.from_pretrained(run_dir(args.out, m, seed) / "encoder") for m in MODES}
     encoders.update(floors(encoders["two_step"].config, seed))
-    results, summary = score_encoders(args, encoders, seed)
+    results, summary = score_builtin(encoders, seed=seed, probe=args.probe, epochs=args.epochs, cache=args.cache,
+                                     names=args.tasks, limit=args.limit)
     res = {"tasks": [r.__dict__ for r in results], "summary": summary}
     path.write_text(json.dumps(res, indent=1))
     return res
-
-
-def floors(config, seed: int) -> dict:
-    """The two floors: a random-init encoder of `config` (weights from `seed`) and log-mel statistics."""
-    import torch
-
-    from bestrq2.encoder import BestRQ2Encoder
-    from bestrq2.eval.suite import LogMelStats
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return {"random_init": BestRQ2Encoder(config).eval(), "logmel_stats": LogMelStats()}
-
-
-def score_encoders(args, encoders: dict, seed: int) -> tuple[list, dict]:
-    """Linear probe + kNN of every encoder on the built-in tasks (args.cache, args.limit, args.epochs and,
-    if set, args.tasks): (per-task TaskScore list, summary per domain and overall)."""
-    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
-    from bestrq2.eval.suite import evaluate_task, summarize
-    from bestrq2.eval.tasks import read_manifest
-
-    made = prepare_tasks(args.cache or DEFAULT_CACHE, names=getattr(args, "tasks", None), seed=0, limit=args.limit)
-    results = []
-    for name, (domain, manifest) in made.items():
-        task = read_manifest(str(manifest), domain=domain, seed=0)
-        task.name = name
-        print(f"[{time.strftime('%H:%M:%S')}] eval seed {seed}: {name} ({', '.join(encoders)})", flush=True)
-        results.append(evaluate_task(task, encoders, epochs=args.epochs, seed=seed, probe=args.probe))
-    return results, summarize(results)
-
-
-def pretrain_stats(d: Path) -> dict[str, float]:
-    """Loss, masked-code accuracy and throughput over the last 10% of a run's steps (metrics.csv)."""
-    import csv
-
-    rows = list(csv.DictReader(open(d / "metrics.csv")))
-    tail = rows[-max(1, len(rows) // 10):]
-    return {k: sum(float(r[k]) for r in tail) / len(tail) for k in ("loss", "accuracy", "clips_per_s")}
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
-def aggregate(per_seed: dict[int, dict]) -> dict:
-    """{scope: {"<encoder>/<probe|knn>": [per-seed accuracies]}} with scope = task, domain or overall."""
-    rows: dict[str, dict[str, list[float]]] = {}
-    for res in per_seed.values():
-        for t in res["tasks"]:
-            for k, v in t["scores"].items():
-                rows.setdefault(t["task"], {}).setdefault(k, []).append(v)
-        for scope, vals in res["summary"].items():
-            for k, v in vals.items():
-                rows.setdefault(scope, {}).setdefault(k, []).append(v)
-    return rows
-
-
-def pooled_paired(per_seed: dict[int, dict], a: str, b: str) -> dict:
-    """{scope: {"probe"|"knn": [diff, low, high]}}: each clip's hits averaged over seeds, then the paired
-    bootstrap of ``bestrq2.eval.suite.paired`` (empty when a seed's results predate per-clip hits)."""
-    import torch
-
-    from bestrq2.eval.suite import TaskScore, paired
-
-    runs = list(per_seed.values())
-    if not all(t.get("hits") for r in runs for t in r["tasks"]):
-        return {}
-    merged = []
-    for i, t in enumerate(runs[0]["tasks"]):
-        hits = {k: torch.tensor([r["tasks"][i]["hits"][k] for r in runs]).mean(0).tolist() for k in t["hits"]}
-        merged.append(TaskScore(t["task"], t["domain"], t["n_test"], dict(t["scores"]), hits=hits))
-    return paired(merged, a, b)
 
 
 def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) -> None:
@@ -160,7 +56,7 @@ def write_results(args, per_seed: dict[int, dict], train_s: dict[str, float]) ->
     n_test = {t["task"]: t["n_test"] for t in first["tasks"]}
     scopes = list(domains) + ["overall"] + sorted(set(domains.values()))
     lines = [f"# Two-step BEST-RQ-2 vs one-stage BEST-RQ (ViT), {args.preset} preset", "",
-             f"Command: `python eval/claim.py --preset {args.preset} --steps {args.steps} "
+             f"Command: `python experiments/claim.py --preset {args.preset} --steps {args.steps} "
              f"--batch-size {args.batch_size} --seeds {','.join(map(str, seeds))} --probe {args.probe}`. "
              f"Pretraining on the procedural corpus (10 s clips), paper optimiser settings (AdamW 1e-4, wd 0.05, "
              f"5% warm-up, cosine); each mode's total pretraining wall time on this machine: "
@@ -230,25 +126,12 @@ def plot(args, rows: dict, scopes: list[str]) -> None:
     plt.close(fig)
 
 
-def common_args(doc: str) -> argparse.ArgumentParser:
-    """The options claim.py and dig.py share: model size, batch, and how the tasks are scored."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--probe", default="logistic", choices=["logistic", "xares"], help="see bestrq2 eval --probe")
-    ap.add_argument("--epochs", type=int, default=1000, help="xares probe: most epochs (early stopping on val)")
-    ap.add_argument("--tasks", default=None, type=lambda s: s.split(","), help="comma list of built-in tasks")
-    ap.add_argument("--limit", type=int, default=None, help="files per class in the tasks (smoke runs)")
-    ap.add_argument("--cache", type=Path, default=None, help="eval task cache (default ~/.cache/bestrq2/eval)")
-    return ap
-
-
 def main(argv=None) -> int:
-    ap = common_args(__doc__)
+    ap = experiment_args(__doc__)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=Path("runs/claim"), help="run directories")
-    ap.add_argument("--results", type=Path, default=Path("eval/results"), help="where claim.md/json/png go")
+    ap.add_argument("--results", type=Path, default=Path("experiments/results"), help="where claim.md/json/png go")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     train_s = {m: 0.0 for m in MODES}

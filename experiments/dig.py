@@ -2,8 +2,8 @@
 the masking ratio and the predictor depth change. One seed (0): a difference below the
 claim's seed-to-seed spread (about 1-2 points overall) is noise.
 
-    python eval/dig.py                                  # runs/dig, eval/results/dig.{md,json,png}
-    python eval/dig.py --only two_step,one_stage --scale 0.004 --heldout 4 --prior-clips 32 --code-clips 3 \
+    python experiments/dig.py                                  # runs/dig, experiments/results/dig.{md,json,png}
+    python experiments/dig.py --only two_step,one_stage --scale 0.004 --heldout 4 --prior-clips 32 --code-clips 3 \
         --tasks ufoai_sfx --limit 4 --epochs 2 --claim-out /none --claim-results /none --out /tmp/dig --results /tmp/dig
                                                         # a smoke run (steps scaled down)
 
@@ -13,12 +13,12 @@ Three measurements per variant:
    512 training clips: the code frequencies (unigram), the code frequencies of the patch's frequency row
    (a model that only learned "which codes live in which band" reaches this), and the row's codes given
    the code of the nearest visible patch in the row (neighbour);
-2. downstream: linear probe and kNN on the built-in tasks (as eval/claim.py);
+2. downstream: linear probe and kNN on the built-in tasks (as experiments/claim.py);
 3. the code distribution itself on the procedural corpus and on the eval tasks' real audio, with the raw
    patches (the paper) and with each patch's mean removed (how much the loudness level alone decides
    the code).
 Variants at the claim's 500 steps and default config reuse the claim's seed-0 runs (runs/claim) and
-scores (eval/results/claim.json) when present.
+scores (experiments/results/claim.json) when present.
 """
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import claim  # noqa: E402  (the same pretrain subprocess, stats and floors)
+from bestrq2.codes import usage
+from bestrq2.eval.code_prior import context_free_and_neighbour
+from bestrq2.eval.experiment import builtin_tasks, experiment_args, finished, floors, run_dir, run_pretrain, score_builtin
+
+CLAIM_MODES = ("two_step", "one_stage")  # experiments/claim.py's runs, reused at its steps and seed 0
 
 SEED = 0
 HELDOUT_SEED = 12345
@@ -52,16 +55,16 @@ def steps_of(args, name: str) -> int:
 
 def run_path(args, name: str) -> Path:
     """The claim's own run for the two baselines (same flags, steps, batch and seed), else OUT/<name>."""
-    if name in claim.MODES and args.claim_out is not None:
-        d = claim.run_dir(args.claim_out, name, SEED)
-        if d.exists() and claim.finished(d, steps_of(args, name)):
+    if name in CLAIM_MODES and args.claim_out is not None:
+        d = run_dir(args.claim_out, name, SEED)
+        if d.exists() and finished(d, steps_of(args, name)):
             return d
     return args.out / f"{name}-s{SEED}"
 
 
 def train(args, name: str) -> None:
     """Pretrain one variant (resuming an interrupted run; a finished one is kept)."""
-    claim.run_pretrain(run_path(args, name), VARIANTS[name][0], args.preset, steps_of(args, name),
+    run_pretrain(run_path(args, name), VARIANTS[name][0], args.preset, steps_of(args, name),
                               args.batch_size, SEED)
 
 
@@ -75,75 +78,6 @@ def procedural_waves(seed: int, count: int, start: int = 0):
     return torch.from_numpy(np.stack([synth_clip(seed, start + i) for i in range(count)]))
 
 
-def row_prior(codes, rows: int, k: int, alpha: float = 0.01, beta: float = 20.0):
-    """Code log-probs per frequency row [rows, K] and pooled [K]. Pooled: add-alpha frequencies; per row:
-    the row's counts with the pooled distribution as a Dirichlet prior of weight beta (rare codes of a
-    row borrow from the other rows instead of from a flat 8192-way floor)."""
-    import torch
-
-    flat = codes.reshape(codes.shape[0], rows, -1)  # [B, rows, W] (token f * W + t)
-    per_row = torch.stack([torch.bincount(flat[:, f].reshape(-1), minlength=k) for f in range(rows)]).double()
-    pooled = (per_row.sum(0) + alpha) / (per_row.sum() + alpha * k)
-    row = (per_row + beta * pooled) / (per_row.sum(1, keepdim=True) + beta)
-    return row.log(), pooled.log()
-
-
-def code_stats(codes) -> dict[str, float]:
-    """Distribution of a flat tensor of codes: entropy (nats), share of the top code, codes used."""
-    import torch
-
-    counts = torch.bincount(codes.reshape(-1)).double()
-    counts = counts[counts > 0]
-    p = counts / counts.sum()
-    return {"entropy_nats": float(-(p * p.log()).sum()), "top_share": float(p.max()),
-            "codes_used": int(len(counts)), "patches": int(counts.sum())}
-
-
-def context_free_and_neighbour(train_codes, codes, mask, rows: int, k: int, betas=(1.0, 5.0, 20.0, 100.0)) -> dict:
-    """Loss and accuracy on the masked codes of `codes` [B, N] (mask [N]) of three count models fitted on
-    `train_codes`: unigram, row unigram, and *neighbour*: p(code | row, code of the nearest visible patch
-    in the same row), fitted on adjacent pairs, the row unigram as its Dirichlet prior (weight beta; the
-    best of `betas` on these clips is reported, all under "neighbour_by_beta"). A floor for what the
-    visible context tells about a masked code."""
-    import torch
-
-    lp_row, lp_pool = row_prior(train_codes, rows, k)
-    b, n = codes.shape
-    w = n // rows
-    grid = train_codes.reshape(-1, rows, w)
-    row_ids = torch.arange(rows)[None, :, None].expand(grid.shape[0], rows, w - 1)
-    ctx = torch.cat([grid[..., :-1], grid[..., 1:]]).reshape(-1)  # left -> right and right -> left
-    tgt = torch.cat([grid[..., 1:], grid[..., :-1]]).reshape(-1)
-    rr = torch.cat([row_ids, row_ids]).reshape(-1)
-    pair_keys, pair_counts = torch.unique((rr * k + ctx) * k + tgt, return_counts=True)
-    masked = mask.nonzero()[:, 0]
-    visible = (~mask).reshape(rows, w)
-    out = {"unigram": [0.0, 0.0], "row_unigram": [0.0, 0.0], **{f"neighbour_{bt:g}": [0.0, 0.0] for bt in betas}}
-    for i in range(b):
-        for pos in masked.tolist():
-            f, t = divmod(pos, w)
-            c = int(codes[i, pos])
-            for name, lp in (("unigram", lp_pool), ("row_unigram", lp_row[f])):
-                out[name][0] -= float(lp[c])
-                out[name][1] += float(lp.argmax() == c)
-            cols = visible[f].nonzero()[:, 0]
-            counts = torch.zeros(k, dtype=torch.float64)
-            if len(cols):
-                near = int(cols[(cols - t).abs().argmin()])
-                lo = (f * k + int(codes[i, f * w + near])) * k
-                sel = (pair_keys >= lo) & (pair_keys < lo + k)
-                counts[pair_keys[sel] - lo] = pair_counts[sel].double()
-            for bt in betas:
-                p = (lp_row[f].exp() * bt + counts) / (bt + counts.sum())
-                out[f"neighbour_{bt:g}"][0] -= float(p[c].log())
-                out[f"neighbour_{bt:g}"][1] += float(p.argmax() == c)
-    m = b * len(masked)
-    res = {name: {"loss": v[0] / m, "accuracy": v[1] / m} for name, v in out.items()}
-    by_beta = {f"{bt:g}": res.pop(f"neighbour_{bt:g}") for bt in betas}
-    best = min(by_beta, key=lambda bt: by_beta[bt]["loss"])
-    return {**res, "neighbour": {**by_beta[best], "beta": float(best)}, "neighbour_by_beta": by_beta}
-
-
 def pretext(args) -> dict:
     """Held-out masked-code loss/accuracy of every variant vs the context-free priors (cached)."""
     path = args.out / "pretext.json"
@@ -152,7 +86,7 @@ def pretext(args) -> dict:
 
     from bestrq2 import BestRQ2, BestRQ2Config
     from bestrq2.masking import sample_mask
-    from bestrq2.train import latest_checkpoint
+    from bestrq2.checkpoints import latest_checkpoint
 
     cfg0 = BestRQ2Config.preset(args.preset, seed=SEED)
     ref = BestRQ2(cfg0).eval()  # only its frozen quantizer (seed 0, as every variant's) is used here
@@ -167,12 +101,12 @@ def pretext(args) -> dict:
         with torch.no_grad():
             train_codes = torch.cat([ref.targets(procedural_waves(SEED, 32, i))[..., 0]
                                      for i in range(0, args.prior_clips, 32)])
-        cached["prior"] = {"train_codes": code_stats(train_codes)}
+        cached["prior"] = {"train_codes": usage(train_codes, k)}
         cached["heldout"] = {**context_free_and_neighbour(train_codes, codes, mask, rows, k),
-                             "codes": code_stats(codes[:, mask]), "clips": args.heldout, "mask_ratio": 0.5}
+                             "codes": usage(codes[:, mask], k), "clips": args.heldout, "mask_ratio": 0.5}
     for name in args.variants:
         d = run_path(args, name)
-        if name in cached.get("variants", {}) or not claim.finished(d, steps_of(args, name)):
+        if name in cached.get("variants", {}) or not finished(d, steps_of(args, name)):
             continue
         state = torch.load(latest_checkpoint(d), map_location="cpu", weights_only=True)
         model = BestRQ2(BestRQ2Config.from_dict(state["model_config"]))
@@ -198,12 +132,11 @@ def real_audio_codes(args, limit: int) -> dict:
 
     from bestrq2 import BestRQ2Config
     from bestrq2.data.folder import load_audio
-    from bestrq2.eval.debian import DEFAULT_CACHE, prepare_tasks
-    from bestrq2.eval.tasks import read_manifest
     from bestrq2.frontend import LogMel, patchify, truncate_to_patches
     from bestrq2.quantizer import RandomProjectionQuantizer
 
     cfg = BestRQ2Config.preset(args.preset, seed=SEED)
+    k = cfg.codebook_size
     q = RandomProjectionQuantizer(cfg.patch_dim, cfg.codebook_dim, cfg.codebook_size, cfg.num_codebooks, SEED)
     mel = LogMel()
 
@@ -212,14 +145,12 @@ def real_audio_codes(args, limit: int) -> dict:
 
     out = {}
     sources = {"procedural": [w for w in procedural_waves(SEED, 64)]}
-    made = prepare_tasks(args.cache or DEFAULT_CACHE, names=args.tasks, seed=0, limit=args.limit)
-    for name, (domain, manifest) in made.items():
-        items = read_manifest(str(manifest), domain=domain, seed=0).split("train")[:limit]
-        sources[name] = [torch.from_numpy(load_audio(it["path"])) for it in items]
+    for task in builtin_tasks(args.cache, args.tasks, 0, args.limit):
+        sources[task.name] = [torch.from_numpy(load_audio(it["path"])) for it in task.split("train")[:limit]]
     for name, waves in sources.items():
         patches = torch.cat([patches_of(w[None]) for w in waves if w.numel() >= cfg.min_samples + 1])
-        out[name] = {"raw": code_stats(q(patches)[:, 0]),
-                     "mean_removed": code_stats(q(patches - patches.mean(1, keepdim=True))[:, 0]),
+        out[name] = {"raw": usage(q(patches)[:, 0], k),
+                     "mean_removed": usage(q(patches - patches.mean(1, keepdim=True))[:, 0], k),
                      "mean_db": float(patches.mean()), "std_db_within_patch": float(patches.std(1).mean())}
     return out
 
@@ -240,17 +171,18 @@ def downstream(args, names: list[str]) -> dict:
             if base and enc not in cached:
                 cached[enc] = {"summary": {sc: of(enc, vals) for sc, vals in base["summary"].items()},
                                "from": "claim.json"}
-    todo = [n for n in names if n not in cached and claim.finished(run_path(args, n), steps_of(args, n))]
-    floors = [f for f in ("random_init", "logmel_stats") if f not in cached]
-    if not todo and not floors:
+    todo = [n for n in names if n not in cached and finished(run_path(args, n), steps_of(args, n))]
+    missing = [f for f in ("random_init", "logmel_stats") if f not in cached]
+    if not todo and not missing:
         return cached
     from bestrq2.encoder import BestRQ2Encoder
 
     encoders = {n: BestRQ2Encoder.from_pretrained(run_path(args, n) / "encoder") for n in todo}
-    if floors:
+    if missing:
         config = BestRQ2Encoder.from_pretrained(run_path(args, names[0]) / "encoder").config
-        encoders.update({f: e for f, e in claim.floors(config, SEED).items() if f in floors})
-    results, summary = claim.score_encoders(args, encoders, SEED)
+        encoders.update({f: e for f, e in floors(config, SEED).items() if f in missing})
+    results, summary = score_builtin(encoders, seed=SEED, probe=args.probe, epochs=args.epochs, cache=args.cache,
+                                     names=args.tasks, limit=args.limit)
     for enc in encoders:
         cached[enc] = {"summary": {sc: of(enc, vals) for sc, vals in summary.items()},
                        "tasks": {r.task: of(enc, r.scores) for r in results}}
@@ -263,7 +195,7 @@ def write_report(args, pre: dict, down: dict, codes: dict) -> None:
     h = pre["heldout"]
     minutes = {n: m for n in args.variants if (m := step_minutes(run_path(args, n), args.batch_size))}
     lines = ["# Digging into the tie: code prior, steps, masking ratio, predictor depth", "",
-             f"Command: `python eval/dig.py` (seed {SEED}, {args.preset} preset, batch {args.batch_size}, "
+             f"Command: `python experiments/dig.py` (seed {SEED}, {args.preset} preset, batch {args.batch_size}, "
              "procedural corpus; one seed, so differences under ~2 points overall are within the claim's "
              "seed-to-seed spread). Summed step times per variant on this machine (2-core CPU; some runs "
              "shared the cores with other jobs for a while, so these compare only roughly): "
@@ -366,7 +298,7 @@ def plot(args, pre: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = claim.common_args(__doc__)
+    ap = experiment_args(__doc__)
     ap.add_argument("--only", default=None, help="comma list of variants (default: all, in order)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every variant's steps (smoke runs)")
     ap.add_argument("--heldout", type=int, default=64, help="held-out clips for the pretext measurement")
@@ -374,8 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--code-clips", type=int, default=200, help="train clips per task for the code statistics")
     ap.add_argument("--out", type=Path, default=Path("runs/dig"))
     ap.add_argument("--claim-out", type=Path, default=Path("runs/claim"), help="the claim's runs, reused")
-    ap.add_argument("--claim-results", type=Path, default=Path("eval/results"), help="the claim's claim.json, reused")
-    ap.add_argument("--results", type=Path, default=Path("eval/results"))
+    ap.add_argument("--claim-results", type=Path, default=Path("experiments/results"), help="the claim's claim.json, reused")
+    ap.add_argument("--results", type=Path, default=Path("experiments/results"))
     ap.add_argument("--no-train", action="store_true", help="report on the runs that exist, train nothing")
     ap.add_argument("--train-only", action="store_true", help="train the variants, measure and report nothing")
     args = ap.parse_args(argv)

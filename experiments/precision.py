@@ -1,7 +1,7 @@
 """Does CPU bf16 change what the encoder's features say? Scores of one encoder in fp32 and in bf16 on the
 built-in tasks, compared clip by clip (paired bootstrap), plus the frames' difference.
 
-    python eval/precision.py --model ENCODER_DIR [--tasks a,b] [--out eval/results]
+    python experiments/precision.py --model ENCODER_DIR [--tasks a,b] [--out experiments/results]
 
 Runs ``bestrq2 eval --builtin --precision fp32`` and ``--precision bf16`` (the same probe, seeds and
 test clips), then writes OUT/precision.md and precision.json: per task and overall, each precision's
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--tasks", default=None)
-    ap.add_argument("--out", type=Path, default=Path("eval/results"))
+    ap.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = ap.parse_args(argv)
     from bestrq2 import BestRQ2Encoder
     from bestrq2.cli import main as cli
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                 "bf16_minus_fp32": paired_difference(hits["bf16"][sel], hits["fp32"][sel])}
     units = cpu_bf16_units() or "none"
     lines = ["# CPU bf16 vs fp32: the same encoder's scores on the built-in tasks", "",
-             f"Encoder `{args.model}`; command `python eval/precision.py --model {args.model}`; CPU bf16 units: "
+             f"Encoder `{args.model}`; command `python experiments/precision.py --model {args.model}`; CPU bf16 units: "
              f"{units}; eval wall time fp32 {secs['fp32'] / 60:.1f} min, bf16 {secs['bf16'] / 60:.1f} min (features of "
              "3 encoders: model, random init, log-mel floor). Frames of 8 random 10 s clips, bf16 vs fp32: max abs "
              f"difference {frame_abs:.3g}, relative to the largest value {frame_rel:.3g}.", "",
