@@ -1,0 +1,164 @@
+"""The claim retested on real audio with normalised targets (issue 18): two-step vs one-stage x the
+quantizer's input normalisation (``rpq_norm`` none, the paper's, vs patch [vs bin]), 3 seeds each, pretrained
+on the Debian corpus (``bestrq2 prepare --debian default CORPUS``), scored on the built-in tasks with the
+logistic probe and standardised kNN (95% bootstrap intervals; paired differences pooled over seeds).
+
+    bestrq2 prepare --debian default ~/corpus-debian            # once: fetch and decode the packages
+    python experiments/retest.py --corpus ~/corpus-debian         # runs/retest, experiments/results/retest.*
+    python experiments/retest.py --corpus C --steps 2 --seeds 0 --tasks ufoai_sfx --limit 4 \\
+        --out /tmp/retest --results /tmp/retest                   # a smoke run
+
+Runs go seed by seed (every configuration of seed 0 first), each a resumable ``bestrq2 pretrain``
+subprocess in OUT/<mode>-<norm>-s<seed>: an interrupted script continues where it stopped, and a partial
+set of seeds is reported as such. Writes RESULTS/retest.md, retest.json and retest.png.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bestrq2.eval.experiment import (aggregate, experiment_args, finished, floors, mean_std, pooled_paired,
+                                     run_dir, run_pretrain, score_builtin)
+
+MODES = {"two_step": [], "one_stage": ["--one-stage"]}
+
+
+def configs(args) -> list[str]:
+    return [f"{mode}-{norm}" for norm in args.norms for mode in MODES]
+
+
+def flags(args, name: str) -> list[str]:
+    mode, norm = name.rsplit("-", 1)
+    return [*MODES[mode], "--rpq-norm", norm, "--data", str(args.corpus)]
+
+
+def evaluate(args, seed: int) -> dict | None:
+    """Every configuration's encoder of this seed and the floors, cached in OUT/eval-s<seed>.json; None
+    until all of the seed's runs are finished."""
+    path = args.out / f"eval-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    names = configs(args)
+    if not all(finished(run_dir(args.out, n, seed), args.steps) for n in names):
+        return None
+    from bestrq2.encoder import BestRQ2Encoder
+
+    encoders = {n: BestRQ2Encoder.from_pretrained(run_dir(args.out, n, seed) / "encoder") for n in names}
+    encoders.update(floors(encoders[names[0]].config, seed))
+    results, summary = score_builtin(encoders, seed=seed, probe=args.probe, epochs=args.epochs, cache=args.cache,
+                                     names=args.tasks, limit=args.limit)
+    res = {"tasks": [r.__dict__ for r in results], "summary": summary}
+    path.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def code_usage(args) -> dict:
+    """Code usage of each normalisation's targets on the corpus (seed-0 quantizer, 256 clips)."""
+    path = args.out / "codes.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from bestrq2.codes import run
+
+    out = {}
+    for norm in args.norms:
+        # "bin" needs the statistics a run estimated: take them from that run's checkpoint
+        d = run_dir(args.out, f"two_step-{norm}", 0)
+        res = run([str(args.corpus)], run_dir=str(d) if norm == "bin" else None, seed=0, rpq_norm=norm)
+        out[norm] = {k: res["overall"][k] for k in ("codes_used", "perplexity", "top_share", "entropy_nats")}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def write_results(args, per_seed: dict[int, dict], codes: dict) -> None:
+    rows = aggregate(per_seed)
+    seeds = sorted(per_seed)
+    names = configs(args) + ["random_init", "logmel_stats"]
+
+    def cell(scope: str, enc: str, score: str) -> str:
+        vals = rows.get(scope, {}).get(f"{enc}/{score}")
+        if not vals:
+            return "–"
+        m, s = mean_std([100 * v for v in vals])
+        return f"{m:.1f} ± {s:.1f}" if len(vals) > 1 else f"{m:.1f}"
+
+    def diff(a: str, b: str) -> dict:
+        return pooled_paired(per_seed, a, b)
+
+    lines = ["# The claim retested: two-step vs one-stage x quantizer input normalisation", "",
+             f"Command: `python experiments/retest.py --corpus {args.corpus} --steps {args.steps} --seeds "
+             f"{','.join(map(str, args.seeds))} --norms {','.join(args.norms)}` (preset {args.preset}, batch "
+             f"{args.batch_size}, the {args.probe} probe). Seeds scored: {seeds}. Test accuracy in %, mean ± std "
+             "over seeds; differences pooled over seeds, 95% paired bootstrap intervals.", "",
+             "| overall | probe | kNN |", "|---|---|---|"]
+    lines += [f"| {n} | {cell('overall', n, 'probe')} | {cell('overall', n, 'knn')} |" for n in names]
+    lines += ["", "| paired difference (overall) | probe | kNN |", "|---|---|---|"]
+    pairs = [(f"two_step-{n}", f"one_stage-{n}") for n in args.norms]
+    pairs += [(f"{m}-{n}", f"{m}-none") for m in MODES for n in args.norms if n != "none"]
+    summary = {}
+    for a, b in pairs:
+        d = diff(a, b).get("overall", {})
+        summary[f"{a} - {b}"] = d
+        fmt = lambda v: f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]" if v else "–"  # noqa: E731
+        lines.append(f"| {a} − {b} | {fmt(d.get('probe'))} | {fmt(d.get('knn'))} |")
+    lines += ["", "Code usage of the targets on the corpus (seed-0 quantizer):", "",
+              "| rpq_norm | codes used | perplexity | top code | entropy (nats) |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {c['codes_used']} | {c['perplexity']:.1f} | {100 * c['top_share']:.1f}% | "
+              f"{c['entropy_nats']:.2f} |" for n, c in codes.items()]
+    lines += ["", "![retest](retest.png)"]
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(args, rows, names)
+    (args.results / "retest.md").write_text("\n".join(lines) + "\n")
+    (args.results / "retest.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "per_seed": per_seed, "paired": summary,
+         "codes": codes}, indent=1))
+    print("\n".join(lines))
+
+
+def plot(args, rows: dict, names: list[str]) -> None:
+    """Overall probe and kNN accuracy per configuration, mean and std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, score in zip(axes, ("probe", "knn")):
+        stats = [mean_std([100 * v for v in rows.get("overall", {}).get(f"{n}/{score}", [0.0])]) for n in names]
+        ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
+               color=["tab:blue" if n.startswith("two_step") else "tab:orange" if n.startswith("one_stage")
+                      else "tab:gray" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"overall {score}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle(f"{args.preset} preset, {args.steps} steps on the Debian corpus, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(args.results / "retest.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = experiment_args(__doc__)
+    ap.add_argument("--corpus", type=Path, required=True, help="a corpus made by bestrq2 prepare --debian")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--norms", default="none,patch", type=lambda s: s.split(","), help="rpq_norm values")
+    ap.add_argument("--out", type=Path, default=Path("runs/retest"))
+    ap.add_argument("--results", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--train-only", action="store_true", help="pretrain, score nothing")
+    args = ap.parse_args(argv)
+    if not (args.corpus / "index.json").exists():
+        ap.error(f"--corpus {args.corpus}: no prepared corpus there (bestrq2 prepare --debian default {args.corpus})")
+    for seed in args.seeds:  # seed by seed: a partial run still has whole seeds to report
+        for name in configs(args):
+            run_pretrain(run_dir(args.out, name, seed), flags(args, name), args.preset, args.steps, args.batch_size, seed)
+    if args.train_only:
+        return 0
+    per_seed = {s: r for s in args.seeds if (r := evaluate(args, s)) is not None}
+    write_results(args, per_seed, code_usage(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
