@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain a model (default: tiny model on the procedural corpus)")
     pt.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
-    pt.add_argument("--data", default=None, help="folder of audio files (wav/flac/ogg/mp3) or a corpus made by "
+    pt.add_argument("--data", default=None, help="folder of audio files (wav/flac/ogg/opus/mp3) or a corpus made by "
                     "`bestrq2 prepare`; default: the procedural corpus")
     pt.add_argument("--steps", type=_positive_int("--steps"), default=None,
                     help="optimizer steps in all (default 300; a resumed run: its own total)")

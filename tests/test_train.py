@@ -73,6 +73,20 @@ def test_prepare_shards_and_stream(tmp_path, audio_dir):
     assert len(res["losses"]) == 2
 
 
+def test_opus_files_are_read(tmp_path):
+    """Ogg/Opus (warzone2100-music of the Debian corpus ships it) is found and decoded at 16 kHz."""
+    from bestrq2.data.folder import EXTENSIONS, load_audio
+
+    t = np.arange(48_000) / 48_000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    sf.write(tmp_path / "a.opus", tone, 48_000, format="OGG", subtype="OPUS")
+    assert ".opus" in EXTENSIONS
+    x = load_audio(tmp_path / "a.opus")
+    assert abs(len(x) - 16_000) <= 400  # 1 s (the codec's pre-skip may trim a few ms)
+    spectrum = np.abs(np.fft.rfft(x[2000:14000]))
+    assert abs(np.argmax(spectrum) * 16_000 / 12_000 - 440) < 5  # the tone survived
+
+
 def test_corrupt_files_are_skipped_counted_and_named(tmp_path, audio_dir):
     res = pretrain(tc(tmp_path / "run", data=str(audio_dir), steps=4, batch_size=3))
     assert len(res["losses"]) == 4 and all(np.isfinite(res["losses"]))

@@ -1,7 +1,7 @@
 """A real pretraining corpus from audio that Debian's archive ships: ``bestrq2 prepare --debian PKG... OUT``.
 
 Packages are fetched as the eval tasks' are (``apt-get download``, ``dpkg-deb -x``, no root; version
-and licences recorded), their wav / ogg / flac / mp3 files decoded once into prepared shards
+and licences recorded), their wav / ogg / opus / flac / mp3 files decoded once into prepared shards
 (``bestrq2.data.shards.prepare``). ``OUT/packages.json`` records per package its version, licences,
 files and hours of audio. A package that a built-in eval task uses is refused: nothing heard in
 evaluation is pretrained on.

@@ -1,6 +1,6 @@
 """A folder of audio files as a pretraining source (a first version; sharded corpora come later).
 
-Files are found recursively (wav, flac, ogg, mp3 as far as libsndfile reads them), mixed down to
+Files are found recursively (wav, flac, ogg, opus, mp3 as far as libsndfile reads them), mixed down to
 mono, resampled to 16 kHz with scipy's polyphase resampler, and cropped to ``seconds`` at an
 offset that is a pure function of (seed, index), so a run can be replayed. Shorter files are
 zero-padded and keep their true length. Unreadable files are skipped and counted.
@@ -17,7 +17,7 @@ import torch
 from ..config import SAMPLE_RATE
 
 
-EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3"}
+EXTENSIONS = {".wav", ".flac", ".ogg", ".opus", ".mp3"}  # what libsndfile (>= 1.0.29) decodes
 log = logging.getLogger(__name__)
 
 
