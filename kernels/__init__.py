@@ -1,9 +1,12 @@
 """Fast paths of bestrq2, importable as ``bestrq2.kernels`` (this folder is installed under the
 ``bestrq2`` namespace; nothing installs a top-level ``kernels``).
 
-Each op lives in its own file next to its plain-PyTorch reference ``<op>_ref``. ``BESTRQ2_KERNELS``
-(auto | triton | reference) picks the implementation; auto runs Triton on CUDA tensors. The Triton
-ops are registered with ``torch.library`` (``bestrq2::*``) so torch.compile traces through them.
+Each op lives in its own file next to its plain-PyTorch reference ``<op>_ref``, in one style: Triton
+kernels -> launchers registered with ``torch.library`` (``bestrq2::*``, so torch.compile traces through
+them) -> ``register_autograd`` -> a checked functional wrapper. Each wrapper takes ``impl`` (auto |
+triton | reference; auto runs Triton on CUDA tensors); the model passes the one its config names
+(``BestRQ2Config.kernels``), a direct call without it reads ``BESTRQ2_KERNELS``. Shared checks and
+launch helpers are in ``_dispatch``.
 """
 from ._dispatch import backend
 from .bias_gelu import bias_gelu, bias_gelu_ref
