@@ -58,7 +58,7 @@ def prepare_debian(packages: list[str], out: str | Path, cache: str | Path | Non
             continue
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if not files:
-            failed[name] = "no wav/ogg/flac/mp3 files"
+            failed[name] = f"no audio files ({'/'.join(sorted(e.lstrip('.') for e in EXTENSIONS))})"
             print(f"package {name}: no audio files, skipped")
             continue
         for f in files:  # a staging tree of links: <package>/<path in the package>
