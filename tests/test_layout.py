@@ -97,8 +97,10 @@ def test_one_switch_resolved_once_and_saved(monkeypatch, tmp_path):
     assert enc.config.kernels == {op: "auto" for op in OPS}
 
 
-def test_resume_may_change_the_kernels_but_not_the_model(tmp_path):
+def test_resume_may_change_the_kernels_but_not_the_model(tmp_path, monkeypatch):
     from bestrq2.train import TrainConfig, pretrain
+
+    monkeypatch.delenv("BESTRQ2_KERNELS", raising=False)  # it would override the kernels given here
 
     kw = dict(preset="tiny", steps=3, batch_size=2, seconds=1.0, ckpt_every=100, num_workers=0, progress=False)
     pretrain(TrainConfig(out=str(tmp_path), **kw), tiny(), stop_after=1)
