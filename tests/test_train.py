@@ -73,6 +73,25 @@ def test_prepare_shards_and_stream(tmp_path, audio_dir):
     assert len(res["losses"]) == 2
 
 
+def test_clips_shorter_than_one_patch_train(tmp_path):
+    """Real corpora hold clicks and short effects (the Debian corpus: under 0.586 s): a prepared corpus or a
+    folder with such a clip trains, the clip counted as one patch of audio and zeros."""
+    from bestrq2.config import MIN_SAMPLES
+    from bestrq2.data.folder import AudioFolder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    sf.write(src / "click.wav", (rng.standard_normal(3_000) * 0.1).astype(np.float32), 16_000)
+    sf.write(src / "long.wav", (rng.standard_normal(20_000) * 0.1).astype(np.float32), 16_000)
+    prepare(src, tmp_path / "prep", progress=False)
+    for ds in (ShardedCorpus(tmp_path / "prep", seconds=1.0), AudioFolder(src, seconds=1.0)):
+        lengths = sorted(ds[i][1] for i in range(2))
+        assert lengths == [MIN_SAMPLES, 16_000]
+    res = pretrain(tc(tmp_path / "run", data=str(tmp_path / "prep"), steps=2))
+    assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))
+
+
 def test_opus_files_are_read(tmp_path):
     """Ogg/Opus (warzone2100-music of the Debian corpus ships it) is found and decoded at 16 kHz."""
     from bestrq2.data.folder import EXTENSIONS, load_audio

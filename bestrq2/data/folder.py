@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SAMPLE_RATE
+from ..config import MIN_SAMPLES, SAMPLE_RATE
 
 
 EXTENSIONS = {".wav", ".flac", ".ogg", ".opus", ".mp3"}  # what libsndfile (>= 1.0.29) decodes
@@ -42,7 +42,8 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
 
 
 class AudioFolder(torch.utils.data.Dataset):
-    """Item i -> (wave float32 [seconds * 16000], true length); the file is picked by i mod count."""
+    """Item i -> (wave float32 [seconds * 16000], true length); the file is picked by i mod count.
+    A clip shorter than one patch (0.586 s) is zero-padded to it and counted as that long."""
 
     def __init__(self, root: str | Path, seconds: float = 10.0, seed: int = 0) -> None:
         self.root = Path(root)
@@ -76,4 +77,6 @@ class AudioFolder(torch.utils.data.Dataset):
             return torch.from_numpy(wave[start: start + n].copy()), n
         out = np.zeros(n, dtype=np.float32)
         out[: wave.shape[0]] = wave
-        return torch.from_numpy(out), int(wave.shape[0])
+        # a clip shorter than one patch column (a click, a short effect) counts as one patch of audio and
+        # zeros, as the evaluation pads short clips to 1 s: the model needs >= MIN_SAMPLES per clip
+        return torch.from_numpy(out), max(int(wave.shape[0]), MIN_SAMPLES)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SAMPLE_RATE
+from ..config import MIN_SAMPLES, SAMPLE_RATE
 from .folder import EXTENSIONS, load_audio
 
 
@@ -83,7 +83,8 @@ def is_prepared(path: str | Path) -> bool:
 
 class ShardedCorpus(torch.utils.data.Dataset):
     """Item i -> (wave float32 [seconds * 16000], true length): clip i mod count, cropped at an offset
-    that is a pure function of (seed, i); shorter clips zero-padded."""
+    that is a pure function of (seed, i); shorter clips zero-padded (under one patch, 0.586 s: counted as one
+    patch long, as ``AudioFolder`` does)."""
 
     def __init__(self, root: str | Path, seconds: float = 10.0, seed: int = 0) -> None:
         self.root = Path(root)
@@ -114,4 +115,4 @@ class ShardedCorpus(torch.utils.data.Dataset):
         pcm = self._shard(e["shard"])[e["offset"] + start: e["offset"] + start + take]
         out = np.zeros(n, dtype=np.float32)
         out[:take] = pcm.astype(np.float32) / 32768.0
-        return torch.from_numpy(out), take
+        return torch.from_numpy(out), max(take, MIN_SAMPLES)  # a clip under one patch: one patch, zero-padded
