@@ -78,7 +78,10 @@ def test_audio_folder_reads_resamples_and_skips(tmp_path):
     items = [ds[i] for i in range(3)]
     assert all(w.shape == (16_000,) for w, _ in items)
     lengths = sorted(n for _, n in items)
-    assert 8_000 in lengths  # 0.5 s at 44.1 kHz -> 8 000 samples at 16 kHz, zero-padded
+    # 0.5 s at 44.1 kHz -> 8 000 samples at 16 kHz, zero-padded; under one patch, so counted as one patch
+    assert lengths[0] == 9_375
+    short = next(w for w, n in items if n == 9_375)
+    assert float(short[7_990:8_000].abs().max()) > 0 and float(short[8_000:].abs().max()) == 0
     assert any("broken.wav" in k for k in ds.skipped)
 
 
