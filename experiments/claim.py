@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from bestrq2.eval.experiment import (aggregate, experiment_args, floors, mean_std, pooled_paired, pretrain_stats,
-                                     run_dir, run_pretrain, score_builtin)
+                                     run_dir, run_pretrain, save_figure, score_builtin)
 
 MODES = {"two_step": [], "one_stage": ["--one-stage"]}
 SHOWN = ["two_step", "one_stage", "random_init", "logmel_stats"]
@@ -120,10 +120,8 @@ def plot(args, rows: dict, scopes: list[str]) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"two-step vs one-stage, {args.preset} preset, {args.steps} steps, mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(args.results / "claim.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, args.results / "claim.png",
+                f"two-step vs one-stage, {args.preset} preset, {args.steps} steps, mean ± std over seeds")
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bestrq2.eval.experiment import (aggregate, experiment_args, finished, floors, mean_std, pooled_paired,
-                                     run_dir, run_pretrain, score_builtin)
+                                     run_dir, run_pretrain, save_figure, score_builtin)
 
 MODES = {"two_step": [], "one_stage": ["--one-stage"]}
 
@@ -132,10 +132,8 @@ def plot(args, rows: dict, names: list[str]) -> None:
         ax.set_title(f"overall {score}")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    fig.suptitle(f"{args.preset} preset, {args.steps} steps on the Debian corpus, mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(args.results / "retest.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, args.results / "retest.png",
+                f"{args.preset} preset, {args.steps} steps on the Debian corpus, mean ± std over seeds")
 
 
 def main(argv=None) -> int:

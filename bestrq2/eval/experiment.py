@@ -152,6 +152,16 @@ def pooled_paired(per_seed: dict[int, dict], a: str, b: str) -> dict:
     return paired(merged, a, b)
 
 
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, tight layout, PNG at 110 dpi, figure closed (the experiments' plots)."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def experiment_args(doc: str) -> argparse.ArgumentParser:
     """The options the experiment scripts share: model size, batch, and how the tasks are scored."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
