@@ -131,13 +131,11 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from .encoder import BestRQ2Encoder
     from .eval.debian import DEFAULT_CACHE
-    from .eval.experiment import builtin_tasks, evaluate_tasks
+    from .eval.experiment import builtin_tasks, evaluate_tasks, floors
     from .eval.stats import rounded
-    from .eval.suite import LogMelStats, markdown, paired, summarize, summarize_ci
+    from .eval.suite import markdown, paired, summarize, summarize_ci
     from .eval.tasks import read_manifest
 
     cache = Path(args.cache) if args.cache else DEFAULT_CACHE
@@ -167,10 +165,8 @@ def _eval(args: argparse.Namespace) -> int:
     encoders = {"model": enc}
     if args.baseline:
         encoders["baseline"] = BestRQ2Encoder.from_pretrained(args.baseline, precision=args.precision)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)  # the random-init floor, same architecture and precision
-        encoders["random_init"] = BestRQ2Encoder(enc.config, precision=args.precision).eval()
-    encoders["logmel_stats"] = LogMelStats()
+    encoders.update(floors(enc.config, args.seed, args.precision))  # random init (same architecture and
+    # precision) and log-mel statistics
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     results = evaluate_tasks(tasks, encoders, probe=args.probe, epochs=args.epochs, seed=args.seed, seeds=seeds,
                              cv=args.cv, progress=not args.no_progress)

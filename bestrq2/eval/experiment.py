@@ -59,8 +59,9 @@ def pretrain_stats(d: Path) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ scoring
-def floors(config, seed: int) -> dict:
-    """The two floors: a random-init encoder of ``config`` (weights from ``seed``) and log-mel statistics."""
+def floors(config, seed: int, precision: str = "fp32") -> dict:
+    """The two floors: a random-init encoder of ``config`` (weights from ``seed``, in ``precision``) and
+    log-mel statistics."""
     import torch
 
     from ..encoder import BestRQ2Encoder
@@ -68,7 +69,7 @@ def floors(config, seed: int) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return {"random_init": BestRQ2Encoder(config).eval(), "logmel_stats": LogMelStats()}
+        return {"random_init": BestRQ2Encoder(config, precision=precision).eval(), "logmel_stats": LogMelStats()}
 
 
 def builtin_tasks(cache: Path | None = None, names: list[str] | None = None, seed: int = 0,
