@@ -48,8 +48,11 @@ class BestRQ2Encoder(nn.Module):
 
     def __init__(self, config: BestRQ2Config | None = None, precision: str = "fp32") -> None:
         super().__init__()
+        from .precision import CastWeights
+
         self.config = cfg = (config or BestRQ2Config()).resolved()  # kernels: see BestRQ2Config.kernels
         self.set_precision(precision)
+        self._cast = CastWeights()  # bf16 copies of the linear weights for inference (not a submodule)
         self.frontend = LogMel()
         self.encoder = ContextEncoder(cfg)  # the same module, and forward, as pretraining's
         upgrade_state_dict(self, one_stage=True)  # earlier files: patch_embed.* beside encoder.*
@@ -99,9 +102,14 @@ class BestRQ2Encoder(nn.Module):
 
         grid = wave_to_grid(self.frontend, wave, lengths)  # float32 whatever the precision
         dtype = announce(self.precision, self.device)
+        args = (grid.raw.to(self.encoder.patch_embed.weight.dtype),
+                grid.positions(self.config.encoder_dim, self.config.pos_layout), grid.key_padding)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            raw = grid.raw.to(self.encoder.patch_embed.weight.dtype)
-            out = self.encoder(raw, grid.positions(self.config.encoder_dim, self.config.pos_layout), grid.key_padding)
+            if dtype is not None and not torch.is_grad_enabled():
+                # the linear weights cast once, not on every call (see precision.CastWeights): same frames
+                out = self._cast.run(self.encoder, dtype, *args)
+            else:
+                out = self.encoder(*args)
         out = out.float() if dtype is not None else out
         if grid.key_padding is not None:
             out = out.masked_fill(grid.key_padding[..., None], 0.0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 PRECISIONS = ("auto", "fp32", "bf16")
 log = logging.getLogger(__name__)
@@ -53,3 +55,104 @@ def announce(precision: str, device: torch.device, what: str = "encoder") -> tor
         _said.add(key)
         log.info("bestrq2 %s precision: %s", what, why)
     return dtype
+
+
+
+def packed_linear_available() -> bool:
+    """Whether oneDNN's prepacked linear (``torch.ops.mkldnn``, the ops inductor's CPU freezing uses)
+    is in this torch build and runs a bf16 matmul here."""
+    global _PACKED_OK
+    if _PACKED_OK is None:
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=torch.bfloat16), 4)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(3, 16, dtype=torch.bfloat16), w,
+                                                   torch.zeros(8, dtype=torch.bfloat16), "none", [], "")
+            _PACKED_OK = bool(torch.backends.mkldnn.is_available()) and tuple(y.shape) == (3, 8) and \
+                bool((y == 16).all())
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _PACKED_OK = False
+    return _PACKED_OK
+
+
+_PACKED_OK: bool | None = None
+
+
+class _PackedLinearMode(TorchFunctionMode):
+    """Routes ``F.linear`` calls whose weight is in ``packed`` ({id(weight): (packed weight, bf16 bias)})
+    to oneDNN's prepacked bf16 linear; every other call runs as usual."""
+
+    def __init__(self, packed: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        super().__init__()
+        self.packed = packed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and id(args[1]) in self.packed:
+            w, b = self.packed[id(args[1])]
+            x = args[0]
+            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), w, b, "none", [], "")
+        return func(*args, **kwargs)
+
+
+class CastWeights:
+    """Low-precision copies of a module's ``nn.Linear`` weights, made once and reused for inference.
+
+    Under autocast every linear casts its float32 weight to bf16 on every call: for ViT-B at batch 1 on a
+    CPU that is 86 M parameters read and written per forward (38% of the bf16 time). ``run`` instead
+    uses copies made once, remade only when a weight changes (``load_state_dict``, an optimizer step,
+    ``.to()``: the key holds each weight's identity, storage and version counter):
+
+    - on a CPU with oneDNN (``packed_linear_available``): the bf16 weights prepacked into oneDNN's
+      blocked layout, run through its prepacked linear (2.6x the GEMM rate of the unpacked bf16 call on
+      a 2-core Xeon with AMX); biases in bf16, as autocast gives them. Same products, oneDNN's order.
+    - elsewhere (CUDA): the bf16 weights handed to ``torch.func.functional_call``; bit-identical to
+      autocast's own per-call cast.
+
+    Costs 2 bytes a weight. Inference only: callers use it with gradients off."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._weights: dict[str, torch.Tensor] = {}
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @staticmethod
+    def _linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+        return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def _refresh(self, module: torch.nn.Module, dtype: torch.dtype, pack: bool) -> None:
+        linears = self._linears(module)
+        key = (dtype, pack, tuple((n, id(m.weight), m.weight.data_ptr(), m.weight._version, m.weight.device,
+                                   None if m.bias is None else (id(m.bias), m.bias._version))
+                                  for n, m in linears.items()))
+        if key == self._key:
+            return
+        # normal tensors even when first called inside torch.inference_mode
+        with torch.inference_mode(False), torch.no_grad():
+            self._weights = {f"{n}.weight" if n else "weight": m.weight.detach().to(dtype)
+                             for n, m in linears.items()}
+            self._packed = {}
+            if pack:
+                for n, m in linears.items():
+                    w = self._weights[f"{n}.weight" if n else "weight"]
+                    b = None if m.bias is None else m.bias.detach().to(dtype)
+                    # the layout is chosen for 1,024 rows (8 clips of 128 tokens); it runs any row count
+                    self._packed[id(m.weight)] = (torch.ops.mkldnn._reorder_linear_weight(w, 1024), b)
+                self._weights = {}
+        self._key = key
+
+    def get(self, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{parameter name: ``dtype`` copy} for every linear weight of ``module``."""
+        self._refresh(module, dtype, pack=False)
+        return self._weights
+
+    def run(self, module: torch.nn.Module, dtype: torch.dtype, *args):
+        """``module(*args)`` under the caller's autocast, its linears on the cached low-precision weights."""
+        device = next(module.parameters()).device
+        if device.type == "cpu" and dtype == torch.bfloat16 and packed_linear_available():
+            self._refresh(module, dtype, pack=True)
+            with _PackedLinearMode(self._packed):
+                return module(*args)
+        return torch.func.functional_call(module, self.get(module, dtype), args)
+
+    def clear(self) -> None:
+        self._key, self._weights, self._packed = None, {}, {}

@@ -60,3 +60,60 @@ def test_cli_precision_and_cpu_bf16_training(tmp_path, capsys):
     assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))
     with pytest.raises(ValueError, match="--precision"):
         TrainConfig(precision="fp8").validate()
+
+
+def _bf16_frames_per_call_cast(enc, wave):
+    """The bf16 frames as plain autocast gives them: every linear casts its float32 weight per call."""
+    orig = P.CastWeights.run
+    try:
+        P.CastWeights.run = lambda self, module, dtype, *args: module(*args)
+        with torch.no_grad():
+            return enc(wave)
+    finally:
+        P.CastWeights.run = orig
+
+
+def test_bf16_weights_cast_once_same_frames_and_error(monkeypatch):
+    """The bf16 encoder casts (and on a CPU with oneDNN, prepacks) its linear weights once. Without
+    prepacking the frames are bit-identical to autocast's per-call cast; with it, their error against a
+    float64 copy stays within 2x that of the per-call cast."""
+    import copy
+
+    torch.manual_seed(0)
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2), precision="bf16")
+    wave = torch.randn(3, 41_000) * 0.1
+    ref64 = copy.deepcopy(enc).double().set_precision("fp32")(wave.double())
+    per_call = _bf16_frames_per_call_cast(enc, wave)
+    with torch.no_grad():
+        fast = enc(wave)
+    err = lambda out: float((out.double() - ref64).abs().max())  # noqa: E731
+    assert fast.dtype == torch.float32 and fast.shape == ref64.shape
+    assert 0 < err(per_call) and err(fast) <= 2 * err(per_call), (err(fast), err(per_call))
+    assert bool(enc._cast._packed) == P.packed_linear_available()
+    monkeypatch.setattr(P, "packed_linear_available", lambda: False)  # the CUDA-style path: functional_call
+    enc._cast.clear()
+    with torch.no_grad():
+        assert torch.equal(enc(wave), per_call)
+    assert enc._cast._weights and not enc._cast._packed
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_weight_cache_follows_weight_changes(monkeypatch, packed):
+    """Loading other weights or changing one in place remakes the cached copies: the frames are those of
+    the new weights, never stale ones."""
+    if packed and not P.packed_linear_available():
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    monkeypatch.setattr(P, "packed_linear_available", lambda: packed)
+    torch.manual_seed(1)
+    a = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1), precision="bf16")
+    b = BestRQ2Encoder(a.config, precision="bf16")
+    wave = torch.randn(2, 20_000) * 0.1
+    with torch.no_grad():
+        out_a, out_b = a(wave), b(wave)
+        assert not torch.equal(out_a, out_b)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(wave), out_b)
+        a.encoder.blocks[0].mlp.fc1.weight.mul_(2.0)
+        changed = a(wave)
+    assert not torch.equal(changed, out_b)
+    torch.testing.assert_close(changed, _bf16_frames_per_call_cast(a, wave), rtol=0, atol=0.05)
