@@ -40,7 +40,7 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
 # limits from the 2026-11-26 H200 session (each piece took about half of its limit there)
 piece 60 --only rpq,gather,head
 piece 30 --only attention
-piece 30 --only inference
+piece 45 --only inference  # + CUDA-graph captures at B 1, 8, 64
 # (a)-(d) built in one process and timed interleaved (compile in the warm-up), a profile of each,
 # then (e) the real pretrain loop on prepared shards (compiles again if (d) won): estimated ~200 s
 piece 280 --only e2e

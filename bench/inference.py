@@ -1,8 +1,9 @@
 """Encoder inference throughput: clips/s and ms per 10 s clip at batch 1 and 8 (and 64 on CUDA).
 
 eager: the authors' formulation (attention scores written out, float32). fast: SDPA in
-``torch.inference_mode`` (CPU), plus bf16 autocast and the best attention backend on CUDA. On CPU
-also bf16 (where the CPU has AMX / AVX512-BF16) and onnxruntime. On CPU the providers are timed
+``torch.inference_mode`` (CPU), plus bf16 and the best attention backend on CUDA; on CUDA also
+cuda_graph (fast replayed from a captured CUDA graph). On CPU also bf16 (where the CPU has AMX /
+AVX512-BF16) and onnxruntime. On CPU the providers are timed
 alternately (one run each per round) so that a shared machine's drift hits all alike. All run the
 same weights; the max abs / relative difference of their frames to eager's is recorded.
 """
@@ -35,7 +36,10 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
     batches = [1, 2] if smoke else ([1, 8, 64] if device.type == "cuda" else [1, 8])
     torch.manual_seed(0)
     eager = BestRQ2Encoder(BestRQ2Config.preset(preset, kernels={"attention": "math"})).to(device).eval()
-    fast = BestRQ2Encoder(BestRQ2Config.preset(preset)).to(device).eval()
+    on_cuda = device.type == "cuda"
+    # the encoder's own precision switch (an outer autocast would be undone by its fp32 setting)
+    fast = BestRQ2Encoder(BestRQ2Config.preset(preset), precision="bf16" if on_cuda else "fp32",
+                          cuda_graphs="off").to(device).eval()
     fast.load_state_dict(eager.state_dict())
     runners = {}
 
@@ -44,10 +48,19 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
             return eager(wave)
 
     def run_fast(wave):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.inference_mode():
             return fast(wave)
 
     runners["eager"], runners["fast"] = run_eager, run_fast
+    if on_cuda:  # the fast encoder replayed from a captured CUDA graph (bestrq2.cuda_graphs), every batch
+        graph = BestRQ2Encoder(fast.config, precision="bf16", cuda_graphs="on").to(device).eval()
+        graph.load_state_dict(eager.state_dict())
+
+        def run_graph(wave):
+            with torch.inference_mode():
+                return graph(wave)
+
+        runners["cuda_graph"] = run_graph
     if device.type == "cpu" and cpu_bf16_units():
         bf16 = BestRQ2Encoder(fast.config, precision="bf16").eval()
         bf16.load_state_dict(eager.state_dict())

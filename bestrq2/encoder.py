@@ -46,13 +46,19 @@ class BestRQ2Encoder(nn.Module):
     sampling_rate = SAMPLE_RATE
     hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE  # 625.0
 
-    def __init__(self, config: BestRQ2Config | None = None, precision: str = "fp32") -> None:
+    def __init__(self, config: BestRQ2Config | None = None, precision: str = "fp32",
+                 cuda_graphs: str = "auto") -> None:
         super().__init__()
+        from .cuda_graphs import GraphedFrames, check_mode
         from .precision import CastWeights
 
         self.config = cfg = (config or BestRQ2Config()).resolved()  # kernels: see BestRQ2Config.kernels
         self.set_precision(precision)
+        # "auto": clips of equal length, <= 10 s, batch <= 8 on CUDA replay a captured CUDA graph
+        # (bestrq2.cuda_graphs); "on": any batch; "off": never
+        self.cuda_graphs = check_mode(cuda_graphs)
         self._cast = CastWeights()  # bf16 copies of the linear weights for inference (not a submodule)
+        self._graphed = GraphedFrames()
         self.frontend = LogMel()
         self.encoder = ContextEncoder(cfg)  # the same module, and forward, as pretraining's
         upgrade_state_dict(self, one_stage=True)  # earlier files: patch_embed.* beside encoder.*
@@ -142,6 +148,10 @@ class BestRQ2Encoder(nn.Module):
         chunk = self.config.chunk_samples
         lens = lengths.tolist() if lengths is not None else [t] * b
         if max(lens) <= chunk and b <= max_batch:
+            if self._use_graph(b, lens, t):
+                from .cuda_graphs import state_key
+
+                return self._graphed(self._equal_frames, wave, (self.precision, state_key(self)))
             return self._frames(wave[:, : max(lens)], lengths)
         # cut every clip into <= 10 s pieces at its own length, run the pieces as padded batches
         pieces = [(i, *piece) for i, n in enumerate(lens) for piece in chunk_plan(n, chunk)]
@@ -161,6 +171,19 @@ class BestRQ2Encoder(nn.Module):
             out[i, : j.shape[0]] = j
         return out
 
+    def _equal_frames(self, wave: torch.Tensor) -> torch.Tensor:
+        return self._frames(wave, None)
+
+    def _use_graph(self, batch: int, lens: list[int], samples: int) -> bool:
+        """Replay a CUDA graph for this call? CUDA, equal-length clips filling the batch, and the mode."""
+        from .cuda_graphs import AUTO_MAX_BATCH
+
+        if self.cuda_graphs == "off" or self.device.type != "cuda" or torch.is_grad_enabled():
+            return False
+        if any(n != samples for n in lens):
+            return False
+        return self.cuda_graphs == "on" or batch <= AUTO_MAX_BATCH
+
     # ------------------------------------------------------------------- io
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (encoder weights only)."""
@@ -176,7 +199,7 @@ class BestRQ2Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        precision: str = "fp32") -> "BestRQ2Encoder":
+                        precision: str = "fp32", cuda_graphs: str = "auto") -> "BestRQ2Encoder":
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -185,7 +208,7 @@ class BestRQ2Encoder(nn.Module):
                 raise FileNotFoundError(f"{d / name} not found: from_pretrained needs a directory written "
                                         "by save_pretrained (or `bestrq2 export`)")
         cfg = BestRQ2Config.from_dict(json.loads((d / "config.json").read_text()))
-        enc = cls(cfg)
+        enc = cls(cfg, cuda_graphs=cuda_graphs)
         state = load_file(str(d / "model.safetensors"), device="cpu")
         try:
             missing, unexpected = enc.load_state_dict(state, strict=False)

@@ -35,6 +35,10 @@ class PatchGrid:
 
     def positions(self, dim: int, layout: str) -> torch.Tensor:
         """Sincos rows for every slot, [B, N, dim] (grid layout, or the authors' flat-index rows)."""
+        if self.key_padding is None:  # every clip is W_max wide: one table for all, built on the device
+            # from Python ints (no host copy or host read: safe inside a CUDA-graph capture)
+            n = torch.arange(self.num_tokens, device=self.raw.device)
+            return positions_for(n, self.width, dim, layout).expand(self.raw.shape[0], -1, -1)
         w = self.widths.to(self.raw.device)[:, None]
         return positions_for(self.token_index(), w, dim, layout).to(self.raw.device)
 

@@ -91,3 +91,32 @@ def test_sdpa_kernels(backend):
         out = F.scaled_dot_product_attention(q, k, v)
     ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 8, -1) @ v.double()
     assert (out.double() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_cuda_graph_replay(precision):
+    """The encoder's CUDA-graph path gives the eager path's frames; a shape is captured once and then
+    replayed; new weights, another shape or precision capture anew; padded or large batches stay eager."""
+    from bestrq2 import BestRQ2Encoder
+
+    torch.manual_seed(0)
+    cfg = BestRQ2Config.preset("tiny")
+    graphed = BestRQ2Encoder(cfg, precision=precision).cuda()
+    eager = BestRQ2Encoder(cfg, precision=precision, cuda_graphs="off").cuda()
+    eager.load_state_dict(graphed.state_dict())
+    tol = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    wave = torch.randn(2, 48_000, device="cuda") * 0.1
+    torch.testing.assert_close(graphed(wave), eager(wave), **tol)
+    assert graphed._graphed.captures == 1
+    other = torch.randn(2, 48_000, device="cuda") * 0.1  # the same shape: replayed with the new input
+    torch.testing.assert_close(graphed(other), eager(other), **tol)
+    assert graphed._graphed.captures == 1
+    graphed(torch.randn(1, 160_000, device="cuda") * 0.1)
+    assert graphed._graphed.captures == 2
+    fresh = BestRQ2Encoder(cfg, precision=precision, cuda_graphs="off").cuda()
+    graphed.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(graphed(wave), fresh(wave), **tol)
+    assert graphed._graphed.captures == 3
+    graphed(torch.randn(16, 48_000, device="cuda") * 0.1)  # auto: batch > 8 runs eagerly
+    graphed(wave, lengths=torch.tensor([48_000, 30_000]))  # padded: eager
+    assert graphed._graphed.captures == 3

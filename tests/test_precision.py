@@ -117,3 +117,13 @@ def test_bf16_weight_cache_follows_weight_changes(monkeypatch, packed):
         changed = a(wave)
     assert not torch.equal(changed, out_b)
     torch.testing.assert_close(changed, _bf16_frames_per_call_cast(a, wave), rtol=0, atol=0.05)
+
+
+def test_cuda_graph_mode_is_checked_and_off_the_cpu_path():
+    """``cuda_graphs`` takes auto | on | off; on a CPU encoder the call never goes near a graph."""
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        BestRQ2Encoder(BestRQ2Config.preset("tiny"), cuda_graphs="yes")
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1), cuda_graphs="on")
+    with torch.no_grad():
+        enc(torch.randn(1, 20_000) * 0.1)
+    assert enc._graphed.captures == 0 and not enc._use_graph(1, [20_000], 20_000)

@@ -1,0 +1,79 @@
+"""CUDA-graph replay of the encoder's forward for fixed clip shapes: one-clip latency on a GPU.
+
+At batch 1 a ViT-B forward is ~200 kernel launches of a few microseconds of work each, so the time is
+the host launching them, not the GPU. ``GraphedFrames`` captures ``fn(wave)`` once per (batch, samples)
+shape into a ``torch.cuda.CUDAGraph`` and afterwards replays it: one launch for the whole forward.
+
+- Captured: the frontend, the patch grid and the context encoder on equal-length clips (no padding
+  mask; ``PatchGrid.positions`` builds those rows on the device, with no host copy or read).
+- A graph reads its weights and buffers at fixed addresses and holds the bf16 weight copies made
+  when it was captured, so each graph is keyed by every parameter's and buffer's identity, storage
+  and version counter (plus the precision): ``load_state_dict``, ``.to()`` or an in-place change
+  recaptures instead of replaying stale weights.
+- The ``most`` most recently used shapes are kept (each holds its own activation memory pool).
+- The output is cloned out of the graph's static buffer, so a later replay does not overwrite it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+MODES = ("auto", "on", "off")
+AUTO_MAX_BATCH = 8  # "auto": where launches, not arithmetic, dominate a ViT-B forward
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"cuda_graphs must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def state_key(module: torch.nn.Module) -> tuple:
+    """Identity, storage and version of every parameter and buffer: changes when any weight does."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+class GraphedFrames:
+    """``GraphedFrames(most=4)(fn, wave, key)``: ``fn(wave)`` replayed from a CUDA graph captured for
+    this wave's shape and ``key`` (anything that changes when what ``fn`` computes with changes).
+    A copy (``copy.deepcopy`` of the encoder) starts empty: graphs belong to the module they captured."""
+
+    def __init__(self, most: int = 4) -> None:
+        self.most = most
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.captures = 0  # how many graphs were captured (tests, benchmarks)
+
+    def __deepcopy__(self, memo) -> "GraphedFrames":
+        return GraphedFrames(self.most)
+
+    def _capture(self, fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor):
+        static = wave.clone()
+        side = torch.cuda.Stream(device=wave.device)
+        side.wait_stream(torch.cuda.current_stream(wave.device))
+        with torch.cuda.stream(side):  # warm-up off the capture: cuFFT plans, Triton compiles, bf16 weights
+            for _ in range(2):
+                fn(static)
+        torch.cuda.current_stream(wave.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(static)
+        self.captures += 1
+        return graph, static, out
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, key: tuple) -> torch.Tensor:
+        full_key = (tuple(wave.shape), wave.dtype, wave.device, key)
+        entry = self.graphs.pop(full_key, None)
+        if entry is None:
+            while len(self.graphs) >= self.most:
+                self.graphs.popitem(last=False)
+            entry = self._capture(fn, wave)
+        self.graphs[full_key] = entry  # most recent last
+        graph, static, out = entry
+        static.copy_(wave)
+        graph.replay()
+        return out.clone()
+
+    def clear(self) -> None:
+        self.graphs.clear()
