@@ -13,8 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["bestrq2", "bestrq2.kernels"],
+    # every subpackage by name (a plain ``pip install .`` used to leave out bestrq2.data and bestrq2.eval)
+    packages=["bestrq2", "bestrq2.data", "bestrq2.eval", "bestrq2.kernels"],
     package_dir={"bestrq2": "bestrq2", "bestrq2.kernels": "kernels"},
+    package_data={"bestrq2": ["attention_wins.json"]},
     # torch: any recent release. requirements/torch-cpu.txt pins the CPU wheel used here and in CI;
     # a GPU machine keeps (or gets) a CUDA build of its own.
     install_requires=[

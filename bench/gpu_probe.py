@@ -1,11 +1,15 @@
 """Tuning sweep for the Triton attention kernel on a GPU: block sizes, warps and stages.
 
-    python -m bench.gpu_probe [--lengths 128,256] [--tokens 32768] [--configs "64,64,4,2;128,64,8,2"]
+    python -m bench.gpu_probe [--lengths 64,128,256] [--tokens 32768] [--configs "64,64,4,2;128,64,8,2"]
+                              [--wins]
 
-For each sequence length and config (``BESTRQ2_ATTN_CFG=bm,bn,warps,stages``) it times the kernel on
-packed [T, H=12, Dh=64] bf16 inputs, forward and forward+backward (triton.testing.do_bench, median
-ms), beside SDPA on the same data in the same run, and checks the output against SDPA. Prints a table
-and appends rows to bench/results/sweeps/gpu-attention.csv.
+For each sequence length and config (``BESTRQ2_ATTN_CFG=bm,bn,warps,stages``; ``default`` is the
+kernel's own choice, what the model runs) it times the kernel on packed [T, H=12, Dh=64] bf16 inputs,
+forward and forward+backward (triton.testing.do_bench, median ms), beside SDPA on the same data in the
+same run, and checks the output against SDPA. Prints a table and appends rows to
+bench/results/sweeps/gpu-attention.csv. ``--wins`` also records the default config's ratios to SDPA for
+this card in bestrq2/attention_wins.json, which ``auto`` attention reads (``bestrq2.attention``):
+commit that file, and the model picks the Triton kernel where it measured faster.
 """
 from __future__ import annotations
 
@@ -15,15 +19,39 @@ import os
 import time
 from pathlib import Path
 
-DEFAULT_CONFIGS = "64,64,4,2;64,64,4,3;128,64,8,2;64,32,4,2;128,128,8,2;32,32,4,2;64,128,4,2"
+DEFAULT_CONFIGS = "default;64,64,4,2;64,64,4,3;128,64,8,2;64,32,4,2;128,128,8,2;32,32,4,2;64,128,4,2"
+
+
+def wins_from_rows(rows: list[dict], head_dim: int = 64, dtype: str = "bfloat16") -> list[dict]:
+    """The ``default`` config's rows as attention_wins.json entries: Triton over SDPA per length and pass."""
+    out = []
+    for r in rows:
+        if r["cfg"] != "default":
+            continue
+        for kind, ours, theirs in (("forward", "fwd_ms", "sdpa_fwd_ms"), ("train", "fwdbwd_ms", "sdpa_fwdbwd_ms")):
+            out.append({"max_len": int(r["N"]), "head_dim": head_dim, "dtype": dtype, "pass": kind,
+                        "triton_over_sdpa": round(float(r[theirs]) / float(r[ours]), 4),
+                        "measured": f"{r['date']} torch {r['torch']} triton {r['triton']}"})
+    return out
+
+
+def write_wins(path: Path, card: str, entries: list[dict]) -> dict:
+    """Replace this card's entries in the wins table at ``path`` (other cards' stay)."""
+    import json
+
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table[card] = sorted(entries, key=lambda e: (e["pass"], e["max_len"]))
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return table
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lengths", default="128,256")
+    ap.add_argument("--lengths", default="64,128,256")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweeps" / "gpu-attention.csv"))
+    ap.add_argument("--wins", action="store_true", help="write the default config's ratios to attention_wins.json")
     args = ap.parse_args(argv)
 
     import torch
@@ -53,7 +81,10 @@ def main(argv=None) -> int:
         base_fb = do_bench(lambda: torch.autograd.grad(sdpa(), (q, k, v), do))
         print(f"N={n} B={b}: sdpa fwd {base_f:.3f} ms, fwd+bwd {base_fb:.3f} ms")
         for cfg in args.configs.split(";"):
-            os.environ["BESTRQ2_ATTN_CFG"] = cfg
+            if cfg == "default":
+                os.environ.pop("BESTRQ2_ATTN_CFG", None)
+            else:
+                os.environ["BESTRQ2_ATTN_CFG"] = cfg
             try:
                 out = triton_attention(q, k, v, cu, n)
                 err = (out.float() - ref).abs().max().item()
@@ -77,6 +108,12 @@ def main(argv=None) -> int:
                 w.writeheader()
             w.writerows(rows)
         print(f"{len(rows)} rows -> {path}")
+    if args.wins and rows:
+        from bestrq2.attention import WINS_FILE
+
+        entries = wins_from_rows(rows)
+        write_wins(WINS_FILE, meta["device"], entries)
+        print(f"{len(entries)} entries for {meta['device']} -> {WINS_FILE}")
     return 0
 
 

@@ -6,7 +6,8 @@
 # It installs the project over the machine's own torch/triton (no deps, so the pin pulls nothing),
 # runs the GPU tests, then the GPU benchmark suite in pieces (each under its own timeout and each
 # appending its rows to bench/results/gpu.csv, so a piece that overruns loses only itself), and
-# leaves logs and the CSV under $OUT. Commit bench/results/gpu.csv, then `python -m bench.report`.
+# leaves logs and the CSV under $OUT. Commit bench/results/gpu.csv and bestrq2/attention_wins.json (the
+# attention wins that auto reads), then `python -m bench.report`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bestrq2-gpu}
@@ -26,8 +27,8 @@ PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
 if [ "${1:-}" = "sweep" ]; then  # a second call, if device time is left: the attention tuning sweep
   echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
-  timeout 50 python -m bench.gpu_probe 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14
-  cp bench/results/sweeps/gpu-attention.csv "$OUT/" 2>/dev/null || true
+  timeout 50 python -m bench.gpu_probe --wins 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14
+  cp bench/results/sweeps/gpu-attention.csv bestrq2/attention_wins.json "$OUT/" 2>/dev/null || true
   exit 0
 fi
 timeout ${T_TESTS:-120} python -m pytest -v -m cuda tests/ 2>&1 | tee "$OUT/gpu_tests.txt" | tail -8
@@ -40,7 +41,11 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
 # limits from the 2026-11-26 H200 session (each piece took about half of its limit there)
 piece 60 --only rpq,gather,head
 piece 30 --only attention
-piece 45 --only inference  # + CUDA-graph captures at B 1, 8, 64
+piece 40 --only inference  # + CUDA-graph captures at B 1, 8, 64
+# the Triton attention's default config vs SDPA at N 64/128/256: the table auto attention reads
+echo "== attention wins (limit 30s)" | tee -a "$OUT/bench_gpu.txt"
+timeout 30 python -m bench.gpu_probe --configs default --wins 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -8
+cp bench/results/sweeps/gpu-attention.csv bestrq2/attention_wins.json "$OUT/" 2>/dev/null || true
 # (a)-(d) built in one process and timed interleaved (compile in the warm-up), a profile of each,
 # then (e) the real pretrain loop on prepared shards (compiles again if (d) won): estimated ~200 s
-piece 280 --only e2e
+piece 250 --only e2e

@@ -2,7 +2,9 @@
 
 Backends, in order of preference on CUDA (``auto``): the ``flash_attn`` package (FlashAttention-2,
 ``flash_attn_func`` / ``flash_attn_varlen_func``), FlashAttention-4 (``flash_attn.cute``), then
-PyTorch SDPA (which itself picks its flash or cuDNN kernel). On CPU: SDPA. Also available when forced:
+PyTorch SDPA (which itself picks its flash or cuDNN kernel), except where ``attention_wins.json``
+records that this project's Triton kernel beat SDPA on this card for the length, head dim, dtype and
+pass (forward, or forward + backward when training): there ``auto`` takes ``triton``. On CPU: SDPA. Also available when forced:
 ``math`` (scores written out, as the authors' code; the eager baseline) and ``triton`` (this project's
 kernel, ``bestrq2.kernels.attention``; on CPU tensors it needs TRITON_INTERPRET=1).
 
@@ -17,8 +19,10 @@ to end with ``cu_seqlens``; the others get a key-padding mask. Padding never att
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +76,42 @@ def _unsupported(name: str, x: torch.Tensor, head_dim: int, max_len: int) -> str
     return None
 
 
+# Measured on a GPU by ``python -m bench.gpu_probe --wins``: per card, the Triton kernel's time against
+# SDPA's on the same data, forward alone and forward + backward, for sequences up to max_len tokens.
+WINS_FILE = Path(__file__).with_name("attention_wins.json")
+WIN_MARGIN = 1.05  # the Triton kernel must beat SDPA by 5% to be picked: not on noise
+_wins_table: dict | None = None
+
+
+def wins_table() -> dict:
+    """{card name: [{"max_len", "head_dim", "dtype", "pass": "forward" | "train", "triton_over_sdpa", ...}]}."""
+    global _wins_table
+    if _wins_table is None:
+        _wins_table = json.loads(WINS_FILE.read_text()) if WINS_FILE.is_file() else {}
+    return _wins_table
+
+
+def measured_winner(card: str, head_dim: int, max_len: int, dtype: torch.dtype, training: bool,
+                    table: dict | None = None) -> str | None:
+    """"triton" when the table holds a measurement on this card for this head dim and dtype, at the
+    smallest measured length >= max_len, in which the Triton kernel beat SDPA by ``WIN_MARGIN``
+    (forward + backward when training, forward alone otherwise); else None."""
+    rows = [r for r in (wins_table() if table is None else table).get(card, [])
+            if r["head_dim"] == head_dim and r["dtype"] == str(dtype).removeprefix("torch.")
+            and r["pass"] == ("train" if training else "forward") and r["max_len"] >= max_len]
+    if not rows:
+        return None
+    return "triton" if min(rows, key=lambda r: r["max_len"])["triton_over_sdpa"] >= WIN_MARGIN else None
+
+
+def _triton_measured_faster(x: torch.Tensor, head_dim: int, max_len: int) -> bool:
+    if torch.compiler.is_compiling() or not wins_table() or _unsupported("triton", x, head_dim, max_len):
+        return False  # (under torch.compile SDPA stays: the table is read in eager code only)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    card = torch.cuda.get_device_name(x.device)
+    return measured_winner(card, head_dim, max_len, dtype, torch.is_grad_enabled()) == "triton"
+
+
 def resolve(requested: str, x: torch.Tensor, head_dim: int, max_len: int) -> str:
     """The backend that will run for input x (any [.., D] activation) under ``requested``."""
     name = requested
@@ -95,6 +135,8 @@ def resolve(requested: str, x: torch.Tensor, head_dim: int, max_len: int) -> str
                 if cand not in _warned and not torch.compiler.is_compiling():
                     _warned.add(cand)
                     warnings.warn(f"bestrq2 attention: {cand} {why}; using sdpa", stacklevel=3)
+        if chosen == "sdpa" and _triton_measured_faster(x, head_dim, max_len):
+            chosen = "triton"  # where bench.gpu_probe measured this project's kernel ahead on this card
     if chosen not in _logged and not torch.compiler.is_compiling():  # a log call would break the graph
         _logged.add(chosen)
         log.info("bestrq2 attention backend: %s", chosen)

@@ -163,3 +163,42 @@ def test_ragged_per_sample_masks_equal_single_runs(backend, one_stage):
     assert abs(out.loss.item() - weighted / total) < 1e-4
     out.loss.backward()  # the ragged path trains
     assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_auto_reads_measured_wins(tmp_path):
+    """``auto`` takes the Triton kernel only where bench.gpu_probe measured it ahead of SDPA on this card
+    (by the margin), at the smallest measured length covering the sequence, for the right pass."""
+    from bench.gpu_probe import wins_from_rows, write_wins
+    from bestrq2.attention import WIN_MARGIN, measured_winner
+
+    meta = dict(date="2026-12-02T00:00:00Z", torch="2.11", triton="3.6")
+    rows = [dict(N=64, cfg="default", fwd_ms=0.05, fwdbwd_ms=0.30, sdpa_fwd_ms=0.08, sdpa_fwdbwd_ms=0.30, **meta),
+            dict(N=64, cfg="64,64,4,2", fwd_ms=0.01, fwdbwd_ms=0.01, sdpa_fwd_ms=0.08, sdpa_fwdbwd_ms=0.3, **meta),
+            dict(N=128, cfg="default", fwd_ms=0.10, fwdbwd_ms=0.50, sdpa_fwd_ms=0.06, sdpa_fwdbwd_ms=0.60, **meta)]
+    entries = wins_from_rows(rows)
+    assert len(entries) == 4  # the default config only: what the model runs
+    table = write_wins(tmp_path / "wins.json", "Card X", entries)
+    table = write_wins(tmp_path / "wins.json", "Card Y", [])  # other cards' entries stay
+    assert set(table) == {"Card X", "Card Y"}
+    win = lambda n, training, card="Card X", dtype=torch.bfloat16, d=64: measured_winner(  # noqa: E731
+        card, d, n, dtype, training, table)
+    assert win(64, False) == "triton" and win(40, False) == "triton"  # 0.08 / 0.05 = 1.6x forward
+    assert win(64, True) is None  # forward + backward: a tie is not a win (margin WIN_MARGIN)
+    assert WIN_MARGIN > 1.0
+    assert win(128, False) is None and win(100, True) == "triton"  # 0.6 / 0.5 = 1.2x when training
+    assert win(129, True) is None  # longer than anything measured
+    assert win(64, False, card="Card Y") is None and win(64, False, card="Card Z") is None
+    assert win(64, False, dtype=torch.float16) is None and win(64, False, d=32) is None
+
+
+def test_shipped_wins_table_is_well_formed():
+    """The table auto reads is valid JSON of the shape measured_winner takes (empty until a GPU measured it)."""
+    import json
+
+    from bestrq2.attention import WINS_FILE, measured_winner
+
+    table = json.loads(WINS_FILE.read_text())
+    for card, entries in table.items():
+        for e in entries:
+            assert {"max_len", "head_dim", "dtype", "pass", "triton_over_sdpa"} <= set(e) and e["pass"] in ("forward", "train")
+        measured_winner(card, 64, 128, torch.bfloat16, True, table)

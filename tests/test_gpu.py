@@ -120,3 +120,21 @@ def test_encoder_cuda_graph_replay(precision):
     graphed(torch.randn(16, 48_000, device="cuda") * 0.1)  # auto: batch > 8 runs eagerly
     graphed(wave, lengths=torch.tensor([48_000, 30_000]))  # padded: eager
     assert graphed._graphed.captures == 3
+
+
+def test_auto_attention_follows_the_wins_table(monkeypatch):
+    """On the card, ``auto`` picks the Triton kernel where the wins table says it won (and only there)."""
+    import bestrq2.attention as A
+
+    card = torch.cuda.get_device_name(0)
+    x = torch.randn(2, 64, 768, device="cuda")
+    flash = A.available()["flash_attn"] or A.available()["fa4"]
+    monkeypatch.setattr(A, "_wins_table", {card: [
+        {"max_len": 128, "head_dim": 64, "dtype": "float32", "pass": "forward", "triton_over_sdpa": 2.0}]})
+    with torch.no_grad():
+        assert A.resolve("auto", x, 64, 100) == ("triton" if not flash else A.resolve("auto", x, 64, 100))
+        assert A.resolve("auto", x, 64, 200) != "triton"  # longer than measured
+    assert A.resolve("auto", x, 64, 100) != "triton"  # training: no train-pass entry
+    monkeypatch.setattr(A, "_wins_table", {})
+    with torch.no_grad():
+        assert A.resolve("auto", x, 64, 100) != "triton"

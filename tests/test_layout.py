@@ -166,3 +166,15 @@ def test_experiment_scripts_import_the_public_api(script):
     assert "sys.path" not in path.read_text()
     out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-800:]
+
+
+def test_setup_installs_every_subpackage_and_data_file():
+    """setup.py names every package under bestrq2/ (a plain ``pip install .`` once left out data and
+    eval) and ships the non-Python files the package reads."""
+    text = (ROOT / "setup.py").read_text()
+    listed = set(re.findall(r'"(bestrq2[\w.]*)"', re.search(r"packages=\[(.*?)\]", text).group(1)))
+    on_disk = {"bestrq2", "bestrq2.kernels"} | {f"bestrq2.{p.parent.name}" for p in (ROOT / "bestrq2").glob("*/__init__.py")}
+    assert listed == on_disk
+    data = {p.name for p in (ROOT / "bestrq2").iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")}
+    shipped = set(re.findall(r'"([\w.]+\.\w+)"', re.search(r"package_data=\{.*?\}", text, re.S).group(0)))
+    assert data <= shipped, data - shipped
