@@ -90,7 +90,7 @@ class _PackedLinearMode(TorchFunctionMode):
         if func is F.linear and len(args) >= 2 and id(args[1]) in self.packed:
             w, b = self.packed[id(args[1])]
             x = args[0]
-            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), w, b, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype).contiguous(), w, b, "none", [], "")
         return func(*args, **kwargs)
 
 
