@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .config import SAMPLE_RATE
+from .cuda_graphs import MODES as GRAPH_MODES
 from .precision import PRECISIONS
 
 
@@ -71,7 +72,8 @@ def _embed(args: argparse.Namespace) -> int:
     from .data.folder import load_audio
     from .encoder import BestRQ2Encoder
 
-    enc = BestRQ2Encoder.from_pretrained(args.model, map_location=args.device, precision=args.precision)
+    enc = BestRQ2Encoder.from_pretrained(args.model, map_location=args.device, precision=args.precision,
+                                         cuda_graphs=args.cuda_graphs)
     print(f"precision: {enc.precision_in_use}")
     wave = torch.from_numpy(load_audio(args.file))[None]
     frames = enc(wave)[0].cpu().numpy()
@@ -311,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--device", default="cpu")
     em.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32 (frontend always fp32)")
+    em.add_argument("--cuda-graphs", default="auto", choices=GRAPH_MODES,
+                    help="on CUDA, replay a captured CUDA graph per clip shape (auto: batch <= 8; see bestrq2.cuda_graphs)")
     em.set_defaults(func=_embed)
 
     ev = sub.add_parser("eval", help="X-ARES-style probe + kNN of a frozen encoder on labelled audio")
