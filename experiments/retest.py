@@ -88,8 +88,10 @@ def write_results(args, per_seed: dict[int, dict], codes: dict) -> None:
     lines = ["# The claim retested: two-step vs one-stage x quantizer input normalisation", "",
              f"Command: `python experiments/retest.py --corpus {args.corpus} --steps {args.steps} --seeds "
              f"{','.join(map(str, args.seeds))} --norms {','.join(args.norms)}` (preset {args.preset}, batch "
-             f"{args.batch_size}, the {args.probe} probe). Seeds scored: {seeds}. Test accuracy in %, mean ± std "
-             "over seeds; differences pooled over seeds, 95% paired bootstrap intervals.", "",
+             f"{args.batch_size}, the {args.probe} probe). Seeds scored: {seeds}"
+             + ("" if len(seeds) == len(args.seeds) else f" of {args.seeds}: **partial**, the other seeds are "
+                "still training") + ". Test accuracy in %, mean ± std over seeds; differences pooled over seeds, "
+             "95% paired bootstrap intervals.", "",
              "| overall | probe | kNN |", "|---|---|---|"]
     lines += [f"| {n} | {cell('overall', n, 'probe')} | {cell('overall', n, 'knn')} |" for n in names]
     lines += ["", "| paired difference (overall) | probe | kNN |", "|---|---|---|"]
@@ -101,6 +103,19 @@ def write_results(args, per_seed: dict[int, dict], codes: dict) -> None:
         summary[f"{a} - {b}"] = d
         fmt = lambda v: f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]" if v else "–"  # noqa: E731
         lines.append(f"| {a} − {b} | {fmt(d.get('probe'))} | {fmt(d.get('knn'))} |")
+    tasks = [t["task"] for t in next(iter(per_seed.values()))["tasks"]]
+    for score in ("probe", "knn"):
+        lines += ["", f"Per task, {score} (mean ± std over seeds):", "",
+                  "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {t} | " + " | ".join(cell(t, n, score) for n in names) + " |" for t in tasks]
+    lines += ["", "Pretext at the end of pretraining (last 10% of steps, mean over seeds): masked-code loss and "
+              "accuracy, and the batch's code perplexity and distinct codes (target health):", "",
+              "| run | loss | accuracy | code perplexity | codes used |", "|---|---|---|---|---|"]
+    for n in configs(args):
+        stats = [pretext(run_dir(args.out, n, s)) for s in seeds]
+        avg = {k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}
+        lines.append(f"| {n} | {avg['loss']:.2f} | {100 * avg['accuracy']:.1f}% | {avg['code_perplexity']:.1f} | "
+                     f"{avg['codes_used']:.0f} |")
     lines += ["", "Code usage of the targets on the corpus (seed-0 quantizer):", "",
               "| rpq_norm | codes used | perplexity | top code | entropy (nats) |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {c['codes_used']} | {c['perplexity']:.1f} | {100 * c['top_share']:.1f}% | "
@@ -113,6 +128,15 @@ def write_results(args, per_seed: dict[int, dict], codes: dict) -> None:
         {"args": {k: str(v) for k, v in vars(args).items()}, "per_seed": per_seed, "paired": summary,
          "codes": codes}, indent=1))
     print("\n".join(lines))
+
+
+def pretext(d: Path) -> dict[str, float]:
+    """Loss, accuracy, code perplexity and codes used over a run's last 10% of steps (metrics.csv)."""
+    import csv
+
+    rows = list(csv.DictReader(open(d / "metrics.csv")))
+    tail = rows[-max(1, len(rows) // 10):]
+    return {k: sum(float(r[k]) for r in tail) / len(tail) for k in ("loss", "accuracy", "code_perplexity", "codes_used")}
 
 
 def plot(args, rows: dict, names: list[str]) -> None:
@@ -145,15 +169,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/retest"))
     ap.add_argument("--results", type=Path, default=Path("experiments/results"))
     ap.add_argument("--train-only", action="store_true", help="pretrain, score nothing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: score and report the seeds whose runs are all finished (while others train)")
     args = ap.parse_args(argv)
     if not (args.corpus / "index.json").exists():
         ap.error(f"--corpus {args.corpus}: no prepared corpus there (bestrq2 prepare --debian default {args.corpus})")
     for seed in args.seeds:  # seed by seed: a partial run still has whole seeds to report
+        if args.report_only:
+            break
         for name in configs(args):
             run_pretrain(run_dir(args.out, name, seed), flags(args, name), args.preset, args.steps, args.batch_size, seed)
     if args.train_only:
         return 0
     per_seed = {s: r for s in args.seeds if (r := evaluate(args, s)) is not None}
+    if not per_seed:
+        print("no seed has all its runs finished: nothing to score yet")
+        return 1
     write_results(args, per_seed, code_usage(args))
     return 0
 
