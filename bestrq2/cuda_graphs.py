@@ -64,16 +64,20 @@ class GraphedFrames:
 
     def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, key: tuple) -> torch.Tensor:
         full_key = (tuple(wave.shape), wave.dtype, wave.device, key)
-        entry = self.graphs.pop(full_key, None)
-        if entry is None:
-            while len(self.graphs) >= self.most:
-                self.graphs.popitem(last=False)
-            entry = self._capture(fn, wave)
-        self.graphs[full_key] = entry  # most recent last
-        graph, static, out = entry
-        static.copy_(wave)
-        graph.replay()
-        return out.clone()
+        # normal tensors whatever the caller's mode: a graph captured under torch.inference_mode would
+        # hold inference tensors that a later call outside it may not copy into, and frames returned
+        # as inference tensors could not feed a trained head
+        with torch.inference_mode(False), torch.no_grad():
+            entry = self.graphs.pop(full_key, None)
+            if entry is None:
+                while len(self.graphs) >= self.most:
+                    self.graphs.popitem(last=False)
+                entry = self._capture(fn, wave)
+            self.graphs[full_key] = entry  # most recent last
+            graph, static, out = entry
+            static.copy_(wave)
+            graph.replay()
+            return out.clone()
 
     def clear(self) -> None:
         self.graphs.clear()

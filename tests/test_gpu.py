@@ -117,9 +117,14 @@ def test_encoder_cuda_graph_replay(precision):
     graphed.load_state_dict(fresh.state_dict())
     torch.testing.assert_close(graphed(wave), fresh(wave), **tol)
     assert graphed._graphed.captures == 3
+    with torch.inference_mode():  # captured inside inference mode, replayed outside it: normal tensors
+        captured = graphed(torch.randn(3, 48_000, device="cuda") * 0.1)
+    assert not captured.is_inference()
+    graphed(torch.randn(3, 48_000, device="cuda") * 0.1)
+    assert graphed._graphed.captures == 4
     graphed(torch.randn(16, 48_000, device="cuda") * 0.1)  # auto: batch > 8 runs eagerly
     graphed(wave, lengths=torch.tensor([48_000, 30_000]))  # padded: eager
-    assert graphed._graphed.captures == 3
+    assert graphed._graphed.captures == 4
 
 
 def test_auto_attention_follows_the_wins_table(monkeypatch):

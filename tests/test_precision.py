@@ -127,3 +127,45 @@ def test_cuda_graph_mode_is_checked_and_off_the_cpu_path():
     with torch.no_grad():
         enc(torch.randn(1, 20_000) * 0.1)
     assert enc._graphed.captures == 0 and not enc._use_graph(1, [20_000], 20_000)
+
+
+def test_graph_cache_bookkeeping_with_a_stand_in_graph(monkeypatch):
+    """GraphedFrames' cache logic on CPU with a stand-in for torch.cuda's graph API (the real capture is
+    tested by the cuda suite): one capture per (shape, key), least recently used evicted past ``most``,
+    the output cloned out of the static buffer, normal tensors even when called in inference mode."""
+    import contextlib
+
+    import bestrq2.cuda_graphs as G
+
+    replays = []
+
+    class FakeGraph:
+        def replay(self):
+            replays.append(1)
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    fake = type("FakeCuda", (), dict(Stream=FakeStream, current_stream=FakeStream, CUDAGraph=FakeGraph,
+                                     stream=lambda s: contextlib.nullcontext(), graph=lambda g: contextlib.nullcontext()))
+    monkeypatch.setattr(G.torch, "cuda", fake)
+    calls = []
+    fn = lambda w: calls.append(w.shape) or w * 2  # noqa: E731
+    g = G.GraphedFrames(most=2)
+    a = torch.ones(1, 4)
+    with torch.inference_mode():
+        out = g(fn, a, ("k",))
+    assert not out.is_inference() and torch.equal(out, a * 2) and g.captures == 1 and len(calls) == 3  # 2 warm-ups
+    again = g(fn, a, ("k",))
+    assert g.captures == 1 and len(replays) == 2 and again.data_ptr() != out.data_ptr()
+    g(fn, a, ("other weights",))
+    g(fn, torch.ones(2, 4), ("k",))
+    assert g.captures == 3 and len(g.graphs) == 2  # the first entry was evicted
+    g(fn, a, ("k",))
+    assert g.captures == 4
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        G.check_mode("always")
