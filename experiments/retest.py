@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 from bestrq2.eval.experiment import (aggregate, experiment_args, finished, floors, mean_std, pooled_paired,
-                                     run_dir, run_pretrain, save_figure, score_builtin)
+                                     pretrain_stats, run_dir, run_pretrain, save_figure, score_builtin)
 
 MODES = {"two_step": [], "one_stage": ["--one-stage"]}
+PRETEXT = ("loss", "accuracy", "code_perplexity", "codes_used")  # metrics.csv columns of the pretext table
 
 
 def configs(args) -> list[str]:
@@ -112,7 +113,7 @@ def write_results(args, per_seed: dict[int, dict], codes: dict) -> None:
               "accuracy, and the batch's code perplexity and distinct codes (target health):", "",
               "| run | loss | accuracy | code perplexity | codes used |", "|---|---|---|---|---|"]
     for n in configs(args):
-        stats = [pretext(run_dir(args.out, n, s)) for s in seeds]
+        stats = [pretrain_stats(run_dir(args.out, n, s), PRETEXT) for s in seeds]
         avg = {k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}
         lines.append(f"| {n} | {avg['loss']:.2f} | {100 * avg['accuracy']:.1f}% | {avg['code_perplexity']:.1f} | "
                      f"{avg['codes_used']:.0f} |")
@@ -128,15 +129,6 @@ def write_results(args, per_seed: dict[int, dict], codes: dict) -> None:
         {"args": {k: str(v) for k, v in vars(args).items()}, "per_seed": per_seed, "paired": summary,
          "codes": codes}, indent=1))
     print("\n".join(lines))
-
-
-def pretext(d: Path) -> dict[str, float]:
-    """Loss, accuracy, code perplexity and codes used over a run's last 10% of steps (metrics.csv)."""
-    import csv
-
-    rows = list(csv.DictReader(open(d / "metrics.csv")))
-    tail = rows[-max(1, len(rows) // 10):]
-    return {k: sum(float(r[k]) for r in tail) / len(tail) for k in ("loss", "accuracy", "code_perplexity", "codes_used")}
 
 
 def plot(args, rows: dict, names: list[str]) -> None:
@@ -174,9 +166,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (args.corpus / "index.json").exists():
         ap.error(f"--corpus {args.corpus}: no prepared corpus there (bestrq2 prepare --debian default {args.corpus})")
-    for seed in args.seeds:  # seed by seed: a partial run still has whole seeds to report
-        if args.report_only:
-            break
+    for seed in [] if args.report_only else args.seeds:  # seed by seed: a partial run still has whole seeds
         for name in configs(args):
             run_pretrain(run_dir(args.out, name, seed), flags(args, name), args.preset, args.steps, args.batch_size, seed)
     if args.train_only:

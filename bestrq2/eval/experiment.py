@@ -49,13 +49,14 @@ def run_pretrain(d: Path, flags: list[str], preset: str, steps: int, batch_size:
     return time.time() - t0
 
 
-def pretrain_stats(d: Path) -> dict[str, float]:
-    """Loss, masked-code accuracy and throughput over the last 10% of a run's steps (metrics.csv)."""
+def pretrain_stats(d: Path, columns: tuple[str, ...] = ("loss", "accuracy", "clips_per_s")) -> dict[str, float]:
+    """Means of metrics.csv ``columns`` (default: loss, masked-code accuracy, throughput) over the last 10%
+    of a run's steps."""
     import csv
 
     rows = list(csv.DictReader(open(d / "metrics.csv")))
     tail = rows[-max(1, len(rows) // 10):]
-    return {k: sum(float(r[k]) for r in tail) / len(tail) for k in ("loss", "accuracy", "clips_per_s")}
+    return {k: sum(float(r[k]) for r in tail) / len(tail) for k in columns}
 
 
 # ------------------------------------------------------------------------------ scoring
