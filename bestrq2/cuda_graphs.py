@@ -7,9 +7,9 @@ shape into a ``torch.cuda.CUDAGraph`` and afterwards replays it: one launch for 
 - Captured: the frontend, the patch grid and the context encoder on equal-length clips (no padding
   mask; ``PatchGrid.positions`` builds those rows on the device, with no host copy or read).
 - A graph reads its weights and buffers at fixed addresses and holds the bf16 weight copies made
-  when it was captured, so each graph is keyed by every parameter's and buffer's identity, storage
-  and version counter (plus the precision): ``load_state_dict``, ``.to()`` or an in-place change
-  recaptures instead of replaying stale weights.
+  when it was captured, so each graph is keyed by ``precision.weights_key`` (every parameter's and
+  buffer's identity, storage and version counter) plus the precision: ``load_state_dict``, ``.to()``
+  or an in-place change recaptures instead of replaying stale weights.
 - The ``most`` most recently used shapes are kept (each holds its own activation memory pool).
 - The output is cloned out of the graph's static buffer, so a later replay does not overwrite it.
 """
@@ -28,11 +28,6 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"cuda_graphs must be one of {MODES}, got {mode!r}")
     return mode
-
-
-def state_key(module: torch.nn.Module) -> tuple:
-    """Identity, storage and version of every parameter and buffer: changes when any weight does."""
-    return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
 class GraphedFrames:

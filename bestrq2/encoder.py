@@ -149,9 +149,9 @@ class BestRQ2Encoder(nn.Module):
         lens = lengths.tolist() if lengths is not None else [t] * b
         if max(lens) <= chunk and b <= max_batch:
             if self._use_graph(b, lens, t):
-                from .cuda_graphs import state_key
+                from .precision import weights_key
 
-                return self._graphed(self._equal_frames, wave, (self.precision, state_key(self)))
+                return self._graphed(self._equal_frames, wave, (self.precision, weights_key(self)))
             return self._frames(wave[:, : max(lens)], lengths)
         # cut every clip into <= 10 s pieces at its own length, run the pieces as padded batches
         pieces = [(i, *piece) for i, n in enumerate(lens) for piece in chunk_plan(n, chunk)]

@@ -57,6 +57,13 @@ def announce(precision: str, device: torch.device, what: str = "encoder") -> tor
     return dtype
 
 
+def weights_key(module: torch.nn.Module) -> tuple:
+    """Identity, storage and version of every parameter and buffer: changes whenever any weight does
+    (``load_state_dict`` and optimizer steps bump the version, ``.to()`` moves the storage). What the cached
+    bf16 copies (``CastWeights``) and captured CUDA graphs (``bestrq2.cuda_graphs``) are keyed by."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
 def packed_linear_available() -> bool:
     """Whether oneDNN's prepacked linear (``torch.ops.mkldnn``, the ops inductor's CPU freezing uses)
     is in this torch build and runs a bf16 matmul here."""
@@ -99,7 +106,7 @@ class CastWeights:
     Under autocast every linear casts its float32 weight to bf16 on every call: for ViT-B at batch 1 on a
     CPU that is 86 M parameters read and written per forward (38% of the bf16 time). ``run`` instead
     uses copies made once, remade only when a weight changes (``load_state_dict``, an optimizer step,
-    ``.to()``: the key holds each weight's identity, storage and version counter):
+    ``.to()``: keyed by ``weights_key``):
 
     - on a CPU with oneDNN (``packed_linear_available``): the bf16 weights prepacked into oneDNN's
       blocked layout, run through its prepacked linear (on a 2-core Xeon with AMX the ViT-B forward's
@@ -120,12 +127,10 @@ class CastWeights:
         return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
 
     def _refresh(self, module: torch.nn.Module, dtype: torch.dtype, pack: bool) -> None:
-        linears = self._linears(module)
-        key = (dtype, pack, tuple((n, id(m.weight), m.weight.data_ptr(), m.weight._version, m.weight.device,
-                                   None if m.bias is None else (id(m.bias), m.bias._version))
-                                  for n, m in linears.items()))
+        key = (dtype, pack, weights_key(module))
         if key == self._key:
             return
+        linears = self._linears(module)
         # normal tensors even when first called inside torch.inference_mode
         with torch.inference_mode(False), torch.no_grad():
             self._weights = {f"{n}.weight" if n else "weight": m.weight.detach().to(dtype)
