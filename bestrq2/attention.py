@@ -4,7 +4,8 @@ Backends, in order of preference on CUDA (``auto``): the ``flash_attn`` package 
 ``flash_attn_func`` / ``flash_attn_varlen_func``), FlashAttention-4 (``flash_attn.cute``), then
 PyTorch SDPA (which itself picks its flash or cuDNN kernel), except where ``attention_wins.json``
 records that this project's Triton kernel beat SDPA on this card for the length, head dim, dtype and
-pass (forward, or forward + backward when training): there ``auto`` takes ``triton``. On CPU: SDPA. Also available when forced:
+pass (forward, or forward + backward when training): there ``auto`` takes ``triton``. On CPU: SDPA.
+Also available when forced:
 ``math`` (scores written out, as the authors' code; the eager baseline) and ``triton`` (this project's
 kernel, ``bestrq2.kernels.attention``; on CPU tensors it needs TRITON_INTERPRET=1).
 

@@ -112,7 +112,7 @@ class BestRQ2Encoder(nn.Module):
                 grid.positions(self.config.encoder_dim, self.config.pos_layout), grid.key_padding)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if dtype is not None and not torch.is_grad_enabled():
-                # the linear weights cast once, not on every call (see precision.CastWeights): same frames
+                # the linear weights cast once, not on every call (see precision.CastWeights)
                 out = self._cast.run(self.encoder, dtype, *args)
             else:
                 out = self.encoder(*args)
@@ -178,7 +178,7 @@ class BestRQ2Encoder(nn.Module):
         """Replay a CUDA graph for this call? CUDA, equal-length clips filling the batch, and the mode."""
         from .cuda_graphs import AUTO_MAX_BATCH
 
-        if self.cuda_graphs == "off" or self.device.type != "cuda" or torch.is_grad_enabled():
+        if self.cuda_graphs == "off" or self.device.type != "cuda":  # (forward runs without gradients)
             return False
         if any(n != samples for n in lens):
             return False
