@@ -93,13 +93,19 @@ def export_onnx(enc, path: str | Path, opset: int = 18) -> Path:
 
 class OnnxEncoder:
     """The exported encoder under onnxruntime, with ``BestRQ2Encoder``'s contract: ``enc(wave, lengths=None)``
-    on float [B, T] 16 kHz audio of any length -> frames [B, T', D] (numpy float32)."""
+    on float [B, T] 16 kHz audio of any length -> frames [B, T', D] (numpy float32). Pieces that feed the
+    same number of samples (equal-length clips, the 10 s chunks of long clips) run as one batch of at most
+    ``max_batch`` rows; a clip's frames do not depend on what it is batched with, up to float32 rounding."""
 
     sampling_rate = SAMPLE_RATE
     hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, max_batch: int = 16) -> None:
         import onnxruntime as ort
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
 
         opts = ort.SessionOptions()
         if threads:
@@ -116,14 +122,25 @@ class OnnxEncoder:
         wave, lengths = check_wave(torch.as_tensor(wave), lengths, None)
         wave = wave.float().numpy()
         lens = lengths.tolist() if lengths is not None else [wave.shape[1]] * wave.shape[0]
-        per_clip = []
-        for i, n in enumerate(lens):
-            frames = []
-            for start, r, fed, keep in chunk_plan(n):
-                piece = np.zeros((1, fed), dtype=np.float32)
-                piece[0, :r] = wave[i, start: start + r]
-                frames.append(self._run(piece)[0, :keep])
-            per_clip.append(np.concatenate(frames))
+        # every clip's pieces, grouped by the samples fed: one session run per group (at most
+        # max_batch rows), so a batch of equal-length clips is one batched run, as in PyTorch
+        plans = [chunk_plan(n) for n in lens]
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for i, plan in enumerate(plans):
+            for j, (_, _, fed, _) in enumerate(plan):
+                groups.setdefault(fed, []).append((i, j))
+        pieces: dict[tuple[int, int], np.ndarray] = {}
+        for fed, members in groups.items():
+            for k in range(0, len(members), self.max_batch):
+                rows = members[k: k + self.max_batch]
+                batch = np.zeros((len(rows), fed), dtype=np.float32)
+                for row, (i, j) in enumerate(rows):
+                    start, r, _, _ = plans[i][j]
+                    batch[row, :r] = wave[i, start: start + r]
+                out = self._run(batch)
+                for row, (i, j) in enumerate(rows):
+                    pieces[i, j] = out[row, : plans[i][j][3]]
+        per_clip = [np.concatenate([pieces[i, j] for j in range(len(plan))]) for i, plan in enumerate(plans)]
         out = np.zeros((len(per_clip), max(len(f) for f in per_clip), per_clip[0].shape[1]), dtype=np.float32)
         for i, f in enumerate(per_clip):
             out[i, : len(f)] = f

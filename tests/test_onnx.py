@@ -70,3 +70,27 @@ def test_onnx_official_layout(tmp_path, fixtures):
     onnx_enc = OnnxEncoder(enc.to_onnx(tmp_path / "official.onnx"))
     for clip in ("short", "batch"):
         _close(enc, onnx_enc, wave_of(fixtures, clip))
+
+
+def test_onnx_batches_pieces_of_equal_length(exported):
+    """Equal-length pieces (clips, 10 s chunks of long clips) run as one batch of at most max_batch rows,
+    and each clip's frames match the clip run alone (float32 rounding of a different GEMM batch)."""
+    from bestrq2.onnx import OnnxEncoder
+
+    _, onnx_enc = exported
+    batched = OnnxEncoder.__new__(OnnxEncoder)
+    batched.session, batched.max_batch = onnx_enc.session, 2
+    calls = []
+    run = batched._run
+    batched._run = lambda w: calls.append(w.shape) or run(w)
+    lengths = torch.tensor([200_000, 50_000, 160_000, 160_000])
+    wave = torch.randn(4, 200_000) * 0.1
+    out = batched(wave.numpy(), lengths)
+    # 10 s pieces: clip 0's first chunk, clips 2 and 3 -> 2 runs of <= 2 rows; the 40,000 and 50,000 pieces
+    assert sorted(calls) == sorted([(2, 160_000), (1, 160_000), (1, 40_000), (1, 50_000)]), calls
+    for i, n in enumerate(lengths.tolist()):
+        alone = onnx_enc(wave[i: i + 1, :n].numpy())[0]
+        np.testing.assert_allclose(out[i, : len(alone)], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+        assert not out[i, len(alone):].any()
+    with pytest.raises(ValueError, match="max_batch"):
+        OnnxEncoder("unused.onnx", max_batch=0)
