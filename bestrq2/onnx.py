@@ -2,9 +2,10 @@
 
 The exported graph maps a waveform batch [B, T] (float32, 16 kHz, one clip of at most 10 s per row,
 T >= MIN_SAMPLES = 9375) to frames [B, W, D] with W = floor((1 + T // 625) / 16): the encoder's ``_frames`` on
-equal-length clips. The STFT is written as a strided 1-D convolution with the windowed, normalised
-DFT basis (ONNX's STFT op has no complex output that every runtime takes), so the spectrogram differs
-from ``torch.stft``'s FFT by float32 rounding only. ``OnnxEncoder`` runs the file with onnxruntime and
+equal-length clips. The STFT is written as a two-stage DFT in matmuls (``FactoredLogMel``; ONNX's STFT
+op has no complex output that every runtime takes, and onnxruntime's ran 4x slower than the strided
+convolution with the DFT basis used before, which this one halves), so the spectrogram differs from
+``torch.stft``'s FFT by float32 rounding only. ``OnnxEncoder`` runs the file with onnxruntime and
 does what the graph leaves to the caller, as ``BestRQ2Encoder`` does: clips longer than 10 s cut into
 10 s chunks (a tail under 1 s zero-padded to 1 s, one frame), padded batches by ``lengths``.
 Needs the ``onnx`` extra: ``pip install 'bestrq2[onnx]'`` (onnx, onnxscript, onnxruntime).
@@ -26,26 +27,52 @@ from .frontend import AMIN, patchify, truncate_to_patches
 from .positions import sincos_2d
 
 
-class ConvLogMel(nn.Module):
-    """The log-mel frontend with the STFT as conv1d over the reflect-padded wave: [B, T] -> [B, 128, frames]."""
+N1, N2 = 32, 64  # the 2048-point DFT as 32 x 64: sample n = N2 * n1 + n2, bin k = k1 + N1 * k2
+K2 = (N_FFT // 2) // N1 + 1  # 33 values of k2 reach bin 1024 (the bins past it are dropped)
+
+
+class FactoredLogMel(nn.Module):
+    """The log-mel frontend with the STFT as a two-stage (32 x 64, Cooley-Tukey) DFT written in matmuls:
+    [B, T] -> [B, 128, frames]. Frames are cut with slices (no gather); stage 1 is a 32-point DFT over
+    n1 for every n2, the twiddles W_2048^(n2 k1) an elementwise complex product, stage 2 a 64-point DFT
+    over n2 keeping the 33 k2 that reach bin 1024; the mel matrix is reordered to (k1, k2). About 0.3
+    GFLOP per 10 s clip where the direct DFT basis took 2.2, and closer to the FFT's float32 error."""
 
     def __init__(self, window: torch.Tensor, fb: torch.Tensor) -> None:
         super().__init__()
-        n = torch.arange(N_FFT, dtype=torch.float64)
-        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
-        ang = 2 * math.pi * k[:, None] * n[None, :] / N_FFT
-        w = window.double() / window.double().pow(2).sum().sqrt()  # torchaudio's normalized=True
-        basis = torch.cat([torch.cos(ang) * w, -torch.sin(ang) * w])  # [2 * 1025, 2048]
-        self.register_buffer("basis", basis.float()[:, None, :])
-        self.register_buffer("fb", fb.float())
+        f64 = torch.float64
+        n1, k1, n2, k2 = (torch.arange(v, dtype=f64) for v in (N1, N1, N2, K2))
+        a1 = 2 * math.pi * k1[:, None] * n1[None, :] / N1  # [32 k1, 32 n1]
+        at = 2 * math.pi * k1[:, None] * n2[None, :] / N_FFT  # twiddles, [32 k1, 64 n2]
+        a2 = 2 * math.pi * n2[:, None] * k2[None, :] / N2  # [64 n2, 33 k2]
+        c2, s2 = torch.cos(a2), -torch.sin(a2)
+        k = (k1[:, None] + N1 * k2[None, :]).long().reshape(-1)  # the bin of (k1, k2), flat k1 * 33 + k2
+        keep = k <= N_FFT // 2
+        fb_k = torch.zeros(N1 * K2, fb.shape[1], dtype=f64)
+        fb_k[keep] = fb.double()[k[keep]]
+        bufs = {"window": window.double() / window.double().pow(2).sum().sqrt(),  # torchaudio's normalized=True
+                "d1_re": torch.cos(a1), "d1_im": -torch.sin(a1), "tw_re": torch.cos(at), "tw_im": -torch.sin(at),
+                # stage 2 takes [re | im] over n2 (128) to the real and imaginary parts over k2
+                "d2_re": torch.cat([c2, -s2]), "d2_im": torch.cat([s2, c2]), "fb_k": fb_k}
+        for name, t in bufs.items():
+            self.register_buffer(name, t.float())
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        x = F.pad(wave[:, None, :], (N_FFT // 2, N_FFT // 2), mode="reflect")
-        spec = F.conv1d(x, self.basis, stride=HOP)  # [B, 2 * 1025, frames]
-        re, im = spec.chunk(2, dim=1)
-        power = re * re + im * im
-        mel = torch.matmul(power.transpose(1, 2), self.fb).transpose(1, 2)
-        return 10.0 * torch.log10(torch.clamp(mel, min=AMIN))
+        x = F.pad(wave[:, None, :], (N_FFT // 2, N_FFT // 2), mode="reflect")[:, 0]
+        n = 1 + wave.shape[-1] // HOP
+        # frame f = x[625 f : 625 f + 2048] = rows f, f+1, f+2 of x cut into 625-sample rows and the first
+        # 173 samples of row f+3 (the 625 zeros make that row exist for the last frame; they are never read)
+        x = F.pad(x, (0, HOP))
+        rows = x[:, : (x.shape[-1] // HOP) * HOP].reshape(x.shape[0], -1, HOP)
+        full, rest = divmod(N_FFT, HOP)
+        frames = torch.cat([rows[:, i: i + n] for i in range(full)] + [rows[:, full: full + n, :rest]], dim=-1)
+        frames = (frames * self.window).reshape(x.shape[0], n, N1, N2)  # [B, F, 32 n1, 64 n2]
+        y_re, y_im = self.d1_re @ frames, self.d1_im @ frames  # [B, F, 32 k1, 64 n2]
+        z = torch.cat([y_re * self.tw_re - y_im * self.tw_im, y_re * self.tw_im + y_im * self.tw_re], dim=-1)
+        re, im = z @ self.d2_re, z @ self.d2_im  # [B, F, 32 k1, 33 k2]
+        power = (re * re + im * im).reshape(x.shape[0], n, N1 * K2)
+        mel = power @ self.fb_k  # [B, F, 128]
+        return (10.0 * torch.log10(torch.clamp(mel, min=AMIN))).transpose(1, 2)
 
 
 class _ExportedFrames(nn.Module):
@@ -55,7 +82,7 @@ class _ExportedFrames(nn.Module):
 
     def __init__(self, enc) -> None:
         super().__init__()
-        self.frontend = ConvLogMel(enc.frontend.window, enc.frontend.fb)
+        self.frontend = FactoredLogMel(enc.frontend.window, enc.frontend.fb)
         plain = {op: "reference" for op in OPS} | {"attention": "math"}
         with torch.random.fork_rng(devices=[]):
             self.encoder = ContextEncoder(dataclasses.replace(enc.config, kernels=plain))
