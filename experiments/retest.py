@@ -36,39 +36,63 @@ def flags(args, name: str) -> list[str]:
 
 def evaluate(args, seed: int) -> dict | None:
     """Every configuration's encoder of this seed and the floors, cached in OUT/eval-s<seed>.json; None
-    until all of the seed's runs are finished."""
+    until all of the seed's runs are finished. A cache that lacks some configurations (a norm added
+    later) gets only those scored and merged in: each encoder's scores do not depend on the others'."""
     path = args.out / f"eval-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    cached = json.loads(path.read_text()) if path.exists() else None
     names = configs(args)
-    if not all(finished(run_dir(args.out, n, seed), args.steps) for n in names):
+    have = set(cached["summary"]["overall"]) if cached else set()
+    todo = [n for n in names if f"{n}/probe" not in have]
+    if not todo:
+        return cached
+    if not all(finished(run_dir(args.out, n, seed), args.steps) for n in todo):
         return None
     from bestrq2.encoder import BestRQ2Encoder
 
-    encoders = {n: BestRQ2Encoder.from_pretrained(run_dir(args.out, n, seed) / "encoder") for n in names}
-    encoders.update(floors(encoders[names[0]].config, seed))
+    encoders = {n: BestRQ2Encoder.from_pretrained(run_dir(args.out, n, seed) / "encoder") for n in todo}
+    if cached is None:
+        encoders.update(floors(encoders[todo[0]].config, seed))
     results, summary = score_builtin(encoders, seed=seed, probe=args.probe, epochs=args.epochs, cache=args.cache,
                                      names=args.tasks, limit=args.limit)
     res = {"tasks": [r.__dict__ for r in results], "summary": summary}
+    if cached is not None:
+        res = merge_scores(cached, res)
     path.write_text(json.dumps(res, indent=1))
     return res
 
 
-def code_usage(args) -> dict:
-    """Code usage of each normalisation's targets on the corpus (seed-0 quantizer, 256 clips)."""
-    path = args.out / "codes.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from bestrq2.codes import run
+def merge_scores(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s encoders added: the same tasks in the same order, every per-encoder field
+    (scores, intervals, hits, probe strengths) and summary scope updated."""
+    if [t["task"] for t in old["tasks"]] != [t["task"] for t in new["tasks"]]:
+        raise ValueError("cannot merge scores of different task lists")
+    for t_old, t_new in zip(old["tasks"], new["tasks"]):
+        if t_old["n_test"] != t_new["n_test"]:
+            raise ValueError(f"{t_old['task']}: {t_old['n_test']} test clips cached, {t_new['n_test']} now")
+        for k, v in t_new.items():
+            if isinstance(v, dict):
+                t_old.setdefault(k, {}).update(v)
+    for scope, vals in new["summary"].items():
+        old["summary"].setdefault(scope, {}).update(vals)
+    return old
 
-    out = {}
-    for norm in args.norms:
-        # "bin" needs the statistics a run estimated: take them from that run's checkpoint
-        d = run_dir(args.out, f"two_step-{norm}", 0)
-        res = run([str(args.corpus)], run_dir=str(d) if norm == "bin" else None, seed=0, rpq_norm=norm)
-        out[norm] = {k: res["overall"][k] for k in ("codes_used", "perplexity", "top_share", "entropy_nats")}
-    path.write_text(json.dumps(out, indent=1))
-    return out
+
+def code_usage(args) -> dict:
+    """Code usage of each normalisation's targets on the corpus (seed-0 quantizer, 256 clips), cached in
+    OUT/codes.json; a norm the cache lacks is measured and added."""
+    path = args.out / "codes.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    todo = [n for n in args.norms if n not in out]
+    if todo:
+        from bestrq2.codes import run
+
+        for norm in todo:
+            # "bin" needs the statistics a run estimated: take them from that run's checkpoint
+            d = run_dir(args.out, f"two_step-{norm}", 0)
+            res = run([str(args.corpus)], run_dir=str(d) if norm == "bin" else None, seed=0, rpq_norm=norm)
+            out[norm] = {k: res["overall"][k] for k in ("codes_used", "perplexity", "top_share", "entropy_nats")}
+        path.write_text(json.dumps(out, indent=1))
+    return {n: out[n] for n in args.norms}
 
 
 def seed_diffs(rows: dict, a: str, b: str, score: str) -> list[float]:

@@ -554,3 +554,27 @@ def test_dig_neighbour_model_reads_the_context():
     assert res["neighbour"]["accuracy"] > 0.99 and res["neighbour"]["loss"] < 0.1
     assert 0.1 < res["row_unigram"]["accuracy"] < 0.45 and res["row_unigram"]["loss"] > 1.2
     assert set(res["neighbour_by_beta"]) == {"1", "5", "20", "100"}
+
+
+def test_retest_merges_a_later_norm_into_a_seed_cache():
+    """experiments/retest.py scores only the encoders a seed's cache lacks and merges them in: every
+    per-encoder field and summary scope gains the new keys, the old ones stay; mismatched tasks refuse."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("retest", Path(__file__).parents[1] / "experiments" / "retest.py")
+    retest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retest)
+
+    def cache(enc, acc, n_test=4):
+        task = {"task": "t", "domain": "music", "n_test": n_test, "scores": {f"{enc}/probe": acc},
+                "hits": {f"{enc}/probe": [1, 0, 1, 0]}, "l2": {enc: 1.0}, "probe": "logistic"}
+        return {"tasks": [task], "summary": {"overall": {f"{enc}/probe": acc}, "music": {f"{enc}/probe": acc}}}
+
+    merged = retest.merge_scores(cache("a", 0.5), cache("b", 0.75))
+    t = merged["tasks"][0]
+    assert t["scores"] == {"a/probe": 0.5, "b/probe": 0.75} and set(t["hits"]) == {"a/probe", "b/probe"}
+    assert t["l2"] == {"a": 1.0, "b": 1.0} and t["probe"] == "logistic"
+    assert merged["summary"]["overall"] == {"a/probe": 0.5, "b/probe": 0.75}
+    with pytest.raises(ValueError, match="test clips"):
+        retest.merge_scores(cache("a", 0.5), cache("b", 0.75, n_test=5))
