@@ -47,12 +47,11 @@ def versions() -> str:
         pass
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
-    try:
-        import flash_attn
-
-        v["flash_attn"] = flash_attn.__version__
-    except ImportError:
-        pass
+    for name in ("flash_attn", "onnxruntime"):  # optional: recorded where installed
+        try:
+            v[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return json.dumps(v, separators=(",", ":"))
 
 

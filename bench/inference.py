@@ -1,7 +1,7 @@
 """Encoder inference throughput: clips/s and ms per 10 s clip at batch 1 and 8 (and 64 on CUDA).
 
-eager: the authors' formulation (attention scores written out, float32). fast: SDPA in
-``torch.inference_mode`` (CPU), plus bf16 and the best attention backend on CUDA; on CUDA also
+eager: the authors' formulation (attention scores written out, float32, plain ``F.linear``). fast: SDPA in
+``torch.inference_mode`` with the linears on oneDNN-prepacked float32 weights (CPU), plus bf16 and the best attention backend on CUDA; on CUDA also
 cuda_graph (fast replayed from a captured CUDA graph). On CPU also bf16 (where the CPU has AMX /
 AVX512-BF16) and onnxruntime. On CPU the providers are timed
 alternately (one run each per round) so that a shared machine's drift hits all alike. All run the
@@ -36,6 +36,7 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
     batches = [1, 2] if smoke else ([1, 8, 64] if device.type == "cuda" else [1, 8])
     torch.manual_seed(0)
     eager = BestRQ2Encoder(BestRQ2Config.preset(preset, kernels={"attention": "math"})).to(device).eval()
+    eager.prepack_cpu_weights = False  # the plain F.linear path (fast, bf16: oneDNN-prepacked weights on CPU)
     on_cuda = device.type == "cuda"
     # the encoder's own precision switch (an outer autocast would be undone by its fp32 setting)
     fast = BestRQ2Encoder(BestRQ2Config.preset(preset), precision="bf16" if on_cuda else "fp32",

@@ -64,28 +64,27 @@ def weights_key(module: torch.nn.Module) -> tuple:
     return tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
-def packed_linear_available() -> bool:
+def packed_linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether oneDNN's prepacked linear (``torch.ops.mkldnn``, the ops inductor's CPU freezing uses)
-    is in this torch build and runs a bf16 matmul here."""
-    global _PACKED_OK
-    if _PACKED_OK is None:
+    is in this torch build and runs a ``dtype`` (bf16 or float32) matmul here."""
+    if dtype not in _PACKED_OK:
         try:
-            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=torch.bfloat16), 4)
-            y = torch.ops.mkldnn._linear_pointwise(torch.ones(3, 16, dtype=torch.bfloat16), w,
-                                                   torch.zeros(8, dtype=torch.bfloat16), "none", [], "")
-            _PACKED_OK = bool(torch.backends.mkldnn.is_available()) and tuple(y.shape) == (3, 8) and \
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=dtype), 4)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(3, 16, dtype=dtype), w,
+                                                   torch.zeros(8, dtype=dtype), "none", [], "")
+            _PACKED_OK[dtype] = bool(torch.backends.mkldnn.is_available()) and tuple(y.shape) == (3, 8) and \
                 bool((y == 16).all())
         except (AttributeError, RuntimeError, NotImplementedError):
-            _PACKED_OK = False
-    return _PACKED_OK
+            _PACKED_OK[dtype] = False
+    return _PACKED_OK[dtype]
 
 
-_PACKED_OK: bool | None = None
+_PACKED_OK: dict[torch.dtype, bool] = {}
 
 
 class _PackedLinearMode(TorchFunctionMode):
-    """Routes ``F.linear`` calls whose weight is in ``packed`` ({id(weight): (packed weight, bf16 bias)})
-    to oneDNN's prepacked bf16 linear; every other call runs as usual."""
+    """Routes ``F.linear`` calls whose weight is in ``packed`` ({id(weight): (packed weight, bias in its
+    dtype)}) to oneDNN's prepacked linear; every other call runs as usual."""
 
     def __init__(self, packed: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         super().__init__()
@@ -101,26 +100,40 @@ class _PackedLinearMode(TorchFunctionMode):
 
 
 class CastWeights:
-    """Low-precision copies of a module's ``nn.Linear`` weights, made once and reused for inference.
+    """Inference copies of a module's ``nn.Linear`` weights, made once and reused: bf16 copies, and on a
+    CPU the weights prepacked for oneDNN (bf16 or float32).
 
     Under autocast every linear casts its float32 weight to bf16 on every call: for ViT-B at batch 1 on a
     CPU that is 86 M parameters read and written per forward (38% of the bf16 time). ``run`` instead
     uses copies made once, remade only when a weight changes (``load_state_dict``, an optimizer step,
     ``.to()``: keyed by ``weights_key``):
 
-    - on a CPU with oneDNN (``packed_linear_available``): the bf16 weights prepacked into oneDNN's
-      blocked layout, run through its prepacked linear (on a 2-core Xeon with AMX the ViT-B forward's
-      linears took 230 ms instead of 420 at batch 8); biases in bf16, as autocast gives them. Same
-      products, oneDNN's order.
-    - elsewhere (CUDA): the bf16 weights handed to ``torch.func.functional_call``; bit-identical to
-      autocast's own per-call cast.
+    - on a CPU with oneDNN (``packed_linear_available``) and ``pack``: the weights (bf16, or float32 as
+      they are) prepacked into oneDNN's blocked layout and run through its prepacked linear. bf16: on a
+      2-core Xeon with AMX the ViT-B forward's linears took 230 ms instead of 420 at batch 8; biases in
+      bf16, as autocast gives them. float32: on a 2-core AMD EPYC (no AMX) the ViT-B forward ran 1.25-1.3x
+      faster than through ``F.linear`` (MKL); on the AMX Xeon it was even. Same products, oneDNN's
+      summation order. Costs a packed copy of every linear weight (2 bytes a weight in bf16, 4 in float32).
+    - elsewhere (CUDA, or ``pack=False``): the bf16 weights handed to ``torch.func.functional_call``;
+      bit-identical to autocast's own per-call cast.
 
-    Costs 2 bytes a weight. Inference only: callers use it with gradients off."""
+    Inference only: callers use it with gradients off."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._weights: dict[str, torch.Tensor] = {}
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    # the copies are derived data, and oneDNN's packed tensors cannot be copied or pickled: a copied
+    # encoder (copy.deepcopy, pickle) starts with an empty cache and remakes it on its first call
+    def __deepcopy__(self, memo) -> "CastWeights":
+        return CastWeights()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     @staticmethod
     def _linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -150,10 +163,11 @@ class CastWeights:
         self._refresh(module, dtype, pack=False)
         return self._weights
 
-    def run(self, module: torch.nn.Module, dtype: torch.dtype, *args):
-        """``module(*args)`` under the caller's autocast, its linears on the cached low-precision weights."""
+    def run(self, module: torch.nn.Module, dtype: torch.dtype, *args, pack: bool = True):
+        """``module(*args)`` under the caller's autocast, its linears on the cached ``dtype`` weights
+        (prepacked on a CPU when ``pack`` and oneDNN runs that dtype)."""
         device = next(module.parameters()).device
-        if device.type == "cpu" and dtype == torch.bfloat16 and packed_linear_available():
+        if pack and device.type == "cpu" and packed_linear_available(dtype):
             self._refresh(module, dtype, pack=True)
             with _PackedLinearMode(self._packed):
                 return module(*args)

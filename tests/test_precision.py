@@ -66,7 +66,7 @@ def _bf16_frames_per_call_cast(enc, wave):
     """The bf16 frames as plain autocast gives them: every linear casts its float32 weight per call."""
     orig = P.CastWeights.run
     try:
-        P.CastWeights.run = lambda self, module, dtype, *args: module(*args)
+        P.CastWeights.run = lambda self, module, dtype, *args, pack=True: module(*args)
         with torch.no_grad():
             return enc(wave)
     finally:
@@ -90,7 +90,7 @@ def test_bf16_weights_cast_once_same_frames_and_error(monkeypatch):
     assert fast.dtype == torch.float32 and fast.shape == ref64.shape
     assert 0 < err(per_call) and err(fast) <= 2 * err(per_call), (err(fast), err(per_call))
     assert bool(enc._cast._packed) == P.packed_linear_available()
-    monkeypatch.setattr(P, "packed_linear_available", lambda: False)  # the CUDA-style path: functional_call
+    monkeypatch.setattr(P, "packed_linear_available", lambda dtype=None: False)  # the CUDA-style path: functional_call
     enc._cast.clear()
     with torch.no_grad():
         assert torch.equal(enc(wave), per_call)
@@ -103,7 +103,7 @@ def test_bf16_weight_cache_follows_weight_changes(monkeypatch, packed):
     the new weights, never stale ones."""
     if packed and not P.packed_linear_available():
         pytest.skip("this torch build has no oneDNN prepacked linear")
-    monkeypatch.setattr(P, "packed_linear_available", lambda: packed)
+    monkeypatch.setattr(P, "packed_linear_available", lambda dtype=None: packed)
     torch.manual_seed(1)
     a = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1), precision="bf16")
     b = BestRQ2Encoder(a.config, precision="bf16")
@@ -117,6 +117,50 @@ def test_bf16_weight_cache_follows_weight_changes(monkeypatch, packed):
         changed = a(wave)
     assert not torch.equal(changed, out_b)
     torch.testing.assert_close(changed, _bf16_frames_per_call_cast(a, wave), rtol=0, atol=0.05)
+
+
+def test_fp32_inference_on_prepacked_weights(monkeypatch):
+    """Float32 inference on a CPU runs the linears on weights prepacked once for oneDNN: frames within the
+    float32 bound of the plain ``F.linear`` path (error against a float64 copy at most 2x the plain path's,
+    plus one rounding), the cache follows weight changes, a copied encoder starts with an empty cache,
+    training (gradients on) and ``prepack_cpu_weights = False`` never touch it."""
+    import copy
+
+    from conftest import F32_ROUNDING, float64_twin
+
+    if not P.packed_linear_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN prepacked float32 linear")
+    torch.manual_seed(2)
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2))
+    wave = torch.randn(3, 37_000) * 0.1
+    with torch.no_grad():
+        exact = float64_twin(enc)(wave.double())
+        packed = enc(wave)
+        assert enc._cast._packed and all(w.dtype == torch.float32 for w, _ in enc._cast._packed.values())
+        enc.prepack_cpu_weights = False
+        enc._cast.clear()
+        plain = enc(wave)
+        assert not enc._cast._packed
+        enc.prepack_cpu_weights = True
+    scale = float(exact.abs().max())
+    e_packed, e_plain = (float((o.double() - exact).abs().max()) / scale for o in (packed, plain))
+    assert e_plain < 1e-5 and e_packed <= 2 * e_plain + F32_ROUNDING, (e_packed, e_plain)
+
+    twin = copy.deepcopy(enc)  # the packed tensors are not copied; the copy packs its own
+    assert not twin._cast._packed
+    with torch.no_grad():
+        torch.testing.assert_close(twin(wave), packed, rtol=0, atol=0)
+        enc.encoder.blocks[0].mlp.fc1.weight.mul_(2.0)  # in place: the cache must notice
+        changed = enc(wave)
+        enc.prepack_cpu_weights = False
+        changed_plain = enc(wave)
+    assert not torch.equal(changed, packed)
+    torch.testing.assert_close(changed, changed_plain, rtol=0, atol=1e-5 * float(changed_plain.abs().max()))
+
+    enc.prepack_cpu_weights = True
+    enc._cast.clear()
+    tok = enc.tokens(wave)  # gradients on: the training path, plain modules
+    assert tok.requires_grad and not enc._cast._packed
 
 
 def test_cuda_graph_mode_is_checked_and_off_the_cpu_path():
