@@ -117,3 +117,28 @@ def test_factored_stft_matches_the_frontend(samples):
     e_out = float((power(out) - power(exact)).abs().max()) / scale
     e_ref = float((power(ref) - power(exact)).abs().max()) / scale
     assert e_out <= 2 * e_ref + 1e-7, (e_out, e_ref)
+
+
+def test_split_k_linear_is_the_same_function(tmp_path):
+    """Wide linears go to ONNX as two half-K matmuls (``SplitKLinear``, faster in onnxruntime's GEMM): the
+    same function within float32 rounding (error against float64 at most 2x ``F.linear``'s, plus one
+    rounding), and an encoder with a wide MLP exports with it and matches the PyTorch frames."""
+    from conftest import F32_ROUNDING
+
+    from bestrq2.onnx import SPLIT_K_FROM, OnnxEncoder, SplitKLinear, _ExportedFrames
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(2 * 1537 + 1, 96)  # odd K: the halves differ by one feature
+    split = SplitKLinear(lin)
+    x = torch.randn(5, 7, lin.in_features)
+    with torch.no_grad():
+        exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        scale = float(exact.abs().max())
+        e_lin = float((lin(x).double() - exact).abs().max()) / scale
+        e_split = float((split(x).double() - exact).abs().max()) / scale
+    assert e_split <= 2 * e_lin + F32_ROUNDING, (e_split, e_lin)
+
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1, mlp_ratio=12.0)).eval()  # fc2: 2,304 inputs
+    assert enc.encoder.blocks[0].mlp.fc2.in_features >= SPLIT_K_FROM
+    assert isinstance(_ExportedFrames(enc).encoder.blocks[0].mlp.fc2, SplitKLinear)
+    _close(enc, OnnxEncoder(enc.to_onnx(tmp_path / "wide.onnx")), torch.randn(2, 48_000) * 0.1)
