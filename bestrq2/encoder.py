@@ -32,6 +32,12 @@ def chunk_plan(num_samples: int, chunk: int = 10 * SAMPLE_RATE) -> list[tuple[in
     return plan
 
 
+def join_clips(per_clip: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Each clip's pieces' frames ([frames kept, D] each, in ``chunk_plan`` order) joined in time and
+    zero-padded to the longest clip: [B, T', D]. Shared by ``BestRQ2Encoder`` and ``onnx.OnnxEncoder``."""
+    return nn.utils.rnn.pad_sequence([torch.cat(pieces, dim=0) for pieces in per_clip], batch_first=True)
+
+
 class BestRQ2Encoder(nn.Module):
     """Frozen-use encoder: frontend + context encoder (patch embedding + ViT; no predictor, no head).
 
@@ -179,11 +185,7 @@ class BestRQ2Encoder(nn.Module):
         per_clip: list[list[torch.Tensor]] = [[] for _ in range(b)]
         for (i, _, _, _, keep), fr in zip(pieces, outs):
             per_clip[i].append(fr[:keep])
-        joined = [torch.cat(p, dim=0) for p in per_clip]
-        out = wave.new_zeros(b, max(j.shape[0] for j in joined), self.output_dim)
-        for i, j in enumerate(joined):
-            out[i, : j.shape[0]] = j
-        return out
+        return join_clips(per_clip)
 
     def _equal_frames(self, wave: torch.Tensor) -> torch.Tensor:
         return self._frames(wave, None)

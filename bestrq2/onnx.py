@@ -168,7 +168,7 @@ class OnnxEncoder:
         return self.session.run(["frames"], {"wave": np.ascontiguousarray(wave, dtype=np.float32)})[0]
 
     def __call__(self, wave, lengths=None) -> np.ndarray:
-        from .encoder import chunk_plan
+        from .encoder import chunk_plan, join_clips
         from .inputs import check_wave
 
         wave, lengths = check_wave(torch.as_tensor(wave), lengths, None)
@@ -192,8 +192,5 @@ class OnnxEncoder:
                 out = self._run(batch)
                 for row, (i, j) in enumerate(rows):
                     pieces[i, j] = out[row, : plans[i][j][3]]
-        per_clip = [np.concatenate([pieces[i, j] for j in range(len(plan))]) for i, plan in enumerate(plans)]
-        out = np.zeros((len(per_clip), max(len(f) for f in per_clip), per_clip[0].shape[1]), dtype=np.float32)
-        for i, f in enumerate(per_clip):
-            out[i, : len(f)] = f
-        return out
+        return join_clips([[torch.from_numpy(pieces[i, j]) for j in range(len(plan))]
+                           for i, plan in enumerate(plans)]).numpy()
