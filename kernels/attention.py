@@ -68,7 +68,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sq_t, sq_h, sk
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        _, _, nmask, _, _, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
+        _len_n, _first_n, nmask, _offs_n, _dmask_n, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
         s = _dot(q, tl.trans(kb), DOT_FP32) * qk_scale
@@ -181,7 +181,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, d
     dk = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     dv = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     for m0 in range(0, seqlen, BLOCK_M):
-        _, _, mmask, _, _, rows = _seq_block(cu_ptr, b, m0, D, BLOCK_M, D_PAD)
+        # names bound only in the loop: one bound before it (as ``_`` is) would be loop-carried, and the
+        # compiler (not the interpreter) rejects a loop-carried value whose type changes
+        _len_m, _first_m, mmask, _offs_m, _dmask_m, rows = _seq_block(cu_ptr, b, m0, D, BLOCK_M, D_PAD)
         q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, DOT_FP32)
         do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, DOT_FP32)
         lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
@@ -207,16 +209,20 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, cu_
     lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        _, _, nmask, _, _, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
+        _len_n, _first_n, nmask, _offs_n, _dmask_n, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, DOT_FP32)
-        _, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32)
+        _p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32)
         dq += _dot(ds.to(kb.dtype), kb, DOT_FP32) * scale
     _store3(dq_ptr, dq_ptr, dq_ptr, dq, dq, dq, rows, rows, sdq_t, sdq_h, sdq_t, sdq_h, h, offs_d, mmask, mmask,
             dmask, WITH_DQ=True, WITH_DKDV=False)
 
 
 ONE_TILE_MAX = 128  # sequences up to this length: one tile per (head, sequence), one backward kernel
+# float32 inputs (exact IEEE dots) on a GPU: the one-tile backward at 128 needs 229,376 B of shared memory
+# (ptxas for sm_90 and sm_80, `python -m bench.gpu_compile`): over an A100's 166,912 B per block and 3 KB
+# under an H100's. Above 64 tokens float32 takes the two-kernel backward with 64 x 64 tiles (82 KB).
+ONE_TILE_MAX_FP32 = 64
 
 
 def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
@@ -273,6 +279,8 @@ def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     bm, bn, d_pad, launch = _cfg(max_seqlen, d)
     fp32 = _dot_fp32(q)
     scales = (d ** -0.5, d ** -0.5 * LOG2E)
+    if fp32 and not interpreting() and max(bm, bn) > ONE_TILE_MAX_FP32:  # see ONE_TILE_MAX_FP32
+        bm, bn, launch = 64, 64, {"num_warps": 4, "num_stages": 2}
     if max_seqlen <= ONE_TILE_MAX and bm >= max_seqlen and bn >= max_seqlen:
         wrap_triton(_attn_bwd_one_tile_kernel)[(h, b)](
             q, k, v, o, do, lse, dq, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), *_st(do), *_st(dq),

@@ -1,0 +1,231 @@
+"""python -m bench.gpu_compile: compile every Triton kernel launch of the GPU paths for real GPU targets,
+on a machine without a GPU. Device time is scarce (a lent GPU gives a session about 15 minutes); a kernel
+that fails to compile, or asks for more shared memory than the card has, should not be found there.
+
+How: with ``TRITON_INTERPRET`` unset, the launchers pick the configs they pick on a GPU (block sizes,
+warps, stages, tensor-core dots, no interpreter workarounds). ``JITFunction.run`` is replaced by a recorder,
+so every launch is captured (kernel, argument types, constexprs, launch options) instead of run; the ops
+are called with CPU tensors as stand-ins, their outputs left unwritten. Scenarios: a forward and backward of
+a one-block ViT-B model (every kernel on Triton, bf16 autocast as in GPU training, and float32), the
+attention at 64, 128 and 256 tokens, the RPQ with and without splits, the head at K 8,192. Each distinct
+launch is then compiled with ``triton.compile`` for each target (ptxas, bundled with triton, makes the cubin)
+and its shared memory compared with the target's per-block limit.
+
+Not checked: runtime faults, numerics and speed (those need the card); integer specialisation (the JIT
+treats a 1 and multiples of 16 specially; here every int is a plain i32 / i64). Exit status 1 on any
+failure. ``--arch 90 80``: targets (sm_90: H100/H200, sm_80: A100).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}  # bytes per block (opt-in max)
+
+
+def _capture() -> list[tuple]:
+    """Run the scenarios with launches recorded instead of run: [(kernel, args, kwargs)]."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    launches: list[tuple] = []
+
+    def record(self, *args, grid, warmup, **kwargs):  # noqa: ARG001 (grid: runtime only)
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    import bestrq2.kernels as K
+    from bestrq2.kernels import _dispatch
+
+    def use_triton(*tensors, impl=None):  # the Triton path for every non-float64 input, CPU stand-ins included
+        return _dispatch.backend(impl) != "reference" and not any(t.dtype == torch.float64 for t in tensors)
+
+    original = _dispatch.use_triton
+    for m in [sys.modules[n] for n in list(sys.modules) if n.startswith("bestrq2.")]:
+        if getattr(m, "use_triton", None) is original:
+            m.use_triton = use_triton
+    import bestrq2.attention
+
+    bestrq2.attention.interpreting = lambda: True  # lets the forced "triton" backend take CPU stand-ins
+    os.environ["BESTRQ2_CHECK"] = "0"  # the stand-in outputs are never written: no data checks on them
+
+    for name, fn in _scenarios(torch, K).items():
+        before = len(launches)
+        try:
+            fn()
+        except Exception:  # a scenario that cannot even launch is a failure of its own
+            traceback.print_exc()
+            launches.append((None, name, None))
+            continue
+        print(f"  {name}: {len(launches) - before} launches")
+    return launches
+
+
+def _scenarios(torch, K) -> dict:
+    from bestrq2 import BestRQ2, BestRQ2Config
+    from bestrq2.config import OPS
+    from bestrq2.kernels.attention import triton_attention
+
+    def model_step(dtype):
+        def run():
+            torch.manual_seed(0)
+            cfg = BestRQ2Config.preset("base", encoder_depth=1, predictor_depth=1,
+                                       kernels={op: "triton" for op in OPS})
+            model = BestRQ2(cfg)
+            wave = torch.randn(2, 160_000) * 0.1
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = model(wave)
+            out.loss.float().sum().backward()
+        return run
+
+    def attention(n, dtype):
+        def run():
+            h, d = 12, 64
+            lens = torch.tensor([n, max(1, n - 7), max(1, n // 2)])
+            cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+            q, k, v = (torch.randn(int(lens.sum()), h, d, dtype=dtype, requires_grad=True) for _ in range(3))
+            triton_attention(q, k, v, cu, n).float().sum().backward()
+        return run
+
+    def rpq(splits):
+        def run():
+            os.environ["BESTRQ2_RPQ_SPLIT"] = str(splits)
+            try:
+                x = torch.randn(4, 128, 1008)  # fp32 log-mel [B, F, T]
+                proj = torch.randn(1, 256, 16)
+                cb = torch.nn.functional.normalize(torch.randn(1, 8192, 16), dim=-1)
+                K.rpq_codes(x, proj, cb, impl="triton")
+                K.rpq_codes(x, proj, cb, norm="patch", impl="triton")
+                K.rpq_codes(x, proj, cb, norm="bin", bin_mean=torch.zeros(128), bin_std=torch.ones(128), impl="triton")
+            finally:
+                os.environ.pop("BESTRQ2_RPQ_SPLIT", None)
+        return run
+
+    def head(dtype):
+        def run():
+            h = torch.randn(512, 768, dtype=dtype, requires_grad=True)
+            w = (torch.randn(1, 8192, 768) * 0.02).to(dtype).requires_grad_()
+            b = torch.zeros(1, 8192, dtype=dtype, requires_grad=True)
+            t = torch.randint(0, 8192, (512, 1))
+            loss, _ = K.linear_cross_entropy(h, w, b, t, impl="triton")
+            loss.backward()
+        return run
+
+    def drop_path(dtype):
+        def run():
+            x, branch = (torch.randn(308, 768, dtype=dtype, requires_grad=True) for _ in range(2))
+            K.residual_drop_path(x, branch, torch.rand(308), impl="triton").float().sum().backward()
+        return run
+
+    out = {"model step bf16": model_step(torch.bfloat16), "model step fp32": model_step(torch.float32),
+           "drop path bf16": drop_path(torch.bfloat16), "drop path fp32": drop_path(torch.float32)}
+    for n in (64, 128, 256):
+        for dt in (torch.bfloat16, torch.float32):
+            out[f"attention N={n} {str(dt)[6:]}"] = attention(n, dt)
+    out |= {"rpq": rpq(1), "rpq split": rpq(4)}
+    out |= {"head bf16": head(torch.bfloat16), "head fp32": head(torch.float32)}
+    return out
+
+
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64",
+           "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _signature(kernel, args: tuple, kwargs: dict):
+    """(signature, constexprs, options) of one recorded launch, as ``triton.compile`` takes them."""
+    import torch
+
+    names = kernel.arg_names
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
+    values = dict(zip(names, args)) | kwargs
+    sig, const = {}, {}
+    for p in kernel.params:
+        v = values.get(p.name, p.default if p.has_default else None)
+        if p.is_constexpr or v is None:
+            sig[p.name], const[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _DTYPES[str(v.dtype).split(".")[-1]]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {p.name} of type {type(v).__name__}")
+    return sig, const, options
+
+
+_DISTINCT: dict = {}
+
+
+def _compile_one(job: tuple) -> tuple[str, str | None]:
+    """Compile one distinct launch for one target (in a forked worker): (report line, failure or None)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch, key = job
+    kernel, sig, const, options = _DISTINCT[key]
+    name, limit = key[0], SMEM_LIMIT.get(arch)
+    shown = ", ".join(f"{k}={v}" for k, v in const.items() if v is not None)
+    t = time.time()
+    try:
+        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                           target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as err:  # noqa: BLE001 (every compile error is reported, then the next)
+        msg = str(err).strip().splitlines()
+        return (f"  sm_{arch} FAIL {name}({shown}) {options or ''}: {msg[-1] if msg else type(err).__name__}",
+                f"sm_{arch} {name}({shown}): {type(err).__name__}: {' | '.join(msg[-3:])}")
+    smem = c.metadata.shared
+    ok = limit is None or smem <= limit
+    line = f"  sm_{arch} {'ok  ' if ok else 'FAIL'} {name}({shown}) {options or ''}: shared {smem:,} B, {time.time() - t:.1f} s"
+    return line, None if ok else f"sm_{arch} {name}({shown}): shared memory {smem:,} B > {limit:,}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (forked workers)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: under the interpreter the launchers pick interpreter configs")
+        return 2
+    import triton
+
+    t0 = time.time()
+    print(f"triton {triton.__version__}: capturing launches")
+    launches = _capture()
+    failures = [f"scenario {name} failed before launching" for k, name, _ in launches if k is None]
+    distinct: dict[tuple, tuple] = {}
+    for kernel, a, kw in launches:
+        if kernel is None:
+            continue
+        sig, const, options = _signature(kernel, a, kw)
+        key = (kernel.__name__, tuple(sig.items()), tuple((k, repr(v)) for k, v in const.items()),
+               tuple(sorted(options.items())))
+        distinct.setdefault(key, (kernel, sig, const, options))
+    print(f"{len(launches)} launches, {len(distinct)} distinct; compiling for sm_{', sm_'.join(map(str, args.arch))}")
+    jobs = [(arch, key) for arch in args.arch for key in distinct]
+    global _DISTINCT
+    _DISTINCT = distinct
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(max(1, min(args.jobs, len(jobs)))) as pool:  # forked: the kernels are in memory
+        for line, failure in pool.imap(_compile_one, jobs):
+            print(line, flush=True)
+            if failure:
+                failures.append(failure)
+    print(f"{len(distinct)} kernels x {len(args.arch)} targets in {time.time() - t0:.0f} s: "
+          + ("all compile within shared memory" if not failures else f"{len(failures)} failures"))
+    for f in failures:
+        print("  " + f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
