@@ -7,7 +7,9 @@ warps, stages, tensor-core dots, no interpreter workarounds). ``JITFunction.run`
 so every launch is captured (kernel, argument types, constexprs, launch options) instead of run; the ops
 are called with CPU tensors as stand-ins, their outputs left unwritten. Scenarios: a forward and backward of
 a one-block ViT-B model (every kernel on Triton, bf16 autocast as in GPU training, and float32), the
-attention at 64, 128 and 256 tokens, the RPQ with and without splits, the head at K 8,192. Each distinct
+attention at 64, 128 and 256 tokens (``--sweep``: also in every tuning config of ``bench.gpu_probe``), the
+gather / scatter with float32 position tables, the RPQ from the log-mel and from patch rows, with and
+without splits, the head at K 8,192, the drop-path residual. Each distinct
 launch is then compiled with ``triton.compile`` for each target (ptxas, bundled with triton, makes the cubin)
 and its shared memory compared with the target's per-block limit.
 
@@ -26,7 +28,7 @@ import traceback
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}  # bytes per block (opt-in max)
 
 
-def _capture() -> list[tuple]:
+def _capture(sweep: list[str]) -> list[tuple]:
     """Run the scenarios with launches recorded instead of run: [(kernel, args, kwargs)]."""
     import torch
     from triton.runtime.jit import JITFunction
@@ -52,7 +54,7 @@ def _capture() -> list[tuple]:
     bestrq2.attention.interpreting = lambda: True  # lets the forced "triton" backend take CPU stand-ins
     os.environ["BESTRQ2_CHECK"] = "0"  # the stand-in outputs are never written: no data checks on them
 
-    for name, fn in _scenarios(torch, K).items():
+    for name, fn in _scenarios(torch, K, sweep).items():
         before = len(launches)
         try:
             fn()
@@ -64,7 +66,17 @@ def _capture() -> list[tuple]:
     return launches
 
 
-def _scenarios(torch, K) -> dict:
+def _with_env(name: str, value: str, fn):
+    def run():
+        os.environ[name] = value
+        try:
+            fn()
+        finally:
+            os.environ.pop(name, None)
+    return run
+
+
+def _scenarios(torch, K, sweep: list[str]) -> dict:
     from bestrq2 import BestRQ2, BestRQ2Config
     from bestrq2.config import OPS
     from bestrq2.kernels.attention import triton_attention
@@ -120,11 +132,31 @@ def _scenarios(torch, K) -> dict:
             K.residual_drop_path(x, branch, torch.rand(308), impl="triton").float().sum().backward()
         return run
 
+    def tokens(dtype):  # the bench's forms: tokens in the training dtype, float32 position tables
+        def run():
+            x = torch.randn(4, 128, 768, dtype=dtype, requires_grad=True)
+            pos = torch.randn(128, 768, requires_grad=True)
+            keep = torch.stack([torch.randperm(128) for _ in range(4)])
+            K.gather_tokens(x, keep[:, :60], pos, impl="triton").float().sum().backward()
+            ctx = torch.randn(4, 60, 768, dtype=dtype, requires_grad=True)
+            fill = torch.randn(768, requires_grad=True)
+            K.scatter_tokens(ctx, keep[:, :60], fill, keep[:, 60:], pos, impl="triton").float().sum().backward()
+        return run
+
+    def rpq_rows():  # patch rows [M, 256] (not the log-mel), with the quantizer's index path elsewhere
+        x = torch.randn(1000, 256)
+        K.rpq_codes(x, torch.randn(1, 256, 16), torch.nn.functional.normalize(torch.randn(1, 8192, 16), dim=-1),
+                    impl="triton")
+
     out = {"model step bf16": model_step(torch.bfloat16), "model step fp32": model_step(torch.float32),
+           "tokens bf16": tokens(torch.bfloat16), "tokens fp32": tokens(torch.float32), "rpq rows": rpq_rows,
            "drop path bf16": drop_path(torch.bfloat16), "drop path fp32": drop_path(torch.float32)}
     for n in (64, 128, 256):
         for dt in (torch.bfloat16, torch.float32):
             out[f"attention N={n} {str(dt)[6:]}"] = attention(n, dt)
+    for cfg in sweep:  # bench.gpu_probe's tuning configs (BESTRQ2_ATTN_CFG), bf16 as trained
+        for n in (128, 256):
+            out[f"attention N={n} cfg {cfg}"] = _with_env("BESTRQ2_ATTN_CFG", cfg, attention(n, torch.bfloat16))
     out |= {"rpq": rpq(1), "rpq split": rpq(4)}
     out |= {"head bf16": head(torch.bfloat16), "head fp32": head(torch.float32)}
     return out
@@ -190,6 +222,7 @@ def _compile_one(job: tuple) -> tuple[str, str | None]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
+    ap.add_argument("--sweep", action="store_true", help="also bench.gpu_probe's attention tuning configs")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (forked workers)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -199,7 +232,12 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     print(f"triton {triton.__version__}: capturing launches")
-    launches = _capture()
+    sweep = []
+    if args.sweep:
+        from bench.gpu_probe import DEFAULT_CONFIGS
+
+        sweep = [c for c in DEFAULT_CONFIGS.split(";") if c != "default"]
+    launches = _capture(sweep)
     failures = [f"scenario {name} failed before launching" for k, name, _ in launches if k is None]
     distinct: dict[tuple, tuple] = {}
     for kernel, a, kw in launches:
