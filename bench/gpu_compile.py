@@ -11,7 +11,8 @@ attention at 64, 128 and 256 tokens (``--sweep``: also in every tuning config of
 gather / scatter with float32 position tables, the RPQ from the log-mel and from patch rows, with and
 without splits, the head at K 8,192, the drop-path residual. Each distinct
 launch is then compiled with ``triton.compile`` for each target (ptxas, bundled with triton, makes the cubin)
-and its shared memory compared with the target's per-block limit.
+and its shared memory compared with the target's per-block limit; registers per thread and spills (stack
+bytes) are reported from ``cuobjdump`` (spills are reported, not failed: they cost speed, not correctness).
 
 Not checked: runtime faults, numerics and speed (those need the card); integer specialisation (the JIT
 treats a 1 and multiples of 16 specially; here every int is a plain i32 / i64). Exit status 1 on any
@@ -195,6 +196,26 @@ def _signature(kernel, args: tuple, kwargs: dict):
 _DISTINCT: dict = {}
 
 
+def _resource_usage(cubin: bytes | None) -> tuple[str, int]:
+    """(registers per thread, stack bytes per thread) from ``cuobjdump --dump-resource-usage`` (shipped with
+    triton); a stack means spilled registers: local-memory traffic a fast kernel should not have."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return "?", 0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (reg.group(1) if reg else "?"), int(stack.group(1)) if stack else 0
+
+
 def _compile_one(job: tuple) -> tuple[str, str | None]:
     """Compile one distinct launch for one target (in a forked worker): (report line, failure or None)."""
     import triton
@@ -215,7 +236,10 @@ def _compile_one(job: tuple) -> tuple[str, str | None]:
                 f"sm_{arch} {name}({shown}): {type(err).__name__}: {' | '.join(msg[-3:])}")
     smem = c.metadata.shared
     ok = limit is None or smem <= limit
-    line = f"  sm_{arch} {'ok  ' if ok else 'FAIL'} {name}({shown}) {options or ''}: shared {smem:,} B, {time.time() - t:.1f} s"
+    regs, stack = _resource_usage(c.asm.get("cubin"))
+    spill = f", SPILLS {stack} B/thread to the stack" if stack else ""
+    line = (f"  sm_{arch} {'ok  ' if ok else 'FAIL'} {name}({shown}) {options or ''}: shared {smem:,} B, "
+            f"{regs} registers{spill}, {time.time() - t:.1f} s")
     return line, None if ok else f"sm_{arch} {name}({shown}): shared memory {smem:,} B > {limit:,}"
 
 
