@@ -10,13 +10,12 @@ a one-block ViT-B model (every kernel on Triton, bf16 autocast as in GPU trainin
 attention at 64, 128 and 256 tokens (``--sweep``: also in every tuning config of ``bench.gpu_probe``), the
 gather / scatter with float32 position tables, the RPQ from the log-mel and from patch rows, with and
 without splits, the head at K 8,192, the drop-path residual. Each distinct
-launch is then compiled with ``triton.compile`` for each target (ptxas, bundled with triton, makes the cubin)
-and its shared memory compared with the target's per-block limit; registers per thread and spills (stack
+launch is then compiled for each target through the JIT's own path (``JITFunction.run(warmup=True)`` with a
+stand-in driver that only names the target: the arguments are specialised as on the card; ptxas, bundled
+with triton, makes the cubin) and its shared memory compared with the target's per-block limit; registers per thread and spills (stack
 bytes) are reported from ``cuobjdump`` (spills are reported, not failed: they cost speed, not correctness).
 
-Not checked: runtime faults, numerics and speed (those need the card); integer specialisation (the JIT
-treats a 1 and multiples of 16 specially; here every int is a plain i32 / i64). Exit status 1 on any
-failure. ``--arch 90 80``: targets (sm_90: H100/H200, sm_80: A100).
+Not checked: runtime faults, numerics and speed (those need the card). Exit status 1 on any failure. ``--arch 90 80``: targets (sm_90: H100/H200, sm_80: A100).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import traceback
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}  # bytes per block (opt-in max)
 
 
-def _capture(sweep: list[str]) -> list[tuple]:
+def _capture(sweep: list[str], only: list[str]) -> list[tuple]:
     """Run the scenarios with launches recorded instead of run: [(kernel, args, kwargs)]."""
     import torch
     from triton.runtime.jit import JITFunction
@@ -39,6 +38,8 @@ def _capture(sweep: list[str]) -> list[tuple]:
     def record(self, *args, grid, warmup, **kwargs):  # noqa: ARG001 (grid: runtime only)
         launches.append((self, args, kwargs))
 
+    global _JIT_RUN
+    _JIT_RUN = JITFunction.run
     JITFunction.run = record
     import bestrq2.kernels as K
     from bestrq2.kernels import _dispatch
@@ -56,6 +57,8 @@ def _capture(sweep: list[str]) -> list[tuple]:
     os.environ["BESTRQ2_CHECK"] = "0"  # the stand-in outputs are never written: no data checks on them
 
     for name, fn in _scenarios(torch, K, sweep).items():
+        if only and not any(o in name for o in only):
+            continue
         before = len(launches)
         try:
             fn()
@@ -168,7 +171,7 @@ _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i
 
 
 def _signature(kernel, args: tuple, kwargs: dict):
-    """(signature, constexprs, options) of one recorded launch, as ``triton.compile`` takes them."""
+    """(argument types, constexprs, launch options) of one recorded launch: what tells launches apart."""
     import torch
 
     names = kernel.arg_names
@@ -194,6 +197,31 @@ def _signature(kernel, args: tuple, kwargs: dict):
 
 
 _DISTINCT: dict = {}
+_JIT_RUN = None  # JITFunction.run before the recorder replaced it
+
+
+class _TargetOnlyDriver:
+    """Stands in for triton's CUDA driver on a machine without one: names the target and device 0, so that
+    ``JITFunction.run(..., warmup=True)`` specialises the arguments exactly as a launch on the card would
+    (integer 1s as constants, 16-byte divisibility of pointers and integers) and compiles, without loading
+    or launching anything."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:  # noqa: ARG002
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self) -> bool:
+        return True
 
 
 def _resource_usage(cubin: bytes | None) -> tuple[str, int]:
@@ -218,18 +246,17 @@ def _resource_usage(cubin: bytes | None) -> tuple[str, int]:
 
 def _compile_one(job: tuple) -> tuple[str, str | None]:
     """Compile one distinct launch for one target (in a forked worker): (report line, failure or None)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.runtime import driver
 
     arch, key = job
-    kernel, sig, const, options = _DISTINCT[key]
+    kernel, args, kwargs, const, options = _DISTINCT[key]
     name, limit = key[0], SMEM_LIMIT.get(arch)
     shown = ", ".join(f"{k}={v}" for k, v in const.items() if v is not None)
     t = time.time()
+    driver.set_active(_TargetOnlyDriver(arch))
+    kernel.device_caches.clear()  # binders are per target: a worker compiles for several
     try:
-        c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
-                           target=GPUTarget("cuda", arch, 32), options=options)
+        c = _JIT_RUN(kernel, *args, grid=(1,), warmup=True, **kwargs)
     except Exception as err:  # noqa: BLE001 (every compile error is reported, then the next)
         msg = str(err).strip().splitlines()
         return (f"  sm_{arch} FAIL {name}({shown}) {options or ''}: {msg[-1] if msg else type(err).__name__}",
@@ -247,6 +274,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
     ap.add_argument("--sweep", action="store_true", help="also bench.gpu_probe's attention tuning configs")
+    ap.add_argument("--only", default="", help="scenarios whose name contains one of these (comma-separated)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (forked workers)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -261,7 +289,7 @@ def main(argv=None) -> int:
         from bench.gpu_probe import DEFAULT_CONFIGS
 
         sweep = [c for c in DEFAULT_CONFIGS.split(";") if c != "default"]
-    launches = _capture(sweep)
+    launches = _capture(sweep, [o for o in args.only.split(",") if o])
     failures = [f"scenario {name} failed before launching" for k, name, _ in launches if k is None]
     distinct: dict[tuple, tuple] = {}
     for kernel, a, kw in launches:
@@ -270,7 +298,7 @@ def main(argv=None) -> int:
         sig, const, options = _signature(kernel, a, kw)
         key = (kernel.__name__, tuple(sig.items()), tuple((k, repr(v)) for k, v in const.items()),
                tuple(sorted(options.items())))
-        distinct.setdefault(key, (kernel, sig, const, options))
+        distinct.setdefault(key, (kernel, a, kw, const, options))
     print(f"{len(launches)} launches, {len(distinct)} distinct; compiling for sm_{', sm_'.join(map(str, args.arch))}")
     jobs = [(arch, key) for arch in args.arch for key in distinct]
     global _DISTINCT

@@ -18,6 +18,7 @@ VARIABLES: dict[str, str] = {
     "BESTRQ2_ATTN_CFG": "bm,bn,warps,stages: the Triton attention's tile and launch config (tuning sweeps)",
     "BESTRQ2_BATCH_CHUNKS": "n: batch slices of the gather/scatter backward's batch sum (tuning, tests)",
     "BESTRQ2_RPQ_SPLIT": "n: codebook splits of the RPQ kernel (tuning, tests)",
+    "BESTRQ2_RPQ_CFG": "block_m,block_k,warps: the RPQ kernel's tiles and warps (tuning sweeps)",
     "BESTRQ2_COMMIT": "the commit the benchmarks record (when the tree on the GPU machine is not a git checkout)",
     "TRITON_INTERPRET": "1: run the Triton kernels on the CPU through Triton's interpreter (set before import)",
     "RANK": "set by torchrun: this process's rank",

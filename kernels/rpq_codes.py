@@ -30,6 +30,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..config import PATCH
+from ..env import read
 from ..frontend import patchify, truncate_to_patches
 from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
 
@@ -117,22 +118,26 @@ def _rpq_codes_fwd_kernel(
             return
         rmask = rmask & need
     j = tl.arange(0, 256)
+    # offsets: one int64 base per row plus an int32 offset within the patch ([BLOCK_M, 256] int64 index
+    # math held ~4x the registers and spilled kilobytes per thread to the stack; bench.gpu_compile)
     if FROM_SPEC:
         if HAS_INDEX:
             b = rows // m_per_clip
-            n = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            n = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int32)  # a token of the 8 x W grid
         else:
             b = rows // num_tokens
             n = rows % num_tokens
         f = n // width
         t = n % width
-        fr = f[:, None] * 16 + (j // 16)[None, :]  # mel bin
-        tc = t[:, None] * 16 + (j % 16)[None, :]  # frame
-        offs = b.to(tl.int64)[:, None] * stride_xb + fr.to(tl.int64) * stride_xr + tc.to(tl.int64) * stride_xc
+        base = b.to(tl.int64) * stride_xb + (f * 16).to(tl.int64) * stride_xr + (t * 16).to(tl.int64) * stride_xc
+        inner = (j // 16) * stride_xr + (j % 16) * stride_xc  # within the 16 x 16 patch: small, int32
     else:
-        offs = rows.to(tl.int64)[:, None] * stride_xr + j[None, :] * stride_xc
+        base = rows.to(tl.int64) * stride_xr
+        inner = j * stride_xc
+    offs = base[:, None] + inner[None, :]
     x = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, 256]
-    if NORM == 2:  # "bin": per mel bin, corpus statistics (only from a log-mel input: fr is the bin)
+    if NORM == 2:  # "bin": per mel bin, corpus statistics (only from a log-mel input)
+        fr = f[:, None] * 16 + (j // 16)[None, :]  # the mel bin of each element
         x = (x - tl.load(bmean_ptr + fr)) / tl.load(bstd_ptr + fr)
     if NORM == 1:  # "patch": each patch to zero mean, unit variance
         mean = tl.sum(x, axis=1) / 256
@@ -173,6 +178,12 @@ def _rpq_codes_fwd_kernel(
         tl.store(arg_ptr + o, arg, mask=rmask)
 
 
+# the compiled path's tiles: 64 rows spilled 1.8-5.4 KB per thread to the stack at 4 warps (2.8 KB at 8 warps
+# on the model's strided log-mel), 32 rows at 4 warps hold 126-168 registers and spill nothing, in every
+# variant (ptxas for sm_90 through `python -m bench.gpu_compile`; BESTRQ2_RPQ_CFG overrides for sweeps)
+RPQ_BLOCK_M, RPQ_BLOCK_K, RPQ_WARPS = 32, 128, 4
+
+
 def _layout(x: torch.Tensor, index: torch.Tensor | None, k: int):
     """Launch geometry shared by both launches: (rows M, strides, index pointer, per-clip counts, blocks)."""
     from_spec = x.dim() == 3
@@ -188,10 +199,13 @@ def _layout(x: torch.Tensor, index: torch.Tensor | None, k: int):
         strides = (0, x.stride(0), x.stride(1))
     idx = index.reshape(-1) if index is not None else x  # unused pointer when there is no index
     if interpreting():  # few, large blocks: each interpreted loop step costs milliseconds
-        block_m, block_k = block_for(m, 256), block_for(k, 2048)
+        block_m, block_k, launch = block_for(m, 256), block_for(k, 2048), {}
+    elif read("BESTRQ2_RPQ_CFG"):  # block_m,block_k,warps: tuning sweeps (bench.gpu_compile, the GPU bench)
+        block_m, block_k, warps = (int(v) for v in read("BESTRQ2_RPQ_CFG").split(","))
+        launch = {"num_warps": warps}
     else:
-        block_m, block_k = 64, 128
-    return m, strides, idx, (m_per_clip, num_tokens, width), from_spec, block_m, block_k
+        block_m, block_k, launch = RPQ_BLOCK_M, RPQ_BLOCK_K, {"num_warps": RPQ_WARPS}
+    return m, strides, idx, (m_per_clip, num_tokens, width), from_spec, block_m, block_k, launch
 
 
 def rescore_rows(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor, index: torch.Tensor | None,
@@ -200,12 +214,12 @@ def rescore_rows(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Ten
     """codes [M, C] of the rows flagged in need (int8 [M, C]) recomputed from IEEE float32 scores over
     the whole codebook, in place; row blocks without a flagged row exit at once."""
     c, k, d = codebooks.shape
-    m, strides, idx, per, from_spec, block_m, block_k = _layout(x, index, k)
+    m, strides, idx, per, from_spec, block_m, block_k, launch = _layout(x, index, k)
     stats = (bin_mean, bin_std) if bin_mean is not None else (x, x)
     wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, 1)](
         x, *strides, idx, *per, projection, codebooks, codes, codes, codes, need, *stats, m, k, c, d, k,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="ieee", RESCORE=True, NORM=norm,
-        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k)
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, **launch)
 
 
 @triton_op("bestrq2::rpq_codes", mutates_args={})
@@ -213,7 +227,7 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
                   index: torch.Tensor | None, norm: int, bin_mean: torch.Tensor | None,
                   bin_std: torch.Tensor | None) -> torch.Tensor:
     c, k, d = codebooks.shape
-    m, strides, idx, per, from_spec, block_m, block_k = _layout(x, index, k)
+    m, strides, idx, per, from_spec, block_m, block_k, launch = _layout(x, index, k)
     splits, k_per = _k_splits(triton.cdiv(m, block_m) * c, k, block_k, x.device)
     best = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
     second = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
@@ -222,7 +236,7 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
     wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, splits)](
         x, *strides, idx, *per, projection, codebooks, best, second, arg, arg, *stats, m, k, c, d, k_per,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="tf32x3", RESCORE=False, NORM=norm,
-        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k)
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, **launch)
     # merge the splits: the best split per row (argmax takes the first of equal maxima, i.e. the lowest
     # code index); the runner-up is the larger of that split's own second and the other splits' bests
     top = best.argmax(0, keepdim=True)
