@@ -186,3 +186,16 @@ def cpu_peak_in_subprocess(module_args: list[str]) -> dict:
     if out.returncode:
         raise RuntimeError(f"memprobe {module_args} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def with_env(name: str, value: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with the environment variable ``name`` set to ``value`` for the call."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -70,17 +70,11 @@ def _capture(sweep: list[str], only: list[str]) -> list[tuple]:
     return launches
 
 
-def _with_env(name: str, value: str, fn):
-    def run():
-        os.environ[name] = value
-        try:
-            fn()
-        finally:
-            os.environ.pop(name, None)
-    return run
-
-
 def _scenarios(torch, K, sweep: list[str]) -> dict:
+    from functools import partial
+
+    from bench.common import with_env
+
     from bestrq2 import BestRQ2, BestRQ2Config
     from bestrq2.config import OPS
     from bestrq2.kernels.attention import triton_attention
@@ -106,19 +100,13 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
             triton_attention(q, k, v, cu, n).float().sum().backward()
         return run
 
-    def rpq(splits):
-        def run():
-            os.environ["BESTRQ2_RPQ_SPLIT"] = str(splits)
-            try:
-                x = torch.randn(4, 128, 1008)  # fp32 log-mel [B, F, T]
-                proj = torch.randn(1, 256, 16)
-                cb = torch.nn.functional.normalize(torch.randn(1, 8192, 16), dim=-1)
-                K.rpq_codes(x, proj, cb, impl="triton")
-                K.rpq_codes(x, proj, cb, norm="patch", impl="triton")
-                K.rpq_codes(x, proj, cb, norm="bin", bin_mean=torch.zeros(128), bin_std=torch.ones(128), impl="triton")
-            finally:
-                os.environ.pop("BESTRQ2_RPQ_SPLIT", None)
-        return run
+    def rpq():
+        x = torch.randn(4, 128, 1008)  # fp32 log-mel [B, F, T]
+        proj = torch.randn(1, 256, 16)
+        cb = torch.nn.functional.normalize(torch.randn(1, 8192, 16), dim=-1)
+        K.rpq_codes(x, proj, cb, impl="triton")
+        K.rpq_codes(x, proj, cb, norm="patch", impl="triton")
+        K.rpq_codes(x, proj, cb, norm="bin", bin_mean=torch.zeros(128), bin_std=torch.ones(128), impl="triton")
 
     def head(dtype):
         def run():
@@ -160,8 +148,8 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
             out[f"attention N={n} {str(dt)[6:]}"] = attention(n, dt)
     for cfg in sweep:  # bench.gpu_probe's tuning configs (BESTRQ2_ATTN_CFG), bf16 as trained
         for n in (128, 256):
-            out[f"attention N={n} cfg {cfg}"] = _with_env("BESTRQ2_ATTN_CFG", cfg, attention(n, torch.bfloat16))
-    out |= {"rpq": rpq(1), "rpq split": rpq(4)}
+            out[f"attention N={n} cfg {cfg}"] = partial(with_env, "BESTRQ2_ATTN_CFG", cfg, attention(n, torch.bfloat16))
+    out |= {"rpq": rpq, "rpq split": partial(with_env, "BESTRQ2_RPQ_SPLIT", "4", rpq)}
     out |= {"head bf16": head(torch.bfloat16), "head fp32": head(torch.float32)}
     return out
 

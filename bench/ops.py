@@ -5,6 +5,7 @@ the same run (bench.common.measure_bounds).
 """
 from __future__ import annotations
 
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +13,7 @@ from bestrq2 import attention as A
 from bestrq2.kernels import (choose_chunk, gather_tokens, gather_tokens_ref, linear_cross_entropy, rpq_codes, rpq_codes_ref,
                              scatter_tokens, scatter_tokens_ref)
 
-from .common import CudaPeak, Recorder, time_fn, time_graph
+from .common import CudaPeak, Recorder, time_fn, time_graph, with_env
 
 
 def _compiled(fn):
@@ -95,12 +96,16 @@ def bench_rpq(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps:
         nbytes = {"forward": b * m * 256 * spec.element_size() + (k * d + 256 * d) * 4 + b * m * 8}
         flops = {"forward": 2 * b * m * (256 * d + k * d)}
         fns = {"fast": lambda: rpq_codes(spec, p, cb, idx, impl="triton"), "reference": lambda: rpq_codes_ref(spec, p, cb, idx),
-               "compile": (lambda f=_compiled(rpq_codes_ref): f(spec, p, cb, idx))}
+               "compile": (lambda f=_compiled(rpq_codes_ref): f(spec, p, cb, idx)),
+               # the tiles before 2026-12-02 (64 rows: spilled kilobytes of registers a thread, bench.gpu_compile)
+               "fast_m64": lambda: with_env("BESTRQ2_RPQ_CFG", "64,128,4", rpq_codes, spec, p, cb, idx, impl="triton")}
         times = {}
-        for prov in providers(device, with_fast):
+        extra = ["fast_m64"] if (with_fast and device.type == "cuda" and not smoke) else []
+        for prov in providers(device, with_fast) + extra:
             times[prov] = _run_modes(rec, "rpq_codes", prov, shape, device, fns[prov], (), nbytes, flops, bounds,
                                      ["forward"], reps)
         _ratio_rows(rec, "rpq_codes", shape, times, "fast")
+        _ratio_rows(rec, "rpq_codes", shape, times, "fast", ref="fast_m64")
         _ratio_rows(rec, "rpq_codes", shape, times, "fast", ref="compile")
         _ratio_rows(rec, "rpq_codes", shape, times, "compile")
 
