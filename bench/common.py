@@ -190,12 +190,7 @@ def cpu_peak_in_subprocess(module_args: list[str]) -> dict:
 
 def with_env(name: str, value: str, fn, *args, **kwargs):
     """fn(*args, **kwargs) with the environment variable ``name`` set to ``value`` for the call."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
+    from bestrq2.env import overridden
+
+    with overridden(name, value):
         return fn(*args, **kwargs)
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old

@@ -265,7 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="scenarios whose name contains one of these (comma-separated)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (forked workers)")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from bestrq2.env import read
+
+    if read("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: under the interpreter the launchers pick interpreter configs")
         return 2
     import triton

@@ -9,6 +9,7 @@ same names (a test keeps the two in step, and another that nothing else in the p
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 VARIABLES: dict[str, str] = {
     "BESTRQ2_KERNELS": "auto | triton | reference: overrides the config's rpq, gather, scatter, head and block "
@@ -33,3 +34,21 @@ def read(name: str, default: str = "") -> str:
     if name not in VARIABLES:
         raise KeyError(f"{name} is not one of bestrq2's environment variables (bestrq2.env.VARIABLES)")
     return os.environ.get(name, "").strip() or default
+
+
+@contextmanager
+def overridden(name: str, value: str):
+    """``name`` set to ``value`` for the block (benchmarks' and checks' tuning sweeps), then restored,
+    unset again if it was unset. Only the names above."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not one of bestrq2's environment variables (bestrq2.env.VARIABLES)")
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
