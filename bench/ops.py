@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from bestrq2 import attention as A
-from bestrq2.kernels import (choose_chunk, gather_tokens, gather_tokens_ref, linear_cross_entropy, rpq_codes, rpq_codes_ref,
-                             scatter_tokens, scatter_tokens_ref)
+from bestrq2.kernels import (bias_gelu, bias_gelu_ref, choose_chunk, gather_tokens, gather_tokens_ref, layer_norm,
+                             layer_norm_ref, linear_cross_entropy, residual_drop_path, residual_drop_path_ref, rpq_codes,
+                             rpq_codes_ref, scatter_tokens, scatter_tokens_ref)
 
 from .common import CudaPeak, Recorder, time_fn, time_graph, with_env
 
@@ -143,6 +144,49 @@ def bench_gather_scatter(rec: Recorder, device, bounds, smoke: bool, with_fast: 
                                ["forward", "backward", "full"], reps) for p in providers(device, with_fast)}
         _ratio_rows(rec, "scatter_tokens", shape, times, "fast")
         _ratio_rows(rec, "scatter_tokens", shape, times, "fast", ref="compile")
+
+
+def bench_block_ops(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps: int) -> None:
+    """The transformer block's Triton ops at ViT-B training shapes: 16,384 rows (256 clips x 64 visible
+    tokens), D 768, MLP width 3,072, in the dtypes the model gives them under bf16 autocast on CUDA (a float32
+    residual stream, bf16 matmul outputs, float32 parameters; float32 throughout on CPU).
+    layer_norm: forward reads R D (x, fp32) and writes R D (y) + 2 R stats; backward reads R D (dy) + R D (x)
+    and writes R D (dx, fp32). bias_gelu: forward reads and writes R H; backward reads 2 R H, writes R H.
+    residual_drop_path: forward reads R D (x, fp32) + R D (branch), writes R D (fp32); backward reads R D,
+    writes R D (dx) + R D (dbranch). Per-block partial sums of the parameter grads are not counted."""
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows, d, h = (64, 32, 128) if smoke else (16384, 768, 3072)
+    es, f4 = torch.tensor([], dtype=dt).element_size(), 4
+    modes = ["forward", "backward", "full"]
+
+    def run(op, shape, fns, inputs, nbytes):
+        nbytes["full"] = nbytes["forward"] + nbytes["backward"]
+        times = {p: _run_modes(rec, op, p, shape, device, fns[p], inputs, nbytes, None, bounds, modes, reps)
+                 for p in providers(device, with_fast)}
+        _ratio_rows(rec, op, shape, times, "fast")
+        _ratio_rows(rec, op, shape, times, "fast", ref="compile")
+
+    x = torch.randn(rows, d, device=device, requires_grad=True)  # the float32 residual stream
+    w = torch.ones(d, device=device, requires_grad=True)
+    b = torch.zeros(d, device=device, requires_grad=True)
+    run("layer_norm", f"R={rows},D={d},fp32->{str(dt)[6:]}",
+        {"fast": lambda: layer_norm(x, w, b, out_dtype=dt, impl="triton"),
+         "reference": lambda: layer_norm_ref(x, w, b, out_dtype=dt),
+         "compile": (lambda f=_compiled(layer_norm_ref): f(x, w, b, 1e-5, dt))},
+        (x, w, b), {"forward": f4 * rows * d + es * rows * d + 8 * rows, "backward": es * rows * d + 2 * f4 * rows * d})
+    xh = torch.randn(rows, h, device=device, dtype=dt, requires_grad=True)  # fc1's output without its bias
+    bias = torch.zeros(h, device=device, requires_grad=True)
+    run("bias_gelu", f"R={rows},H={h},{str(dt)[6:]}+fp32 bias",
+        {"fast": lambda: bias_gelu(xh, bias, impl="triton"), "reference": lambda: bias_gelu_ref(xh, bias),
+         "compile": (lambda f=_compiled(bias_gelu_ref): f(xh, bias))},
+        (xh, bias), {"forward": 2 * es * rows * h, "backward": 3 * es * rows * h})
+    branch = torch.randn(rows, d, device=device, dtype=dt, requires_grad=True)
+    keep = (torch.rand(rows, device=device) > 0.1).float() / 0.9  # drop-path 0.1: a per-row scale
+    run("residual_drop_path", f"R={rows},D={d},fp32+{str(dt)[6:]}",
+        {"fast": lambda: residual_drop_path(x, branch, keep, impl="triton"),
+         "reference": lambda: residual_drop_path_ref(x, branch, keep),
+         "compile": (lambda f=_compiled(residual_drop_path_ref): f(x, branch, keep))},
+        (x, branch), {"forward": 2 * f4 * rows * d + es * rows * d, "backward": 2 * f4 * rows * d + es * rows * d})
 
 
 def chunked_compiled_ce(chunk: int):

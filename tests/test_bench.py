@@ -42,6 +42,7 @@ def test_gpu_suite_code_under_interpreter(tmp_path):
     rows, _ = run_bench(["--suite", "gpu", "--smoke", "--device", "cpu"], tmp_path)
     providers = {(r["op"], r["provider"]) for r in rows}
     assert ("rpq_codes", "fast") in providers and ("attention", "triton") in providers
+    assert {(op, "fast") for op in ("layer_norm", "bias_gelu", "residual_drop_path")} <= providers  # the block ops
     assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast", "e_pretrain_loop")} <= providers
     speed = [r for r in rows if r["metric"] == "speedup_vs_reference"]
     assert speed and all(float(r["value"]) > 0 for r in speed)
