@@ -29,10 +29,14 @@ VARIABLES: dict[str, str] = {
 }
 
 
-def read(name: str, default: str = "") -> str:
-    """The variable's value, stripped (``default`` when unset or blank). Only the names above."""
+def _known(name: str) -> None:
     if name not in VARIABLES:
         raise KeyError(f"{name} is not one of bestrq2's environment variables (bestrq2.env.VARIABLES)")
+
+
+def read(name: str, default: str = "") -> str:
+    """The variable's value, stripped (``default`` when unset or blank). Only the names above."""
+    _known(name)
     return os.environ.get(name, "").strip() or default
 
 
@@ -40,8 +44,7 @@ def read(name: str, default: str = "") -> str:
 def overridden(name: str, value: str):
     """``name`` set to ``value`` for the block (benchmarks' and checks' tuning sweeps), then restored,
     unset again if it was unset. Only the names above."""
-    if name not in VARIABLES:
-        raise KeyError(f"{name} is not one of bestrq2's environment variables (bestrq2.env.VARIABLES)")
+    _known(name)
     old = os.environ.get(name)
     os.environ[name] = value
     try:
@@ -51,4 +54,3 @@ def overridden(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
-

@@ -223,6 +223,7 @@ ONE_TILE_MAX = 128  # sequences up to this length: one tile per (head, sequence)
 # (ptxas for sm_90 and sm_80, `python -m bench.gpu_compile`): over an A100's 166,912 B per block and 3 KB
 # under an H100's. Above 64 tokens float32 takes the two-kernel backward with 64 x 64 tiles (82 KB).
 ONE_TILE_MAX_FP32 = 64
+TILED = (64, 64, {"num_warps": 4, "num_stages": 2})  # BLOCK_M, BLOCK_N, launch options of the tiled kernels
 
 
 def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
@@ -240,7 +241,7 @@ def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
     if max_seqlen <= ONE_TILE_MAX:
         blk = max(16, triton.next_power_of_2(max_seqlen))
         return blk, blk, d_pad, {"num_warps": 4 if blk <= 64 else 8, "num_stages": 1}
-    return 64, 64, d_pad, {"num_warps": 4, "num_stages": 2}
+    return *TILED[:2], d_pad, dict(TILED[2])
 
 
 def _dot_fp32(q: torch.Tensor) -> bool:
@@ -280,7 +281,7 @@ def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     fp32 = _dot_fp32(q)
     scales = (d ** -0.5, d ** -0.5 * LOG2E)
     if fp32 and not interpreting() and max(bm, bn) > ONE_TILE_MAX_FP32:  # see ONE_TILE_MAX_FP32
-        bm, bn, launch = 64, 64, {"num_warps": 4, "num_stages": 2}
+        bm, bn, launch = TILED[0], TILED[1], dict(TILED[2])
     if max_seqlen <= ONE_TILE_MAX and bm >= max_seqlen and bn >= max_seqlen:
         wrap_triton(_attn_bwd_one_tile_kernel)[(h, b)](
             q, k, v, o, do, lse, dq, dk, dv, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), *_st(do), *_st(dq),

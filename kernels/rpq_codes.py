@@ -118,8 +118,8 @@ def _rpq_codes_fwd_kernel(
             return
         rmask = rmask & need
     j = tl.arange(0, 256)
-    # offsets: one int64 base per row plus an int32 offset within the patch ([BLOCK_M, 256] int64 index
-    # math held ~4x the registers and spilled kilobytes per thread to the stack; bench.gpu_compile)
+    # offsets: one int64 base per row plus an int32 offset within the patch, not [BLOCK_M, 256] int64 index
+    # math (a small register saving; the spills went with the smaller row tile, see RPQ_BLOCK_M)
     if FROM_SPEC:
         if HAS_INDEX:
             b = rows // m_per_clip
@@ -200,8 +200,8 @@ def _layout(x: torch.Tensor, index: torch.Tensor | None, k: int):
     idx = index.reshape(-1) if index is not None else x  # unused pointer when there is no index
     if interpreting():  # few, large blocks: each interpreted loop step costs milliseconds
         block_m, block_k, launch = block_for(m, 256), block_for(k, 2048), {}
-    elif read("BESTRQ2_RPQ_CFG"):  # block_m,block_k,warps: tuning sweeps (bench.gpu_compile, the GPU bench)
-        block_m, block_k, warps = (int(v) for v in read("BESTRQ2_RPQ_CFG").split(","))
+    elif cfg := read("BESTRQ2_RPQ_CFG"):  # block_m,block_k,warps: tuning sweeps (bench.gpu_compile, the GPU bench)
+        block_m, block_k, warps = (int(v) for v in cfg.split(","))
         launch = {"num_warps": warps}
     else:
         block_m, block_k, launch = RPQ_BLOCK_M, RPQ_BLOCK_K, {"num_warps": RPQ_WARPS}
