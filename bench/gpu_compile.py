@@ -13,7 +13,10 @@ without splits, the head at K 8,192, the drop-path residual. Each distinct
 launch is then compiled for each target through the JIT's own path (``JITFunction.run(warmup=True)`` with a
 stand-in driver that only names the target: the arguments are specialised as on the card; ptxas, bundled
 with triton, makes the cubin) and its shared memory compared with the target's per-block limit; registers per thread and spills (stack
-bytes) are reported from ``cuobjdump`` (spills are reported, not failed: they cost speed, not correctness).
+bytes) are reported from ``cuobjdump`` (spills are reported, not failed: they cost speed, not correctness),
+and from its SASS the instruction mix (``instruction_mix``): tensor-core instructions by kind, and each
+loop's body length, tensor-core instructions and barriers: a static cost per iteration to compare
+kernel variants by before any device time is spent (``--sass DIR`` keeps the SASS).
 
 Not checked: runtime faults, numerics and speed (those need the card). Exit status 1 on any failure. ``--arch 90 80``: targets (sm_90: H100/H200, sm_80: A100).
 """
@@ -185,6 +188,7 @@ def _signature(kernel, args: tuple, kwargs: dict):
 
 
 _DISTINCT: dict = {}
+_SASS_DIR = ""  # --sass: where each compiled kernel's SASS goes
 _JIT_RUN = None  # JITFunction.run before the recorder replaced it
 
 
@@ -232,6 +236,53 @@ def _resource_usage(cubin: bytes | None) -> tuple[str, int]:
     return (reg.group(1) if reg else "?"), int(stack.group(1)) if stack else 0
 
 
+def _sass(cubin: bytes | None) -> str:
+    """The cubin's SASS (``cuobjdump -sass``, shipped with triton), or "" where it cannot be read."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+
+
+def instruction_mix(sass: str) -> dict:
+    """What a kernel issues, read from its SASS: ``total`` instructions, ``mma`` {tensor-core opcode:
+    count} (HMMA: mma.sync, HGMMA: Hopper's wgmma), and ``loops``: per loop (a backward branch) its body's
+    instruction count, tensor-core instructions and barriers. A loop's body length is what every
+    iteration issues per warp, the cost of an issue-bound kernel such as the RPQ's scoring loop."""
+    import re
+    from collections import Counter
+
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip()).split()[0]))
+    ops = Counter(op for _, op in ins)
+    is_mma = re.compile(r"^(HMMA|HGMMA|IMMA|IGMMA|QGMMA|UTCHMMA|UTCQMMA)\b").match
+    loops = []
+    for addr, line in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)", sass):
+        a, target = int(addr, 16), int(line, 16)
+        if target < a:
+            body = [op for ad, op in ins if target <= ad <= a]
+            loops.append({"instructions": len(body), "mma": sum(1 for op in body if is_mma(op)),
+                          "barriers": sum(1 for op in body if op.startswith("BAR.SYNC"))})
+    return {"total": len(ins), "mma": {op: n for op, n in sorted(ops.items()) if is_mma(op)}, "loops": loops}
+
+
+def _mix_text(mix: dict) -> str:
+    mma = ", ".join(f"{n} {op}" for op, n in mix["mma"].items()) or "no tensor-core instructions"
+    loops = "; ".join(f"{lp['instructions']} ({lp['mma']} mma, {lp['barriers']} bar)" for lp in mix["loops"])
+    return f"{mix['total']} SASS ({mma})" + (f", loop bodies {loops}" if loops else "")
+
+
 def _compile_one(job: tuple) -> tuple[str, str | None]:
     """Compile one distinct launch for one target (in a forked worker): (report line, failure or None)."""
     from triton.runtime import driver
@@ -253,8 +304,18 @@ def _compile_one(job: tuple) -> tuple[str, str | None]:
     ok = limit is None or smem <= limit
     regs, stack = _resource_usage(c.asm.get("cubin"))
     spill = f", SPILLS {stack} B/thread to the stack" if stack else ""
+    sass = _sass(c.asm.get("cubin"))
+    if _SASS_DIR and sass:
+        import hashlib
+
+        folder = os.path.join(_SASS_DIR, f"sm_{arch}")
+        os.makedirs(folder, exist_ok=True)
+        tag = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
+        with open(os.path.join(folder, f"{name}.{tag}.sass"), "w") as f:
+            f.write(f"// {name}({shown}) {options or ''}\n{sass}")
+    mix = f", {_mix_text(instruction_mix(sass))}" if sass else ""
     line = (f"  sm_{arch} {'ok  ' if ok else 'FAIL'} {name}({shown}) {options or ''}: shared {smem:,} B, "
-            f"{regs} registers{spill}, {time.time() - t:.1f} s")
+            f"{regs} registers{spill}{mix}, {time.time() - t:.1f} s")
     return line, None if ok else f"sm_{arch} {name}({shown}): shared memory {smem:,} B > {limit:,}"
 
 
@@ -264,7 +325,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also bench.gpu_probe's attention tuning configs")
     ap.add_argument("--only", default="", help="scenarios whose name contains one of these (comma-separated)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (forked workers)")
+    ap.add_argument("--sass", default="", metavar="DIR", help="also write each kernel's SASS under DIR/sm_<arch>/")
     args = ap.parse_args(argv)
+    global _SASS_DIR
+    _SASS_DIR = args.sass
     from bestrq2.env import read
 
     if read("TRITON_INTERPRET") == "1":

@@ -80,6 +80,9 @@ def providers(device: torch.device, with_fast: bool) -> list[str]:
     return (["fast"] if with_fast else []) + ["reference"] + ([] if SMOKE["on"] else ["compile"])
 
 
+RPQ_ALTERNATIVES = {"fast_k64": "32,64,4", "fast_w8": "32,128,8"}  # BESTRQ2_RPQ_CFG tiles timed beside the default
+
+
 def bench_rpq(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps: int) -> None:
     """Bytes: the m masked patches read once (B m 256 values) + codebook + projection + codes written.
     FLOPs: 2 B m C (256 d + K d) (projection, then scores against every code)."""
@@ -98,15 +101,18 @@ def bench_rpq(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, reps:
         flops = {"forward": 2 * b * m * (256 * d + k * d)}
         fns = {"fast": lambda: rpq_codes(spec, p, cb, idx, impl="triton"), "reference": lambda: rpq_codes_ref(spec, p, cb, idx),
                "compile": (lambda f=_compiled(rpq_codes_ref): f(spec, p, cb, idx)),
-               # the tiles before 2026-12-02 (64 rows: spilled kilobytes of registers a thread, bench.gpu_compile)
-               "fast_m64": lambda: with_env("BESTRQ2_RPQ_CFG", "64,128,4", rpq_codes, spec, p, cb, idx, impl="triton")}
+               # the default (32 rows, 128 codes, 4 warps) issues the fewest instructions per score (374 per
+               # 128-code tile, bench.gpu_compile) at 218 registers; these hold 128 (more warps per SM)
+               **{name: (lambda cfg=cfg: with_env("BESTRQ2_RPQ_CFG", cfg, rpq_codes, spec, p, cb, idx, impl="triton"))
+                  for name, cfg in RPQ_ALTERNATIVES.items()}}
         times = {}
-        extra = ["fast_m64"] if (with_fast and device.type == "cuda" and not smoke) else []
+        extra = list(RPQ_ALTERNATIVES) if (with_fast and device.type == "cuda" and not smoke) else []
         for prov in providers(device, with_fast) + extra:
             times[prov] = _run_modes(rec, "rpq_codes", prov, shape, device, fns[prov], (), nbytes, flops, bounds,
                                      ["forward"], reps)
         _ratio_rows(rec, "rpq_codes", shape, times, "fast")
-        _ratio_rows(rec, "rpq_codes", shape, times, "fast", ref="fast_m64")
+        for name in RPQ_ALTERNATIVES:
+            _ratio_rows(rec, "rpq_codes", shape, times, "fast", ref=name)
         _ratio_rows(rec, "rpq_codes", shape, times, "fast", ref="compile")
         _ratio_rows(rec, "rpq_codes", shape, times, "compile")
 

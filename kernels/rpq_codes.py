@@ -9,8 +9,9 @@
 - For each patch and codebook: z = normalize(x @ P_c), code = argmax_k <z, CB_c[k]>; ties go to the
   lowest index, as torch.argmax.
 
-The kernel streams codebook tiles and keeps a running max and argmax per row, so memory is
-O(M * C) and nothing of size M x K is written. When there are fewer row blocks than twice the GPU's
+The kernel streams codebook tiles and keeps a running best, runner-up and code per row and column
+slot of the tile (reduced across the slots once, after the last tile), so memory is O(M * C) and
+nothing of size M x K is written. When there are fewer row blocks than twice the GPU's
 SMs (small batches: on an H200 the first version sat at ~0.26 ms from B = 32 to 128), the codebook is
 split across programs and the per-split maxima merged (ties still to the lowest index). Loads any
 float dtype. Scores run on the tensor cores as tf32x3 (near-float32; plain TF32's ~1e-3 error would
@@ -87,11 +88,20 @@ def rpq_codes_ref(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
 
 
 # ------------------------------------------------------------------------------------------ kernel
-# Scores go through the tensor cores as tf32x3 (three tf32 products: near-float32, not exactly it).
-# Its error on a cosine of unit 16-dim vectors stays below d * 2^-20 ~ 1.5e-5; a row whose best two
+# Scores go through the tensor cores as tf32x3 (three tf32 products: near-float32, not exactly it),
+# split by hand (``_tf32_hi``) so that z is split once per row block, not per codebook tile. Its error
+# on a cosine of unit 16-dim vectors stays below d * 2^-20 ~ 1.5e-5 (about 2e-7 seen in the test that
+# emulates the tensor cores' operand truncation); a row whose best two
 # codes lie closer than RESCORE_MARGIN may differ from the IEEE float32 argmax and is scored again in
 # IEEE float32 by a second launch over those rows only (no host sync: the flags stay on the device).
 RESCORE_MARGIN = 1e-4
+
+
+@triton.jit
+def _tf32_hi(x):
+    """x rounded to its nearest tf32 (10 mantissa bits; finite x): the high part of a 3xTF32 split,
+    x - _tf32_hi(x) the low part, exact in float32."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -102,7 +112,7 @@ def _rpq_codes_fwd_kernel(
     M, K, C, D, K_PER,
     FROM_SPEC: tl.constexpr, HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, RESCORE: tl.constexpr,
     NORM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Per row block and codebook (and codebook split): best score, runner-up and argmax over the
     split's codes. RESCORE: the second launch; rows not flagged in need_ptr exit at once, flagged ones
@@ -150,32 +160,50 @@ def _rpq_codes_fwd_kernel(
     z = tl.dot(x, p, input_precision="ieee")  # [BLOCK_M, D_PAD]
     norm = tl.sqrt(tl.sum(z * z, axis=1))
     z = z / tl.maximum(norm, 1e-12)[:, None]  # F.normalize
+    if PRECISION == "tf32x3":  # 3xTF32 by hand: z split once here, not per tile (unit rows: no inf / nan)
+        z_hi = _tf32_hi(z)
+        z_lo = z - z_hi
 
-    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    second = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    arg = tl.zeros((BLOCK_M,), tl.int64)
+    # running best / runner-up / code per (row, column slot) of the tile, reduced across the slots once
+    # after the loop: the loop body is dot + compare-and-select, with no cross-thread reduction (a row's
+    # scores are spread over the threads of several warps in the dot's layout; reducing each tile cost
+    # shuffles and shared-memory barriers: 702 SASS instructions per tile against 48 tensor-core ones)
     kk = tl.arange(0, BLOCK_K)
     k_lo = split * K_PER
     k_hi = tl.minimum(K, k_lo + K_PER)
+    run_best = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
+    run_second = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
+    run_arg = tl.zeros((BLOCK_M, BLOCK_K), tl.int32) + (k_lo + kk)[None, :]  # distinct per slot
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = (k0 + kk) < k_hi
         cb = tl.load(cb_ptr + c * K * D + (k0 + kk)[:, None] * D + dd[None, :],
                      mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, D_PAD]
-        s = tl.dot(z, tl.trans(cb), input_precision=PRECISION)  # [BLOCK_M, BLOCK_K]
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        tile_max, tile_idx = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        tile_second = tl.max(tl.where(kk[None, :] == tile_idx[:, None], float("-inf"), s), axis=1)
-        upd = tile_max > best  # strict: an earlier tile keeps a tie
-        second = tl.maximum(tl.minimum(best, tile_max), tl.maximum(second, tile_second))
-        best = tl.where(upd, tile_max, best)
-        arg = tl.where(upd, tile_idx.to(tl.int64) + k0, arg)
+        if PRECISION == "tf32x3":  # lo*hi + hi*lo + hi*hi on the tensor cores; lo*lo (< 2^-22) dropped
+            cb_hi = _tf32_hi(cb)
+            cbt_hi, cbt_lo = tl.trans(cb_hi), tl.trans(cb - cb_hi)
+            s = tl.dot(z_lo, cbt_hi, input_precision="tf32")
+            s = tl.dot(z_hi, cbt_lo, s, input_precision="tf32")
+            s = tl.dot(z_hi, cbt_hi, s, input_precision="tf32")  # [BLOCK_M, BLOCK_K]
+        else:
+            s = tl.dot(z, tl.trans(cb), input_precision="ieee")
+        if not EVEN_K:
+            s = tl.where(kmask[None, :], s, float("-inf"))
+        gt = s > run_best  # strict: within a slot the earlier (lower) code keeps a tie
+        run_second = tl.where(gt, run_best, tl.maximum(run_second, s))
+        run_best = tl.where(gt, s, run_best)
+        run_arg = tl.where(gt, (k0 + kk)[None, :], run_arg)
+    best = tl.max(run_best, axis=1)
+    # the lowest code among the slots that reach the maximum (argmax's first-of-equals rule)
+    arg = tl.min(tl.where(run_best == best[:, None], run_arg, 2147483647), axis=1)
+    # runner-up: the winning slot's own second, every other slot's best
+    second = tl.max(tl.where(run_arg == arg[:, None], run_second, run_best), axis=1)
     if RESCORE:
-        tl.store(arg_ptr + rows.to(tl.int64) * C + c, arg, mask=rmask)
+        tl.store(arg_ptr + rows.to(tl.int64) * C + c, arg.to(tl.int64), mask=rmask)
     else:
         o = (split * M + rows).to(tl.int64) * C + c
         tl.store(best_ptr + o, best, mask=rmask)
         tl.store(second_ptr + o, second, mask=rmask)
-        tl.store(arg_ptr + o, arg, mask=rmask)
+        tl.store(arg_ptr + o, arg.to(tl.int64), mask=rmask)
 
 
 # the compiled path's tiles: 64 rows spilled 1.8-5.4 KB per thread to the stack at 4 warps (2.8 KB at 8 warps
@@ -198,11 +226,11 @@ def _layout(x: torch.Tensor, index: torch.Tensor | None, k: int):
         m, width, num_tokens, m_per_clip = x.shape[0], 1, 1, 1
         strides = (0, x.stride(0), x.stride(1))
     idx = index.reshape(-1) if index is not None else x  # unused pointer when there is no index
-    if interpreting():  # few, large blocks: each interpreted loop step costs milliseconds
-        block_m, block_k, launch = block_for(m, 256), block_for(k, 2048), {}
-    elif cfg := read("BESTRQ2_RPQ_CFG"):  # block_m,block_k,warps: tuning sweeps (bench.gpu_compile, the GPU bench)
+    if cfg := read("BESTRQ2_RPQ_CFG"):  # block_m,block_k,warps: tuning sweeps, tests of many small tiles
         block_m, block_k, warps = (int(v) for v in cfg.split(","))
         launch = {"num_warps": warps}
+    elif interpreting():  # few, large blocks: each interpreted loop step costs milliseconds
+        block_m, block_k, launch = block_for(m, 256), block_for(k, 2048), {}
     else:
         block_m, block_k, launch = RPQ_BLOCK_M, RPQ_BLOCK_K, {"num_warps": RPQ_WARPS}
     return m, strides, idx, (m_per_clip, num_tokens, width), from_spec, block_m, block_k, launch
@@ -219,13 +247,22 @@ def rescore_rows(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Ten
     wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, 1)](
         x, *strides, idx, *per, projection, codebooks, codes, codes, codes, need, *stats, m, k, c, d, k,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="ieee", RESCORE=True, NORM=norm,
-        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, **launch)
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, **launch)
 
 
 @triton_op("bestrq2::rpq_codes", mutates_args={})
 def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,
                   index: torch.Tensor | None, norm: int, bin_mean: torch.Tensor | None,
                   bin_std: torch.Tensor | None) -> torch.Tensor:
+    codes, need = top_two(x, projection, codebooks, index, norm, bin_mean, bin_std)[2:]
+    rescore_rows(x, projection, codebooks, index, codes, need, norm, bin_mean, bin_std)
+    return codes
+
+
+def top_two(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor, index: torch.Tensor | None,
+            norm: int = 0, bin_mean: torch.Tensor | None = None, bin_std: torch.Tensor | None = None):
+    """The first launch, splits merged: (best score, runner-up score, code, need) each [M, C]; scores
+    from the fast (tf32x3) dot, need (int8) flags the rows whose margin is below RESCORE_MARGIN."""
     c, k, d = codebooks.shape
     m, strides, idx, per, from_spec, block_m, block_k, launch = _layout(x, index, k)
     splits, k_per = _k_splits(triton.cdiv(m, block_m) * c, k, block_k, x.device)
@@ -236,7 +273,7 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
     wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, splits)](
         x, *strides, idx, *per, projection, codebooks, best, second, arg, arg, *stats, m, k, c, d, k_per,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="tf32x3", RESCORE=False, NORM=norm,
-        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, **launch)
+        D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, **launch)
     # merge the splits: the best split per row (argmax takes the first of equal maxima, i.e. the lowest
     # code index); the runner-up is the larger of that split's own second and the other splits' bests
     top = best.argmax(0, keepdim=True)
@@ -244,9 +281,9 @@ def _rpq_codes_op(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Te
     runner = second.gather(0, top)[0]
     if splits > 1:
         runner = torch.maximum(runner, best.scatter(0, top, float("-inf")).amax(0))
-    need = ((best.gather(0, top)[0] - runner) < RESCORE_MARGIN).to(torch.int8)  # near-ties: IEEE decides
-    rescore_rows(x, projection, codebooks, index, codes, need, norm, bin_mean, bin_std)
-    return codes
+    top_score = best.gather(0, top)[0]
+    need = ((top_score - runner) < RESCORE_MARGIN).to(torch.int8)  # near-ties: IEEE decides
+    return top_score, runner, codes, need
 
 
 def _k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:

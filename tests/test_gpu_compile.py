@@ -3,6 +3,7 @@ card's shared memory: ``python -m bench.gpu_compile`` in a process without ``TRI
 interpreter accepts kernels the compiler rejects: a loop-carried value that changes type, tiles that do
 not fit shared memory). Runtime faults, numerics and speed still need the card (``pytest -m cuda``)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,4 +32,37 @@ def test_every_kernel_launch_compiles_for_sm90():
     # thread at 64-row tiles), the token gather/scatter, the block ops or the head's row kernel
     spilling = [line for line in out.splitlines() if "SPILLS" in line and "_attn_" not in line]
     assert not spilling, "\n".join(spilling)
+    # the instruction mix from the SASS: the training path's products run on the tensor cores (Hopper's
+    # wgmma for the bf16 attention, mma.sync tf32 for the RPQ's 3xTF32 scores), and the RPQ's scoring loop
+    # stays lean: 374 instructions per 128-code tile on 2026-12-02 (triton 3.9), against 702 when each
+    # tile was reduced across warps (shuffles and barriers every tile)
+    lines = out.splitlines()
+    for kernel, mma in (("_attn_fwd_kernel(BLOCK_M=128, BLOCK_N=128, D_PAD=64, DOT_FP32=False", "HGMMA"),
+                        ("_attn_bwd_one_tile_kernel(BLOCK=128, D_PAD=64, DOT_FP32=False", "HGMMA"),
+                        ("_attn_bwd_dkdv_kernel(BLOCK_M=64, BLOCK_N=64, D_PAD=64, DOT_FP32=False", "HGMMA"),
+                        ("PRECISION=tf32x3", "HMMA.1688.F32.TF32")):
+        found = [line for line in lines if kernel in line]
+        assert found and all(mma in line for line in found), (kernel, found)
+    rpq = [line for line in lines if "PRECISION=tf32x3" in line and "BLOCK_K=128" in line]
+    loops = [int(re.search(r"loop bodies (\d+) \((\d+) mma", line).group(1)) for line in rpq]
+    assert loops and max(loops) <= 450, rpq
 
+
+def test_instruction_mix_reads_loops_and_tensor_core_ops():
+    """instruction_mix on a hand-written SASS fragment: one loop (a backward branch), its body length,
+    tensor-core instructions and barriers; predicated instructions count by their opcode."""
+    from bench.gpu_compile import instruction_mix
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*0020*/               @P0 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0040*/              @!P1 BRA 0x10 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+    """
+    mix = instruction_mix(sass)
+    assert mix["total"] == 7
+    assert mix["mma"] == {"HGMMA.64x64x16.F32.BF16": 1, "HMMA.1688.F32.TF32": 1}
+    assert mix["loops"] == [{"instructions": 4, "mma": 2, "barriers": 1}]

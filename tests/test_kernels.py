@@ -9,10 +9,13 @@ and the reference compute on the same values.
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from bestrq2 import BestRQ2, BestRQ2Config
 from bestrq2.kernels import (gather_tokens, gather_tokens_ref, rpq_codes, rpq_codes_ref, rpq_scores_ref,
                              scatter_tokens, scatter_tokens_ref, spec_patches)
+from bestrq2.kernels.rpq_codes import _tf32_hi
 
 
 @pytest.fixture
@@ -427,6 +430,93 @@ def test_rpq_near_ties_are_rescored_in_ieee(triton_path, monkeypatch):
         monkeypatch.setenv("BESTRQ2_RPQ_SPLIT", "2")  # merged splits: the runner-up across splits
         check_codes(rpq_codes(spec, p, cb, idx), spec_patches(spec, idx).reshape(-1, 256), p, cb)
         monkeypatch.delenv("BESTRQ2_RPQ_SPLIT")
+
+
+@triton.jit
+def _tf32_hi_kernel(x_ptr, hi_ptr, n, BLOCK: tl.constexpr):  # the RPQ kernel's split, on its own
+    o = tl.arange(0, BLOCK)
+    m = o < n
+    tl.store(hi_ptr + o, _tf32_hi(tl.load(x_ptr + o, mask=m, other=0.0)), mask=m)
+
+
+def test_rpq_tf32x3_split_as_the_tensor_cores_see_them():
+    """The kernel's 3xTF32 scores: z and each codebook tile split into hi = nearest tf32 (``_tf32_hi``)
+    and lo = x - hi, then lo*hi + hi*lo + hi*hi on the tensor cores, which read float32 operands as tf32
+    by dropping the low 13 mantissa bits. The interpreter's dots are exact, so the split is checked
+    here: hi is a tf32 within half a tf32 ulp of x, and the emulated GPU scores of unit vectors
+    (d 16) lie within 1e-6 of float64 (about 2e-7 seen), far inside RESCORE_MARGIN (1e-4);
+    plain tf32 scores (about 1e-3 off) miss by more than the margin, which is why the split exists."""
+    import importlib
+
+    R = importlib.import_module("bestrq2.kernels.rpq_codes")
+
+    def hi_of(x):
+        out = torch.empty_like(x)
+        _tf32_hi_kernel[(1,)](x.reshape(-1), out.reshape(-1), x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+        return out
+
+    def as_tf32(x):  # what the tensor cores read: the low 13 mantissa bits dropped
+        return (x.view(torch.int32) & -8192).view(torch.float32)
+
+    torch.manual_seed(5)
+    z = F.normalize(torch.randn(64, 16), dim=-1)
+    cb = F.normalize(torch.randn(512, 16), dim=-1)
+    wide = torch.randn(4096) * torch.logspace(-6, 6, 4096)
+    hi = hi_of(wide)
+    assert torch.equal(as_tf32(hi), hi)  # a tf32 exactly
+    assert bool(((wide - hi).abs() <= wide.abs() * 2.0**-11).all())  # rounded to nearest
+    z_hi, cb_hi = hi_of(z), hi_of(cb)
+    z_lo, cb_lo = z - z_hi, cb - cb_hi
+    d = lambda a, b: as_tf32(a).double() @ as_tf32(b).double().T  # noqa: E731
+    split = d(z_lo, cb_hi) + d(z_hi, cb_lo) + d(z_hi, cb_hi)
+    exact = z.double() @ cb.double().T
+    assert (split - exact).abs().max() < 1e-6
+    assert (d(z, cb) - exact).abs().max() > R.RESCORE_MARGIN
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_rpq_top_two_over_many_small_tiles(triton_path, monkeypatch, splits):
+    """The first launch keeps best / runner-up / code per (row, column slot) across codebook tiles and
+    reduces over the slots at the end. With 32-code tiles (10 of them at K 300, and the codebook also
+    split across programs): best and runner-up equal the float64 top two within 1e-5, a row's runner-up
+    can sit in the winner's own slot (codes 8 and 40), and among equal maxima the lowest code wins even
+    when it sits in a later slot than another (code 31 in slot 31, code 70 in slot 6 of a later tile)."""
+    import importlib
+
+    R = importlib.import_module("bestrq2.kernels.rpq_codes")
+    monkeypatch.setenv("BESTRQ2_RPQ_CFG", "16,32,4")
+    monkeypatch.setenv("BESTRQ2_RPQ_SPLIT", splits)
+    torch.manual_seed(3)
+    p, cb = quantizer(2, 300)
+    x = torch.randn(40, 256)
+    scores = rpq_scores_ref(x.double(), p, cb)  # [M, C, K] float64
+    top2 = scores.topk(2, dim=-1).values
+    best, runner, codes, need = R.top_two(x, p, cb, None)
+    assert torch.allclose(best.double(), top2[..., 0], atol=1e-5, rtol=0)
+    assert torch.allclose(runner.double(), top2[..., 1], atol=1e-5, rtol=0)
+    check_codes(codes, x, p, cb)
+    assert torch.equal(need.bool(), (best - runner) < R.RESCORE_MARGIN)
+
+    # constructed: z = e_0 for every row (one projection column, positive inputs)
+    p = torch.zeros(1, 256, 16)
+    p[0, :, 0] = torch.rand(256) + 0.1
+    cb = F.normalize(torch.randn(1, 300, 16), dim=-1)
+    cb[0, :, 0] = cb[0, :, 0].clamp(max=0.5)
+    cb = F.normalize(cb, dim=-1)  # every random code scores below 0.5
+    e0 = F.one_hot(torch.tensor(0), 16).float()
+    near = F.normalize(e0 + 0.1 * F.one_hot(torch.tensor(1), 16).float(), dim=0)  # cosine 0.995 with e_0
+    cb[0, 8], cb[0, 40] = near, e0  # winner 40 and runner-up 8 share slot 8
+    x = torch.rand(24, 256) + 0.1
+    best, runner, codes, need = R.top_two(x, p, cb, None)
+    assert bool((codes[:, 0] == 40).all())
+    assert torch.allclose(best, torch.ones_like(best), atol=1e-6)
+    assert torch.allclose(runner, torch.full_like(runner, float(near[0])), atol=1e-6)
+    assert not bool(need.any())
+    cb[0, 8] = cb[0, 9]
+    cb[0, 70], cb[0, 31] = e0, e0  # equal maxima: 31 (slot 31, first tile), 40 (slot 8), 70 (slot 6)
+    best, runner, codes, need = R.top_two(x, p, cb, None)
+    assert bool((codes[:, 0] == 31).all()) and bool(need.all())
+    assert torch.equal(rpq_codes(x, p, cb), rpq_codes_ref(x, p, cb))
 
 
 @pytest.mark.parametrize("norm", ["none", "patch", "bin"])
