@@ -31,8 +31,11 @@ import traceback
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}  # bytes per block (opt-in max)
 
 
-def _capture(sweep: list[str], only: list[str]) -> list[tuple]:
-    """Run the scenarios with launches recorded instead of run: [(kernel, args, kwargs)]."""
+def record_launches() -> list[tuple]:
+    """From here on, in this process: every Triton launch is appended to the returned list as (kernel,
+    args, kwargs) instead of run (its outputs stay unwritten), and the ops take their Triton path for CPU
+    tensors with the interpreter off, so the launchers pick the configs a GPU gets. For tools that look at
+    a step without running it (this one, ``bench.step_inventory``)."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -44,7 +47,7 @@ def _capture(sweep: list[str], only: list[str]) -> list[tuple]:
     global _JIT_RUN
     _JIT_RUN = JITFunction.run
     JITFunction.run = record
-    import bestrq2.kernels as K
+    import bestrq2  # noqa: F401 (every module that holds use_triton, loaded before it is replaced)
     from bestrq2.kernels import _dispatch
 
     def use_triton(*tensors, impl=None):  # the Triton path for every non-float64 input, CPU stand-ins included
@@ -58,7 +61,16 @@ def _capture(sweep: list[str], only: list[str]) -> list[tuple]:
 
     bestrq2.attention.interpreting = lambda: True  # lets the forced "triton" backend take CPU stand-ins
     os.environ["BESTRQ2_CHECK"] = "0"  # the stand-in outputs are never written: no data checks on them
+    return launches
 
+
+def _capture(sweep: list[str], only: list[str]) -> list[tuple]:
+    """Run the scenarios with launches recorded instead of run: [(kernel, args, kwargs)]."""
+    import torch
+
+    import bestrq2.kernels as K
+
+    launches = record_launches()
     for name, fn in _scenarios(torch, K, sweep).items():
         if only and not any(o in name for o in only):
             continue

@@ -66,3 +66,22 @@ def test_instruction_mix_reads_loops_and_tensor_core_ops():
     assert mix["total"] == 7
     assert mix["mma"] == {"HGMMA.64x64x16.F32.BF16": 1, "HMMA.1688.F32.TF32": 1}
     assert mix["loops"] == [{"instructions": 4, "mma": 2, "barriers": 1}]
+
+
+def test_step_inventory_counts_a_step_without_running_its_kernels():
+    """``python -m bench.step_inventory`` (interpreter off, launches recorded): one tiny step's ops grouped as
+    GEMM / custom (Triton) / eager with bytes fitted over two batch sizes; the residual stream's float32
+    gradient adds and the Triton ops show up by name."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.step_inventory", "--preset", "tiny", "--batch", "1", "2",
+                           "--at", "8", "--top", "40"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    table = {tuple(line.split()[:2]): line.split() for line in out.splitlines()
+             if line.split()[:1] in (["GEMM"], ["custom"], ["eager"])}
+    for kind in ("GEMM", "custom", "eager"):
+        for phase in ("fwd", "bwd"):
+            assert float(table[(kind, phase)][3]) > 0, out  # GB at batch 8
+    assert float(table[("GEMM", "fwd")][4]) > 0, out  # TFLOP
+    for op in ("bestrq2::layer_norm_bwd", "bestrq2::rpq_codes", "bestrq2::attention_fwd", "aten::add"):
+        assert op in out, op
