@@ -139,6 +139,16 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
             K.residual_drop_path(x, branch, torch.rand(308), impl="triton").float().sum().backward()
         return run
 
+    def add_norm(scaled):  # the fused residual add + LayerNorm as the model runs it: float32 stream, bf16 branch
+        def run():
+            x = torch.randn(308, 768, requires_grad=True)
+            branch = torch.randn(308, 768, dtype=torch.bfloat16, requires_grad=True)
+            w, b = (torch.ones(768, requires_grad=True) for _ in range(2))
+            s, y = K.add_layer_norm(x, branch, torch.rand(308) if scaled else None, w, b,
+                                    out_dtype=torch.bfloat16, impl="triton")
+            torch.autograd.backward((s, y), (torch.ones_like(s), torch.ones_like(y)))
+        return run
+
     def tokens(dtype):  # the bench's forms: tokens in the training dtype, float32 position tables
         def run():
             x = torch.randn(4, 128, 768, dtype=dtype, requires_grad=True)
@@ -157,7 +167,8 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
 
     out = {"model step bf16": model_step(torch.bfloat16), "model step fp32": model_step(torch.float32),
            "tokens bf16": tokens(torch.bfloat16), "tokens fp32": tokens(torch.float32), "rpq rows": rpq_rows,
-           "drop path bf16": drop_path(torch.bfloat16), "drop path fp32": drop_path(torch.float32)}
+           "drop path bf16": drop_path(torch.bfloat16), "drop path fp32": drop_path(torch.float32),
+           "add norm": add_norm(False), "add norm scaled": add_norm(True)}
     for n in (64, 128, 256):
         for dt in (torch.bfloat16, torch.float32):
             out[f"attention N={n} {str(dt)[6:]}"] = attention(n, dt)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bestrq2 import attention as A
-from bestrq2.kernels import (bias_gelu, bias_gelu_ref, choose_chunk, gather_tokens, gather_tokens_ref, layer_norm,
+from bestrq2.kernels import (add_layer_norm, add_layer_norm_ref, bias_gelu, bias_gelu_ref, choose_chunk, gather_tokens, gather_tokens_ref, layer_norm,
                              layer_norm_ref, linear_cross_entropy, residual_drop_path, residual_drop_path_ref, rpq_codes,
                              rpq_codes_ref, scatter_tokens, scatter_tokens_ref)
 
@@ -28,8 +28,8 @@ def _run_modes(rec, op, provider, shape, device, fwd, inputs, bytes_, flops, bou
         if mode == "forward":
             fn = fwd
         else:
-            out = fwd()
-            g = torch.randn_like(out)
+            out = fwd()  # a tensor, or a tuple of them (each gets its own upstream grad)
+            g = tuple(map(torch.randn_like, out)) if isinstance(out, tuple) else torch.randn_like(out)
             if mode == "backward":
                 def fn(out=out, g=g):
                     return torch.autograd.grad(out, inputs, g, retain_graph=True)
@@ -159,7 +159,9 @@ def bench_block_ops(rec: Recorder, device, bounds, smoke: bool, with_fast: bool,
     layer_norm: forward reads R D (x, fp32) and writes R D (y) + 2 R stats; backward reads R D (dy) + R D (x)
     and writes R D (dx, fp32). bias_gelu: forward reads and writes R H; backward reads 2 R H, writes R H.
     residual_drop_path: forward reads R D (x, fp32) + R D (branch), writes R D (fp32); backward reads R D,
-    writes R D (dx) + R D (dbranch). Per-block partial sums of the parameter grads are not counted."""
+    writes R D (dx) + R D (dbranch). add_layer_norm (the two fused): forward reads R D (x, fp32) + R D (branch),
+    writes R D (s, fp32) + R D (y); backward reads R D (dy) + 2 R D (s, ds: fp32), writes R D (dx, fp32) + R D
+    (dbranch). Per-block partial sums of the parameter grads are not counted."""
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows, d, h = (64, 32, 128) if smoke else (16384, 768, 3072)
     es, f4 = torch.tensor([], dtype=dt).element_size(), 4
@@ -193,6 +195,23 @@ def bench_block_ops(rec: Recorder, device, bounds, smoke: bool, with_fast: bool,
          "reference": lambda: residual_drop_path_ref(x, branch, keep),
          "compile": (lambda f=_compiled(residual_drop_path_ref): f(x, branch, keep))},
         (x, branch), {"forward": 2 * f4 * rows * d + es * rows * d, "backward": 2 * f4 * rows * d + es * rows * d})
+    # the residual add fused with the LayerNorm after it, (s, y), both outputs with an upstream grad (the
+    # residual stream's and the branch's); fast_unfused: the two Triton ops above, one after the other
+    unfused = lambda: (lambda s: (s, layer_norm(s, w, b, out_dtype=dt, impl="triton")))(  # noqa: E731
+        residual_drop_path(x, branch, keep, impl="triton"))
+    fns = {"fast": lambda: add_layer_norm(x, branch, keep, w, b, out_dtype=dt, impl="triton"),
+           "reference": lambda: add_layer_norm_ref(x, branch, keep, w, b, out_dtype=dt),
+           "compile": (lambda f=_compiled(add_layer_norm_ref): f(x, branch, keep, w, b, 1e-5, dt)),
+           "fast_unfused": unfused}
+    shape = f"R={rows},D={d},fp32+{str(dt)[6:]}->{str(dt)[6:]}"
+    nbytes = {"forward": 2 * f4 * rows * d + 2 * es * rows * d + 12 * rows,
+              "backward": 3 * f4 * rows * d + 2 * es * rows * d + 12 * rows}
+    nbytes["full"] = nbytes["forward"] + nbytes["backward"]
+    extra = ["fast_unfused"] if (with_fast and device.type == "cuda" and not smoke) else []
+    times = {p: _run_modes(rec, "add_layer_norm", p, shape, device, fns[p], (x, branch, w, b), nbytes, None, bounds,
+                           modes, reps) for p in providers(device, with_fast) + extra}
+    for ref in ("reference", "compile", "fast_unfused"):
+        _ratio_rows(rec, "add_layer_norm", shape, times, "fast", ref=ref)
 
 
 def chunked_compiled_ce(chunk: int):

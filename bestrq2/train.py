@@ -223,6 +223,7 @@ def _wrap(model: BestRQ2, tc: TrainConfig, world: int, device: torch.device):
 
         for stack in (model.encoder, model.predictor):
             if stack is not None:
+                stack.fuse_blocks = False  # a block's fused last add reads the next block's (sharded) norm1
                 for blk in stack.blocks:
                     fully_shard(blk)
         fully_shard(model)

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import VARLEN, dense_attention, resolve, varlen_attention
-from .kernels import bias_gelu, layer_norm, residual_drop_path
+from .kernels import add_layer_norm, bias_gelu, layer_norm, residual_drop_path
+from .kernels.layer_norm import compute_dtype
 from .kernels._dispatch import use_triton
 
 
@@ -39,15 +40,21 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         return torch.empty(n, device=device).bernoulli_(keep).div_(keep)
 
+    def row_factors(self, x: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor | None:
+        """float32 [tokens of x]: each token's clip factor (x [B, L, D], or packed [T, D] with ``sample_of[t]``
+        = clip of token t: drop per clip, not per token); None when inactive."""
+        if not self.active:
+            return None
+        if sample_of is None:
+            return self.factors(x.shape[0], x.device).repeat_interleave(x[0].numel() // x.shape[-1])
+        return self.factors(int(sample_of.max()) + 1, x.device)[sample_of]
+
     def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None,
             impl: str = "auto") -> torch.Tensor:
-        """x + drop(branch); packed tokens (``sample_of[t]`` = clip of token t) drop per clip, not per token."""
-        if not self.active:
+        """x + drop(branch)."""
+        rows = self.row_factors(x, sample_of)
+        if rows is None:
             return x + branch
-        if sample_of is None:
-            rows = self.factors(x.shape[0], x.device).repeat_interleave(x[0].numel() // x.shape[-1])
-        else:
-            rows = self.factors(int(sample_of.max()) + 1, x.device)[sample_of]
         d = x.shape[-1]
         return residual_drop_path(x.reshape(-1, d), branch.reshape(-1, d), rows, impl=impl).view(x.shape)
 
@@ -106,14 +113,29 @@ class Block(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
-                packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None) -> torch.Tensor:
+                packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None,
+                normed: torch.Tensor | None = None, next_norm: nn.LayerNorm | None = None,
+                out_dtype: torch.dtype | None = None):
+        """x -> x after the block. Fused form (``Transformer`` on the Triton path): given ``normed`` =
+        norm1(x) and the LayerNorm that comes after this block (the next block's norm1, or the stack's
+        final norm), returns (x after the block, next_norm of it in ``out_dtype``), each residual add
+        fused with the LayerNorm after it (``kernels.add_layer_norm``): the same function."""
         impl = self.impl
-        h = self.attn(self._norm(self.norm1, x), key_padding, backend, packed)
-        x = self.drop_path.add(x, h, sample_of, impl)
-        return self.drop_path.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl)
+        if normed is None:
+            h = self.attn(self._norm(self.norm1, x), key_padding, backend, packed)
+            x = self.drop_path.add(x, h, sample_of, impl)
+            return self.drop_path.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl)
+        # drop-path factors drawn per add, each after its branch, as the unfused form draws them
+        h = self.attn(normed, key_padding, backend, packed)
+        x, y = self._add_norm(x, h, self.drop_path.row_factors(x, sample_of), self.norm2, None)
+        m = self.mlp(y, impl)
+        return self._add_norm(x, m, self.drop_path.row_factors(x, sample_of), next_norm, out_dtype)
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, norm.weight, norm.bias, norm.eps, impl=self.impl)
+
+    def _add_norm(self, x, branch, rows, norm: nn.LayerNorm, out_dtype):
+        return add_layer_norm(x, branch, rows, norm.weight, norm.bias, norm.eps, out_dtype, impl=self.impl)
 
 
 class Transformer(nn.Module):
@@ -128,6 +150,10 @@ class Transformer(nn.Module):
         self.heads = heads
         self.attention = attention  # requested backend; see bestrq2.attention
         self.attention_backend: str | None = None  # the one that ran last
+        # on the Triton path, each residual add runs fused with the LayerNorm after it, the block's last
+        # with the next block's norm1 (``Block.forward``'s fused form); off where blocks must stay
+        # self-contained (FSDP shards each block: the next block's norm weights are not gathered yet)
+        self.fuse_blocks = True
         self.apply(_init_vit)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,15 +165,28 @@ class Transformer(nn.Module):
             lengths = valid.sum(1)
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             sample_of = torch.repeat_interleave(torch.arange(b, device=x.device), lengths)
-            h = x[valid]  # [T, D]: clip 0's valid tokens, then clip 1's, ...
-            for blk in self.blocks:
-                h = blk(h, None, backend, (cu, int(lengths.max())), sample_of)
-            out = x.new_zeros(b, n, d, dtype=h.dtype)
-            out[valid] = self.norm(h)
+            h = self._blocks_and_norm(x[valid], None, backend, (cu, int(lengths.max())), sample_of)
+            out = x.new_zeros(b, n, d, dtype=h.dtype)  # [T, D] above: clip 0's valid tokens, then clip 1's, ...
+            out[valid] = h
             return out
-        for blk in self.blocks:
-            x = blk(x, key_padding, backend)
-        return self.norm(x)
+        return self._blocks_and_norm(x, key_padding, backend)
+
+    def _blocks_and_norm(self, x, key_padding, backend, packed=None, sample_of=None) -> torch.Tensor:
+        blocks = self.blocks
+        if not (self.fuse_blocks and len(blocks) and use_triton(x, impl=blocks[0].impl)):
+            for blk in blocks:
+                x = blk(x, key_padding, backend, packed, sample_of)
+            return self.norm(x)
+        # fused: norm1 of the first block, then each block hands the next its normed input; the last
+        # one's output norm is the stack's (float32 under autocast, as nn.LayerNorm gives)
+        y = blocks[0]._norm(blocks[0].norm1, x)
+        final = torch.float32 if torch.is_autocast_enabled(x.device.type) else None
+        for i, blk in enumerate(blocks):
+            last = i + 1 == len(blocks)
+            x, y = blk(x, key_padding, backend, packed, sample_of, normed=y,
+                       next_norm=self.norm if last else blocks[i + 1].norm1,
+                       out_dtype=(final or torch.promote_types(x.dtype, compute_dtype(x))) if last else None)
+        return y
 
 
 def _init_vit(m: nn.Module) -> None:

@@ -9,6 +9,7 @@ triton | reference; auto runs Triton on CUDA tensors); the model passes the one 
 launch helpers are in ``_dispatch``.
 """
 from ._dispatch import backend
+from .add_layer_norm import add_layer_norm, add_layer_norm_ref
 from .bias_gelu import bias_gelu, bias_gelu_ref
 from .gather_tokens import gather_tokens, gather_tokens_ref
 from .layer_norm import layer_norm, layer_norm_ref
@@ -17,7 +18,7 @@ from .residual_drop_path import residual_drop_path, residual_drop_path_ref
 from .rpq_codes import rpq_codes, rpq_codes_ref, rpq_scores_ref, spec_patches
 from .scatter_tokens import scatter_tokens, scatter_tokens_ref
 
-__all__ = ["backend", "bias_gelu", "bias_gelu_ref", "choose_chunk", "gather_tokens", "gather_tokens_ref",
+__all__ = ["add_layer_norm", "add_layer_norm_ref", "backend", "bias_gelu", "bias_gelu_ref", "choose_chunk", "gather_tokens", "gather_tokens_ref",
            "layer_norm", "layer_norm_ref", "linear_cross_entropy", "linear_cross_entropy_ref",
            "residual_drop_path", "residual_drop_path_ref", "rpq_codes", "rpq_codes_ref", "rpq_scores_ref",
            "scatter_tokens", "scatter_tokens_ref", "spec_patches"]

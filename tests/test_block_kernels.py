@@ -157,3 +157,108 @@ def test_transformer_blocks_same_on_both_paths(padded):
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-5, msg=k)
     with torch.no_grad():  # and drop-path did drop something in those runs
         assert not torch.allclose(model.eval()(x, pad if padded else None), ya)
+
+
+# ----------------------------------------------------------------------- residual add + layer norm
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("with_ds", [False, True])
+def test_add_layer_norm_float32_against_float64(triton_path, shape, scaled, with_ds):
+    """s = x + branch * scale, y = LayerNorm(s); backward from grad_y and (or not) grad_s: grad_x = grad_s +
+    the LayerNorm's dx, grad_branch = that times the scale (a zero scale: a dropped clip's rows)."""
+    from bestrq2.kernels import add_layer_norm, add_layer_norm_ref
+
+    d, rows = shape[-1], int(torch.tensor(shape[:-1]).prod())
+    x = (torch.randn(shape) * 3 + 1.5).requires_grad_()
+    br = torch.randn(shape).requires_grad_()
+    w, b = (torch.randn(d) + 1).requires_grad_(), torch.randn(d).requires_grad_()
+    scale = torch.where(torch.rand(rows) < 0.3, 0.0, 1 / 0.9) if scaled else None
+    s, y = add_layer_norm(x, br, scale, w, b)
+    x64, br64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, br, w, b))
+    s64 = x64 + br64 * (scale.double().view(shape[:-1] + (1,)) if scaled else 1.0)
+    y64 = F.layer_norm(s64, (d,), w64, b64, 1e-5)
+    assert s.dtype == y.dtype == torch.float32 and s.shape == y.shape == x.shape
+    assert rel(s, s64) < 1e-6 and rel(y, y64) < 1e-5
+    gy, gs = torch.randn_like(y64), torch.randn_like(s64)
+    outs, outs64 = ((s, y), (s64, y64)) if with_ds else ((y,), (y64,))
+    cots, cots64 = ((gs.float(), gy.float()), (gs, gy)) if with_ds else ((gy.float(),), (gy,))
+    grads = torch.autograd.grad(outs, (x, br, w, b), cots)
+    grads64 = torch.autograd.grad(outs64, (x64, br64, w64, b64), cots64)
+    for name, a, e in zip(("x", "branch", "weight", "bias"), grads, grads64):
+        assert a.dtype == torch.float32 and rel(a, e) < 1e-5, name
+    ref = add_layer_norm_ref(x, br, scale, w, b)
+    torch.testing.assert_close(ref[0], s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ref[1], y, rtol=1e-5, atol=1e-5)
+
+
+def test_add_layer_norm_bf16_branch_fp32_stream_under_autocast(triton_path):
+    """The model's dtypes: a float32 residual stream, a bf16 branch, y in the autocast dtype (bf16) within
+    2x PyTorch's own bf16 error; grad_x float32, grad_branch bf16, both against float64."""
+    from bestrq2.kernels import add_layer_norm
+
+    x = (torch.randn(96, 768) * 2).requires_grad_()
+    br = torch.randn(96, 768).bfloat16().requires_grad_()
+    w, b = torch.randn(768) + 1, torch.randn(768)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, y = add_layer_norm(x, br, None, w, b)
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    s64 = x.detach().double() + br.detach().double()
+    assert rel(s, s64) < 1e-6
+    exact = F.layer_norm(s64, (768,), w.double(), b.double(), 1e-5)
+    ok, errs = bf16_ok(y.detach(), F.layer_norm(s64.float(), (768,), w, b).bfloat16(), exact)
+    assert ok, errs
+    gy = torch.randn(96, 768)
+    gx, gbr = torch.autograd.grad(y, (x, br), gy.bfloat16())
+    s64r = s64.clone().requires_grad_()
+    g64 = torch.autograd.grad(F.layer_norm(s64r, (768,), w.double(), b.double(), 1e-5), s64r,
+                              gy.bfloat16().double())[0]
+    assert gx.dtype == torch.float32 and rel(gx, g64) < 1e-5
+    assert gbr.dtype == torch.bfloat16
+    ok, errs = bf16_ok(gbr, g64.float().bfloat16(), g64)
+    assert ok, errs
+
+
+def test_add_layer_norm_errors(triton_path):
+    from bestrq2.kernels import add_layer_norm
+
+    x, w, b = torch.randn(4, 16), torch.ones(16), torch.zeros(16)
+    with pytest.raises(ValueError, match="branch must match"):
+        add_layer_norm(x, torch.randn(4, 15), None, w, b)
+    with pytest.raises(ValueError, match="row_scale must be"):
+        add_layer_norm(x, torch.randn(4, 16), torch.ones(3), w, b)
+    with pytest.raises(ValueError, match="weight and bias"):
+        add_layer_norm(x, torch.randn(4, 16), None, torch.ones(15), b)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_blocks_match_unfused(monkeypatch, autocast):
+    """On the Triton path the stack runs every residual add fused with the LayerNorm after it (2 per block,
+    the last into the final norm): same output (dtype included) and grads as the unfused Triton blocks
+    (``fuse_blocks = False``, what FSDP gets), and the same drop-path draws."""
+    import bestrq2.transformer as T
+
+    calls = []
+    fused = T.add_layer_norm
+    monkeypatch.setattr(T, "add_layer_norm", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, 64)
+    res = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = T.Transformer(64, 3, 4, drop_path=0.4, attention="sdpa", block="triton").train()
+        model.fuse_blocks = fuse
+        torch.manual_seed(11)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(xi)
+        y.float().square().sum().backward()
+        res[fuse] = (y.detach(), xi.grad, {k: p.grad.clone() for k, p in model.named_parameters()})
+        assert len(calls) == (2 * 3 if fuse else 0)
+    (ya, gxa, ga), (yb, gxb, gb) = res[False], res[True]
+    assert yb.dtype == ya.dtype == torch.float32
+    # bf16 activations: a last-bit difference in a float32 sum (contraction order) can flip a bf16 rounding
+    tol = dict(rtol=1e-2, atol=1e-4) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(yb, ya, **tol)
+    torch.testing.assert_close(gxb, gxa, **tol)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], **tol, msg=k)

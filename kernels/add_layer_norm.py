@@ -1,0 +1,193 @@
+"""Residual add (drop-path scale folded in) and the LayerNorm after it, one pass forward, one backward.
+
+``add_layer_norm(x, branch, row_scale, weight, bias, eps=1e-5, out_dtype=None) -> (s, y)``
+
+- x, branch [..., D]: the residual stream and a branch's output; row_scale float32 [rows] (each token's
+  drop-path factor, 0 or 1 / keep) or None (no drop path).
+- s = x + branch * row_scale (x + branch without it), in x's dtype promoted with branch's, as the residual
+  add gives; y = LayerNorm(s) with float32 statistics, in ``out_dtype`` (default: the autocast dtype when
+  autocast is on, else s's dtype), as ``layer_norm`` gives.
+- Backward, given grad_s (the residual stream's gradient from further down, or none) and grad_y:
+  g = grad_s + LayerNorm's dx(grad_y); grad_x = g, grad_branch = g * row_scale. The residual stream's
+  gradient is accumulated inside the LayerNorm backward: unfused, autograd adds the two float32 gradients
+  of s in a pass of its own at every residual junction (32 of them per ViT-B + predictor step, 6.5 GB at
+  256 clips, ``bench/step_inventory``).
+
+Bytes per element (x float32, branch and y bf16): forward reads 6 and writes 6 (unfused, the add and the
+LayerNorm: read 10, write 6); backward reads 10 (grad_y, s, grad_s) and writes 6 (unfused: LayerNorm
+backward, the gradient add and the drop-path scale read 18, write 10).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from .layer_norm import _blocks, _rows_tile, compute_dtype, layer_norm_ref
+from .residual_drop_path import residual_drop_path_ref
+
+
+def add_layer_norm_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float = 1e-5,
+                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: the residual add (``residual_drop_path_ref`` with a scale), then ``layer_norm_ref``."""
+    out_dtype = out_dtype or compute_dtype(x)
+    if row_scale is None:
+        s = x + branch
+    else:
+        d = x.shape[-1]
+        s = residual_drop_path_ref(x.reshape(-1, d), branch.reshape(-1, d), row_scale).view(x.shape)
+    return s, layer_norm_ref(s, weight, bias, eps, out_dtype)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, eps,
+                               HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
+    br = tl.load(br_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        br = br * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+    s = (x + br).to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + off, s, mask=mask)
+    s = s.to(tl.float32)  # the statistics of s as stored (a no-op for float32 s)
+    mean = tl.sum(s, axis=1) / D
+    sc = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(sc * sc, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = sc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, scale_ptr, dx_ptr, dbr_ptr,
+                               dw_ptr, db_ptr, R, D, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    s, rows, cols, rmask, cmask, mask, off = _rows_tile(s_ptr, R, D, BLOCK_R, BLOCK_D)
+    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+    wdy = w[None, :] * dy
+    c1 = tl.sum(xhat * wdy, axis=1) / D
+    c2 = tl.sum(wdy, axis=1) / D
+    g = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    if HAS_DS:  # the residual stream's own gradient, accumulated here instead of by a separate add
+        g += tl.load(ds_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + off, g.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+    tl.store(dbr_ptr + off, g.to(dbr_ptr.dtype.element_ty), mask=mask)
+    # this row block's share of grad_weight / grad_bias; the blocks are summed after, in order
+    tl.store(dw_ptr + pid * D + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
+    tl.store(db_ptr + pid * D + cols, tl.sum(dy, axis=0), mask=cmask)
+
+
+def _warps() -> dict:
+    """8 warps: a program holds 8 rows of 1,024 padded columns; at 4 warps the backward (s, grad_y,
+    grad_s and x-hat live at once) spilled 32-56 B a thread on sm_90 (``bench.gpu_compile``)."""
+    return {} if interpreting() else {"num_warps": 8}
+
+
+@triton_op("bestrq2::add_layer_norm_fwd", mutates_args={})
+def _add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor | None, weight: torch.Tensor,
+                        bias: torch.Tensor, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, d = x.shape
+    s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(r, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(r, dtype=torch.float32, device=x.device)
+    br, bd = _blocks(d)
+    wrap_triton(_add_layer_norm_fwd_kernel)[(triton.cdiv(r, br),)](
+        x, branch, row_scale if row_scale is not None else x, weight, bias, s, y, mean, rstd, r, d, eps,
+        HAS_SCALE=row_scale is not None, BLOCK_R=br, BLOCK_D=bd, **_warps())
+    return s, y, mean, rstd
+
+
+@_add_layer_norm_fwd.register_fake
+def _add_layer_norm_fwd_fake(x, branch, row_scale, weight, bias, eps, out_dtype):
+    r = x.shape[0]
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype)),
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(r, dtype=torch.float32),
+            x.new_empty(r, dtype=torch.float32))
+
+
+@triton_op("bestrq2::add_layer_norm_bwd", mutates_args={})
+def _add_layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor,
+                        mean: torch.Tensor, rstd: torch.Tensor, row_scale: torch.Tensor | None, x_dtype: torch.dtype,
+                        branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, d = s.shape
+    br, bd = _blocks(d)
+    blocks = triton.cdiv(r, br)
+    dx = torch.empty(s.shape, dtype=x_dtype, device=s.device)
+    dbr = torch.empty(s.shape, dtype=branch_dtype, device=s.device)
+    dw = torch.empty(blocks, d, dtype=torch.float32, device=s.device)
+    db = torch.empty(blocks, d, dtype=torch.float32, device=s.device)
+    wrap_triton(_add_layer_norm_bwd_kernel)[(blocks,)](
+        dy, s, weight, mean, rstd, ds if ds is not None else dy, row_scale if row_scale is not None else mean,
+        dx, dbr, dw, db, r, d, HAS_DS=ds is not None, HAS_SCALE=row_scale is not None, BLOCK_R=br, BLOCK_D=bd,
+        **_warps())
+    return dx, dbr, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+@_add_layer_norm_bwd.register_fake
+def _add_layer_norm_bwd_fake(dy, ds, s, weight, mean, rstd, row_scale, x_dtype, branch_dtype):
+    return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape, dtype=branch_dtype),
+            weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+
+
+def _setup(ctx, inputs, output):
+    x, branch, row_scale, weight, _, _, _ = inputs
+    s, _, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd, row_scale)
+    ctx.dtypes = (x.dtype, branch.dtype)
+
+
+def _backward(ctx, ds, dy, _dmean, _drstd):
+    s, weight, mean, rstd, row_scale = ctx.saved_tensors
+    # autograd materialises an unused output's gradient as zeros (a stack's last s: a zero tensor read
+    # once, 2 per step; set_materialize_grads(False) would save it, untested under torch.compile here)
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+    dx, dbr, dw, db = _add_layer_norm_bwd(dy.contiguous(), None if ds is None else ds.contiguous(), s, weight, mean,
+                                          rstd, row_scale, *ctx.dtypes)
+    return dx, dbr, None, dw, db, None, None
+
+
+_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None,
+                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y), each x's shape; see the module docstring. ``impl`` auto | triton | reference (kernels._dispatch)."""
+    check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
+    check_tensor("branch", branch, dims=tuple(range(1, 9)), floating=True)
+    check_tensor("weight", weight, dims=(1,), floating=True)
+    check_tensor("bias", bias, dims=(1,), floating=True)
+    d = x.shape[-1]
+    need(branch.shape == x.shape, f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
+    need(weight.shape == (d,) and bias.shape == (d,),
+         f"weight and bias must be [D] = [{d}], got {list(weight.shape)} and {list(bias.shape)}")
+    need(d >= 1 and x.numel() >= 1, f"x must be non-empty, got shape {list(x.shape)}")
+    need(eps > 0, f"eps must be positive, got {eps}")
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, dims=(1,), floating=True)
+        need(row_scale.shape == (x.numel() // d,),
+             f"row_scale must be [rows] = [{x.numel() // d}], got {list(row_scale.shape)}")
+    same_device(x=x, branch=branch, row_scale=row_scale, weight=weight, bias=bias)
+    out_dtype = out_dtype or compute_dtype(x)
+    if not use_triton(x, branch, weight, bias, impl=impl):
+        return add_layer_norm_ref(x, branch, row_scale, weight, bias, eps, out_dtype)
+    need(d <= 16384, f"the Triton add + layer norm holds a row in registers: D <= 16384, got {d}")
+    s, y, _, _ = _add_layer_norm_fwd(x.reshape(-1, d).contiguous(), branch.reshape(-1, d).contiguous(),
+                                     None if row_scale is None else row_scale.float().contiguous(),
+                                     weight.contiguous(), bias.contiguous(), float(eps), out_dtype)
+    return s.view(x.shape), y.view(x.shape)
