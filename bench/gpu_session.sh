@@ -49,6 +49,7 @@ cp bench/results/sweeps/gpu-attention.csv bestrq2/attention_wins.json "$OUT/" 2>
 # (a)-(d) built in one process and timed interleaved (compile in the warm-up), a profile of each,
 # then (e) the real pretrain loop on prepared shards (compiles again if (d) won): estimated ~200 s
 piece 250 --only e2e
-# the block ops (layer norm, bias + GELU, drop-path + residual) against their references and torch.compile:
+# the block ops (layer norm, bias + GELU, drop-path + residual, add + layer norm) against their references and
+# torch.compile:
 # last, so that if the lease's time runs out only this piece is lost (its limit is a guess: never run on a GPU)
-piece 45 --only block
+piece 60 --only block

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
-from .layer_norm import _blocks, _rows_tile, compute_dtype, layer_norm_ref
+from .layer_norm import _blocks, _normalize_rows, _normalize_rows_bwd, _rows_tile, compute_dtype, layer_norm_ref
 from .residual_drop_path import residual_drop_path_ref
 
 
@@ -51,42 +51,24 @@ def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_
         br = br * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
     s = (x + br).to(s_ptr.dtype.element_ty)
     tl.store(s_ptr + off, s, mask=mask)
-    s = s.to(tl.float32)  # the statistics of s as stored (a no-op for float32 s)
-    mean = tl.sum(s, axis=1) / D
-    sc = tl.where(mask, s - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(sc * sc, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = sc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    # the statistics of s as stored (a no-op for float32 s)
+    _normalize_rows(s.to(tl.float32), rows, cols, rmask, cmask, mask, off, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+                    D, eps)
 
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, scale_ptr, dx_ptr, dbr_ptr,
                                dw_ptr, db_ptr, R, D, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
     s, rows, cols, rmask, cmask, mask, off = _rows_tile(s_ptr, R, D, BLOCK_R, BLOCK_D)
-    dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
-    wdy = w[None, :] * dy
-    c1 = tl.sum(xhat * wdy, axis=1) / D
-    c2 = tl.sum(wdy, axis=1) / D
-    g = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    g = _normalize_rows_bwd(s, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr,
+                            db_ptr, D)
     if HAS_DS:  # the residual stream's own gradient, accumulated here instead of by a separate add
         g += tl.load(ds_ptr + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + off, g.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
     tl.store(dbr_ptr + off, g.to(dbr_ptr.dtype.element_ty), mask=mask)
-    # this row block's share of grad_weight / grad_bias; the blocks are summed after, in order
-    tl.store(dw_ptr + pid * D + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
-    tl.store(db_ptr + pid * D + cols, tl.sum(dy, axis=0), mask=cmask)
 
 
 def _warps() -> dict:

@@ -54,9 +54,8 @@ def _rows_tile(x_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, eps,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
+def _normalize_rows(x, rows, cols, rmask, cmask, mask, off, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, D, eps):
+    """LayerNorm of a float32 row tile from ``_rows_tile``: y stored in y's dtype, mean and rstd stored."""
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -69,10 +68,17 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, R, D,
+def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
     x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
+    _normalize_rows(x, rows, cols, rmask, cmask, mask, off, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, D, eps)
+
+
+@triton.jit
+def _normalize_rows_bwd(x, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, D):
+    """LayerNorm's backward for a float32 row tile: returns dx (float32, not stored) and stores this row
+    block's share of grad_weight / grad_bias (the blocks are summed after, in order)."""
+    pid = tl.program_id(0)
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
@@ -81,11 +87,18 @@ def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
     wdy = w[None, :] * dy
     c1 = tl.sum(xhat * wdy, axis=1) / D
     c2 = tl.sum(wdy, axis=1) / D
-    dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    # this row block's share of grad_weight / grad_bias; the blocks are summed after, in order
     tl.store(dw_ptr + pid * D + cols, tl.sum(dy * xhat, axis=0), mask=cmask)
     tl.store(db_ptr + pid * D + cols, tl.sum(dy, axis=0), mask=cmask)
+    return (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, R, D,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
+    dx = _normalize_rows_bwd(x, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr,
+                             db_ptr, D)
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(d: int) -> tuple[int, int]:
