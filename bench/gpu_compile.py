@@ -239,28 +239,8 @@ class _TargetOnlyDriver:
         return True
 
 
-def _resource_usage(cubin: bytes | None) -> tuple[str, int]:
-    """(registers per thread, stack bytes per thread) from ``cuobjdump --dump-resource-usage`` (shipped with
-    triton); a stack means spilled registers: local-memory traffic a fast kernel should not have."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not cubin or not os.path.exists(tool):
-        return "?", 0
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
-    return (reg.group(1) if reg else "?"), int(stack.group(1)) if stack else 0
-
-
-def _sass(cubin: bytes | None) -> str:
-    """The cubin's SASS (``cuobjdump -sass``, shipped with triton), or "" where it cannot be read."""
+def _cuobjdump(cubin: bytes | None, flag: str) -> str:
+    """``cuobjdump <flag>`` (shipped with triton) on a cubin, or "" where it cannot be run."""
     import subprocess
     import tempfile
 
@@ -272,7 +252,17 @@ def _sass(cubin: bytes | None) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin: bytes | None) -> tuple[str, int]:
+    """(registers per thread, stack bytes per thread) from ``cuobjdump --dump-resource-usage``; a stack
+    means spilled registers: local-memory traffic a fast kernel should not have."""
+    import re
+
+    out = _cuobjdump(cubin, "--dump-resource-usage")
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (reg.group(1) if reg else "?"), int(stack.group(1)) if stack else 0
 
 
 def instruction_mix(sass: str) -> dict:
@@ -327,7 +317,7 @@ def _compile_one(job: tuple) -> tuple[str, str | None]:
     ok = limit is None or smem <= limit
     regs, stack = _resource_usage(c.asm.get("cubin"))
     spill = f", SPILLS {stack} B/thread to the stack" if stack else ""
-    sass = _sass(c.asm.get("cubin"))
+    sass = _cuobjdump(c.asm.get("cubin"), "-sass")
     if _SASS_DIR and sass:
         import hashlib
 

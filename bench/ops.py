@@ -167,12 +167,13 @@ def bench_block_ops(rec: Recorder, device, bounds, smoke: bool, with_fast: bool,
     es, f4 = torch.tensor([], dtype=dt).element_size(), 4
     modes = ["forward", "backward", "full"]
 
-    def run(op, shape, fns, inputs, nbytes):
+    def run(op, shape, fns, inputs, nbytes, extra=()):  # extra: providers timed on a GPU only, "fast" vs each
         nbytes["full"] = nbytes["forward"] + nbytes["backward"]
+        extra = list(extra) if (with_fast and device.type == "cuda" and not smoke) else []
         times = {p: _run_modes(rec, op, p, shape, device, fns[p], inputs, nbytes, None, bounds, modes, reps)
-                 for p in providers(device, with_fast)}
-        _ratio_rows(rec, op, shape, times, "fast")
-        _ratio_rows(rec, op, shape, times, "fast", ref="compile")
+                 for p in providers(device, with_fast) + extra}
+        for ref in ("reference", "compile", *extra):
+            _ratio_rows(rec, op, shape, times, "fast", ref=ref)
 
     x = torch.randn(rows, d, device=device, requires_grad=True)  # the float32 residual stream
     w = torch.ones(d, device=device, requires_grad=True)
@@ -199,19 +200,13 @@ def bench_block_ops(rec: Recorder, device, bounds, smoke: bool, with_fast: bool,
     # residual stream's and the branch's); fast_unfused: the two Triton ops above, one after the other
     unfused = lambda: (lambda s: (s, layer_norm(s, w, b, out_dtype=dt, impl="triton")))(  # noqa: E731
         residual_drop_path(x, branch, keep, impl="triton"))
-    fns = {"fast": lambda: add_layer_norm(x, branch, keep, w, b, out_dtype=dt, impl="triton"),
-           "reference": lambda: add_layer_norm_ref(x, branch, keep, w, b, out_dtype=dt),
-           "compile": (lambda f=_compiled(add_layer_norm_ref): f(x, branch, keep, w, b, 1e-5, dt)),
-           "fast_unfused": unfused}
-    shape = f"R={rows},D={d},fp32+{str(dt)[6:]}->{str(dt)[6:]}"
-    nbytes = {"forward": 2 * f4 * rows * d + 2 * es * rows * d + 12 * rows,
-              "backward": 3 * f4 * rows * d + 2 * es * rows * d + 12 * rows}
-    nbytes["full"] = nbytes["forward"] + nbytes["backward"]
-    extra = ["fast_unfused"] if (with_fast and device.type == "cuda" and not smoke) else []
-    times = {p: _run_modes(rec, "add_layer_norm", p, shape, device, fns[p], (x, branch, w, b), nbytes, None, bounds,
-                           modes, reps) for p in providers(device, with_fast) + extra}
-    for ref in ("reference", "compile", "fast_unfused"):
-        _ratio_rows(rec, "add_layer_norm", shape, times, "fast", ref=ref)
+    run("add_layer_norm", f"R={rows},D={d},fp32+{str(dt)[6:]}->{str(dt)[6:]}",
+        {"fast": lambda: add_layer_norm(x, branch, keep, w, b, out_dtype=dt, impl="triton"),
+         "reference": lambda: add_layer_norm_ref(x, branch, keep, w, b, out_dtype=dt),
+         "compile": (lambda f=_compiled(add_layer_norm_ref): f(x, branch, keep, w, b, 1e-5, dt)),
+         "fast_unfused": unfused},
+        (x, branch, w, b), {"forward": 2 * f4 * rows * d + 2 * es * rows * d + 12 * rows,
+                            "backward": 3 * f4 * rows * d + 2 * es * rows * d + 12 * rows}, extra=["fast_unfused"])
 
 
 def chunked_compiled_ce(chunk: int):

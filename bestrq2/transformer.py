@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from .attention import VARLEN, dense_attention, resolve, varlen_attention
 from .kernels import add_layer_norm, bias_gelu, layer_norm, residual_drop_path
-from .kernels.layer_norm import compute_dtype
 from .kernels._dispatch import use_triton
 
 
@@ -180,12 +179,11 @@ class Transformer(nn.Module):
         # fused: norm1 of the first block, then each block hands the next its normed input; the last
         # one's output norm is the stack's (float32 under autocast, as nn.LayerNorm gives)
         y = blocks[0]._norm(blocks[0].norm1, x)
-        final = torch.float32 if torch.is_autocast_enabled(x.device.type) else None
+        final = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
         for i, blk in enumerate(blocks):
             last = i + 1 == len(blocks)
             x, y = blk(x, key_padding, backend, packed, sample_of, normed=y,
-                       next_norm=self.norm if last else blocks[i + 1].norm1,
-                       out_dtype=(final or torch.promote_types(x.dtype, compute_dtype(x))) if last else None)
+                       next_norm=self.norm if last else blocks[i + 1].norm1, out_dtype=final if last else None)
         return y
 
 
