@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", required=True, choices=["cpu", "gpu"])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that everything runs")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for gpu, cpu for cpu")
-    ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,block,e2e,inference,memory,pipeline")
+    ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,block,frontend,e2e,inference,memory,pipeline")
     ap.add_argument("--variants", default="", help="comma list of e2e variants (default all): a_eager_fp32, b_bf16_sdpa, c_fast, "
                     "d_fast_compile, e_pretrain_loop")
     ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     print(f"  bounds: copy {bounds['copy_gbps']:.1f} GB/s, {bounds['matmul_dtype']} matmul "
           f"{bounds['matmul_tflops']:.2f} TFLOP/s")
     steps = [("rpq", ops.bench_rpq), ("gather", ops.bench_gather_scatter), ("head", ops.bench_head),
-             ("attention", ops.bench_attention), ("block", ops.bench_block_ops)]
+             ("attention", ops.bench_attention), ("block", ops.bench_block_ops),
+             ("frontend", ops.bench_frontend)]
     for key, fn in steps:
         if want(key):
             t = time.time()

@@ -39,7 +39,7 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
   cp bench/results/gpu.csv "$OUT/" 2>/dev/null || true
 }
 # limits from the 2026-11-26 H200 session (each piece took about half of its limit there)
-piece 60 --only rpq,gather,head
+piece 70 --only rpq,gather,head,frontend
 piece 30 --only attention
 piece 40 --only inference  # + CUDA-graph captures at B 1, 8, 64
 # the Triton attention's default config vs SDPA at N 64/128/256: the table auto attention reads

@@ -6,6 +6,8 @@ Steps (the official ``Spectrogram`` module, torchaudio-free): ``torch.stft`` wit
 window of 2048, hop 625, n_fft 2048, centre reflect padding; the complex STFT divided by
 sqrt(sum(window^2)) (torchaudio's ``normalized=True``); power 2; an HTK mel filterbank
 0-8 kHz without area normalisation; ``10 * log10(max(x, 1e-10))``. No other normalisation.
+The power and the normalisation are computed in a cheaper order than torchaudio's (``LogMel._power_mel``;
+the authors' order is ``_power_mel_reference``, the same function to float32 rounding, ~1e-6 relative).
 """
 from __future__ import annotations
 
@@ -87,12 +89,28 @@ class LogMel(torch.nn.Module):
         with torch.autocast(wave.device.type, enabled=False):
             return self._power_mel(wave.to(self.fb.dtype))
 
+    def _stft(self, wave: torch.Tensor) -> torch.Tensor:
+        """Complex STFT [B, 1025, frames] (a transposed view of a frame-major [B, frames, 1025])."""
+        return torch.stft(wave, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, window=self.window.to(wave.device),
+                          center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+
     def _power_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        """The mel power [B, 128, frames]: sum_k |X_k|^2 fb[k] / sum(window^2), the same function as
+        ``_power_mel_reference`` in fewer passes: re^2 and im^2 go straight into the mel matmul (the
+        filterbank's rows doubled), and torchaudio's normalisation, a scalar, is applied to the 128 mel
+        bins instead of dividing the 1025-bin complex STFT. No sqrt-then-square, so it is as close to
+        the float64 result as the reference is (test); the two differ by ~1e-6 relative (float32
+        rounding). On a 2-core Xeon: 1.5x the reference at 8 clips, 1.7x at 32."""
+        spec = self._stft(wave).transpose(-1, -2).contiguous()  # [B, frames, 1025] (already laid out so: no copy)
+        squares = torch.view_as_real(spec).square().flatten(-2)  # [B, frames, 2050]: re^2, im^2 per bin
+        fb = self.fb.to(wave.device)
+        mel = torch.matmul(squares, fb.repeat_interleave(2, dim=0))  # [B, frames, 128]
+        return (mel * (1.0 / self.window.to(wave.device).pow(2).sum())).transpose(-1, -2)
+
+    def _power_mel_reference(self, wave: torch.Tensor) -> torch.Tensor:
+        """The authors' order of operations (torchaudio's Spectrogram, then MelScale): [B, 128, frames]."""
         window = self.window.to(wave.device)
-        spec = torch.stft(wave, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, window=window,
-                          center=True, pad_mode="reflect", normalized=False, onesided=True,
-                          return_complex=True)
-        spec = spec / window.pow(2).sum().sqrt()  # torchaudio normalized=True ("window")
+        spec = self._stft(wave) / window.pow(2).sum().sqrt()  # torchaudio normalized=True ("window")
         power = spec.abs().pow(2.0)  # [B, 1025, frames]
         return torch.matmul(power.transpose(-1, -2), self.fb.to(wave.device)).transpose(-1, -2)
 

@@ -31,7 +31,9 @@ def test_cpu_suite_smoke(cpu_smoke):
     rows, text, _ = cpu_smoke
     ops = {r["op"] for r in rows}
     assert {"bound", "rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention",
-            "encoder_inference", "data_pipeline"} <= ops
+            "encoder_inference", "data_pipeline", "logmel_power"} <= ops
+    fe = {r["metric"] for r in rows if r["op"] == "logmel_power" and r["provider"] == "fast"}
+    assert {"time_ms", "speedup_vs_reference"} <= fe  # the frontend's fast order against the authors' order
     assert all(r["device"] and r["versions"] and r["commit"] and r["date"] for r in rows)
     mem = {r["provider"]: float(r["value"]) for r in rows if r["metric"] == "peak_mem_bytes"}
     assert mem["fused"] < mem["reference"]  # the chunked head holds less than the full logits
@@ -43,6 +45,7 @@ def test_gpu_suite_code_under_interpreter(tmp_path):
     providers = {(r["op"], r["provider"]) for r in rows}
     assert ("rpq_codes", "fast") in providers and ("attention", "triton") in providers
     assert {(op, "fast") for op in ("layer_norm", "bias_gelu", "residual_drop_path")} <= providers  # the block ops
+    assert {("logmel_power", "fast"), ("logmel_power", "reference")} <= providers
     assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast", "e_pretrain_loop")} <= providers
     speed = [r for r in rows if r["metric"] == "speedup_vs_reference"]
     assert speed and all(float(r["value"]) > 0 for r in speed)
