@@ -213,21 +213,19 @@ def bench_frontend(rec: Recorder, device, bounds, smoke: bool, with_fast: bool, 
     """The log-mel power (``LogMel.power_mel``: squares into the mel matmul, the normalisation on the 128
     mel bins) against the authors' order (``_power_mel_reference``: the complex STFT divided, abs, squared,
     matmul) and torch.compile of it, forward only (no grads: the frontend feeds targets and inputs), 10 s
-    clips: 256 on CUDA (a training batch), 8 on CPU. Bytes: the waveform read and the [B, 128, frames] mel
-    written (the STFT's own intermediates not counted: a lower bound)."""
+    clips: 256 on CUDA (a training batch), 8 on CPU. No GB/s: the traffic is the STFT's intermediates
+    (``python -m bench.step_inventory`` counts them), not the waveform in and the mel out."""
     from bestrq2.frontend import LogMel
 
     clips, seconds = (2, 1) if smoke else ((256, 10) if device.type == "cuda" else (8, 10))
     lm = LogMel().to(device)
     wave = torch.randn(clips, 16_000 * seconds, device=device) * 0.1
-    frames = 1 + wave.shape[1] // 625
-    nbytes = {"forward": 4 * wave.numel() + 4 * clips * 128 * frames}
     fns = {"fast": lambda: lm.power_mel(wave), "reference": lambda: lm._power_mel_reference(wave)}
     if not SMOKE["on"]:
         fns["compile"] = (lambda f=_compiled(lm._power_mel_reference): f(wave))
     shape = f"B={clips},{seconds}s,fp32"
     with torch.no_grad():
-        times = {p: _run_modes(rec, "logmel_power", p, shape, device, fn, (), nbytes, None, bounds, ["forward"], reps)
+        times = {p: _run_modes(rec, "logmel_power", p, shape, device, fn, (), None, None, bounds, ["forward"], reps)
                  for p, fn in fns.items()}
     for ref in ("reference", "compile"):
         _ratio_rows(rec, "logmel_power", shape, times, "fast", ref=ref)

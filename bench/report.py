@@ -47,7 +47,9 @@ def fmt_bytes(b: float | None) -> str:
 def ops_table(idx) -> list[str]:
     lines = ["| op | shape | mode | provider | median ms (p20-p80) | graph ms | GB/s | TFLOP/s | % of bound | x reference "
              "(graph) | x compile | peak mem |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted(k for k in idx if k[0] in ("rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention")
+    keys = sorted(k for k in idx if k[0] in ("rpq_codes", "gather_tokens", "scatter_tokens", "linear_cross_entropy", "attention",
+                                            "layer_norm", "bias_gelu", "residual_drop_path", "add_layer_norm",
+                                            "logmel_power")
                   and "time_ms" in idx[k])
     for op, prov, mode, shape in keys:
         m = idx[(op, prov, mode, shape)]
