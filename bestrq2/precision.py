@@ -95,6 +95,9 @@ class _PackedLinearMode(TorchFunctionMode):
         if func is F.linear and len(args) >= 2 and id(args[1]) in self.packed:
             w, b = self.packed[id(args[1])]
             x = args[0]
+            # a call without a bias (one left to a fused op after it, as the Triton path's blocks do) gets none
+            if (args[2] if len(args) > 2 else kwargs.get("bias")) is None:
+                b = None
             return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype).contiguous(), w, b, "none", [], "")
         return func(*args, **kwargs)
 

@@ -66,8 +66,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
-                packed: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-        """x [B, L, D], or [T, D] packed when ``packed = (cu_seqlens, max_seqlen)``."""
+                packed: tuple[torch.Tensor, int] | None = None, proj_bias: bool = True) -> torch.Tensor:
+        """x [B, L, D], or [T, D] packed when ``packed = (cu_seqlens, max_seqlen)``. ``proj_bias=False``
+        leaves the output projection's bias to the caller (the fused residual add takes it)."""
         d = x.shape[-1]
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, d // self.heads))
         # unbind, not three selects: its backward stacks the three grads into one tensor, where selects
@@ -77,7 +78,7 @@ class Attention(nn.Module):
             out = varlen_attention(q, k, v, packed[0], packed[1], backend)
         else:
             out = dense_attention(q, k, v, backend, key_padding)
-        return self.proj(out.flatten(-2))
+        return F.linear(out.flatten(-2), self.proj.weight, self.proj.bias if proj_bias else None)
 
 
 class Mlp(nn.Module):
@@ -86,11 +87,13 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = "auto", fc2_bias: bool = True) -> torch.Tensor:
+        """``fc2_bias=False`` (Triton path only) leaves fc2's bias to the caller (the fused residual add)."""
         if use_triton(x, self.fc1.bias, impl=impl):
             # fc1 without its bias, then bias + exact (erf) GELU in one kernel: one pass over the
             # [rows, 4 D] activation instead of three (the same function as the authors' timm Mlp)
-            return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl=impl))
+            h = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl=impl)
+            return F.linear(h, self.fc2.weight, self.fc2.bias if fc2_bias else None)
         # elsewhere the timm Mlp itself: the GEMM adds the bias in its epilogue and GELU runs in the
         # matmul's dtype (on a CPU under bf16 autocast, a separate float32 bias + GELU cost 4 passes)
         return self.fc2(F.gelu(self.fc1(x)))
@@ -118,23 +121,26 @@ class Block(nn.Module):
         """x -> x after the block. Fused form (``Transformer`` on the Triton path): given ``normed`` =
         norm1(x) and the LayerNorm that comes after this block (the next block's norm1, or the stack's
         final norm), returns (x after the block, next_norm of it in ``out_dtype``), each residual add
-        fused with the LayerNorm after it (``kernels.add_layer_norm``): the same function."""
+        fused with the LayerNorm after it (``kernels.add_layer_norm``): the same function. There the attention
+        and MLP output projections run without their biases, which the fused adds take in float32 (their
+        gradients come out of its backward: no separate pass over each projection's output gradient)."""
         impl = self.impl
         if normed is None:
             h = self.attn(self._norm(self.norm1, x), key_padding, backend, packed)
             x = self.drop_path.add(x, h, sample_of, impl)
             return self.drop_path.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl)
         # drop-path factors drawn per add, each after its branch, as the unfused form draws them
-        h = self.attn(normed, key_padding, backend, packed)
-        x, y = self._add_norm(x, h, self.drop_path.row_factors(x, sample_of), self.norm2, None)
-        m = self.mlp(y, impl)
-        return self._add_norm(x, m, self.drop_path.row_factors(x, sample_of), next_norm, out_dtype)
+        h = self.attn(normed, key_padding, backend, packed, proj_bias=False)
+        x, y = self._add_norm(x, h, self.drop_path.row_factors(x, sample_of), self.norm2, None, self.attn.proj.bias)
+        m = self.mlp(y, impl, fc2_bias=False)
+        return self._add_norm(x, m, self.drop_path.row_factors(x, sample_of), next_norm, out_dtype, self.mlp.fc2.bias)
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, norm.weight, norm.bias, norm.eps, impl=self.impl)
 
-    def _add_norm(self, x, branch, rows, norm: nn.LayerNorm, out_dtype):
-        return add_layer_norm(x, branch, rows, norm.weight, norm.bias, norm.eps, out_dtype, impl=self.impl)
+    def _add_norm(self, x, branch, rows, norm: nn.LayerNorm, out_dtype, branch_bias):
+        return add_layer_norm(x, branch, rows, norm.weight, norm.bias, norm.eps, out_dtype, impl=self.impl,
+                              branch_bias=branch_bias)
 
 
 class Transformer(nn.Module):

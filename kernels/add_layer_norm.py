@@ -1,14 +1,19 @@
 """Residual add (drop-path scale folded in) and the LayerNorm after it, one pass forward, one backward.
 
-``add_layer_norm(x, branch, row_scale, weight, bias, eps=1e-5, out_dtype=None) -> (s, y)``
+``add_layer_norm(x, branch, row_scale, weight, bias, eps=1e-5, out_dtype=None, branch_bias=None) -> (s, y)``
 
 - x, branch [..., D]: the residual stream and a branch's output; row_scale float32 [rows] (each token's
   drop-path factor, 0 or 1 / keep) or None (no drop path).
 - s = x + branch * row_scale (x + branch without it), in x's dtype promoted with branch's, as the residual
   add gives; y = LayerNorm(s) with float32 statistics, in ``out_dtype`` (default: the autocast dtype when
   autocast is on, else s's dtype), as ``layer_norm`` gives.
+- branch_bias [D] (optional): the bias of the linear that made ``branch``, left out of that linear and
+  added here in float32, s = x + (branch + branch_bias) * row_scale. Its gradient, the column sum of
+  grad_branch, comes from the backward's row blocks: the linear's backward would otherwise read its whole
+  output gradient again for it (the model's attention and MLP output projections: ~1 GB at 256 clips).
 - Backward, given grad_s (the residual stream's gradient from further down, or none) and grad_y:
-  g = grad_s + LayerNorm's dx(grad_y); grad_x = g, grad_branch = g * row_scale. The residual stream's
+  g = grad_s + LayerNorm's dx(grad_y); grad_x = g, grad_branch = g * row_scale, grad_branch_bias = the
+  column sum of grad_branch (float32). The residual stream's
   gradient is accumulated inside the LayerNorm backward: unfused, autograd adds the two float32 gradients
   of s in a pass of its own at every residual junction (32 of them per ViT-B + predictor step, 6.5 GB at
   256 clips, ``bench/step_inventory``).
@@ -31,22 +36,31 @@ from .residual_drop_path import residual_drop_path_ref
 
 def add_layer_norm_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor | None, weight: torch.Tensor,
                        bias: torch.Tensor, eps: float = 1e-5,
-                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: the residual add (``residual_drop_path_ref`` with a scale), then ``layer_norm_ref``."""
+                       out_dtype: torch.dtype | None = None,
+                       branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: the residual add (``residual_drop_path_ref`` with a scale), then ``layer_norm_ref``;
+    a ``branch_bias`` is added to the branch in float32 first (s keeps x's dtype promoted with branch's)."""
     out_dtype = out_dtype or compute_dtype(x)
+    s_dtype = torch.promote_types(x.dtype, branch.dtype)
+    if branch_bias is not None:
+        branch = branch.float() + branch_bias.float()
     if row_scale is None:
         s = x + branch
     else:
         d = x.shape[-1]
         s = residual_drop_path_ref(x.reshape(-1, d), branch.reshape(-1, d), row_scale).view(x.shape)
+    s = s.to(s_dtype)
     return s, layer_norm_ref(s, weight, bias, eps, out_dtype)
 
 
 @triton.jit
-def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, eps,
-                               HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
+                               eps, HAS_BB: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
     x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
     br = tl.load(br_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BB:  # the branch's linear bias, added in float32
+        br += tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
         br = br * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
     s = (x + br).to(s_ptr.dtype.element_ty)
@@ -58,8 +72,8 @@ def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, scale_ptr, dx_ptr, dbr_ptr,
-                               dw_ptr, db_ptr, R, D, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                               dw_ptr, db_ptr, dbb_ptr, R, D, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               HAS_BB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     s, rows, cols, rmask, cmask, mask, off = _rows_tile(s_ptr, R, D, BLOCK_R, BLOCK_D)
     g = _normalize_rows_bwd(s, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr,
                             db_ptr, D)
@@ -69,6 +83,8 @@ def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr,
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
     tl.store(dbr_ptr + off, g.to(dbr_ptr.dtype.element_ty), mask=mask)
+    if HAS_BB:  # this row block's share of the branch bias's gradient (padding rows hold zeros)
+        tl.store(dbb_ptr + tl.program_id(0) * D + cols, tl.sum(g, axis=0), mask=cmask)
 
 
 def _warps() -> dict:
@@ -79,8 +95,8 @@ def _warps() -> dict:
 
 @triton_op("bestrq2::add_layer_norm_fwd", mutates_args={})
 def _add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor | None, weight: torch.Tensor,
-                        bias: torch.Tensor, eps: float,
-                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
+                        branch_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r, d = x.shape
     s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -88,13 +104,14 @@ def _add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.
     rstd = torch.empty(r, dtype=torch.float32, device=x.device)
     br, bd = _blocks(d)
     wrap_triton(_add_layer_norm_fwd_kernel)[(triton.cdiv(r, br),)](
-        x, branch, row_scale if row_scale is not None else x, weight, bias, s, y, mean, rstd, r, d, eps,
-        HAS_SCALE=row_scale is not None, BLOCK_R=br, BLOCK_D=bd, **_warps())
+        x, branch, branch_bias if branch_bias is not None else weight, row_scale if row_scale is not None else x,
+        weight, bias, s, y, mean, rstd, r, d, eps, HAS_BB=branch_bias is not None, HAS_SCALE=row_scale is not None,
+        BLOCK_R=br, BLOCK_D=bd, **_warps())
     return s, y, mean, rstd
 
 
 @_add_layer_norm_fwd.register_fake
-def _add_layer_norm_fwd_fake(x, branch, row_scale, weight, bias, eps, out_dtype):
+def _add_layer_norm_fwd_fake(x, branch, row_scale, weight, bias, eps, out_dtype, branch_bias):
     r = x.shape[0]
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype)),
             x.new_empty(x.shape, dtype=out_dtype), x.new_empty(r, dtype=torch.float32),
@@ -104,7 +121,8 @@ def _add_layer_norm_fwd_fake(x, branch, row_scale, weight, bias, eps, out_dtype)
 @triton_op("bestrq2::add_layer_norm_bwd", mutates_args={})
 def _add_layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor,
                         mean: torch.Tensor, rstd: torch.Tensor, row_scale: torch.Tensor | None, x_dtype: torch.dtype,
-                        branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        branch_dtype: torch.dtype, with_branch_bias: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r, d = s.shape
     br, bd = _blocks(d)
     blocks = triton.cdiv(r, br)
@@ -112,24 +130,27 @@ def _add_layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tens
     dbr = torch.empty(s.shape, dtype=branch_dtype, device=s.device)
     dw = torch.empty(blocks, d, dtype=torch.float32, device=s.device)
     db = torch.empty(blocks, d, dtype=torch.float32, device=s.device)
+    dbb = torch.empty(blocks if with_branch_bias else 1, d, dtype=torch.float32, device=s.device)
     wrap_triton(_add_layer_norm_bwd_kernel)[(blocks,)](
         dy, s, weight, mean, rstd, ds if ds is not None else dy, row_scale if row_scale is not None else mean,
-        dx, dbr, dw, db, r, d, HAS_DS=ds is not None, HAS_SCALE=row_scale is not None, BLOCK_R=br, BLOCK_D=bd,
-        **_warps())
-    return dx, dbr, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+        dx, dbr, dw, db, dbb, r, d, HAS_DS=ds is not None, HAS_SCALE=row_scale is not None, HAS_BB=with_branch_bias,
+        BLOCK_R=br, BLOCK_D=bd, **_warps())
+    return dx, dbr, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), dbb.sum(0)
 
 
 @_add_layer_norm_bwd.register_fake
-def _add_layer_norm_bwd_fake(dy, ds, s, weight, mean, rstd, row_scale, x_dtype, branch_dtype):
+def _add_layer_norm_bwd_fake(dy, ds, s, weight, mean, rstd, row_scale, x_dtype, branch_dtype, with_branch_bias):
     return (s.new_empty(s.shape, dtype=x_dtype), s.new_empty(s.shape, dtype=branch_dtype),
-            weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+            weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
-    x, branch, row_scale, weight, _, _, _ = inputs
+    x, branch, row_scale, weight, _, _, _, branch_bias = inputs
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, mean, rstd, row_scale)
     ctx.dtypes = (x.dtype, branch.dtype)
+    ctx.bb_dtype = None if branch_bias is None else branch_bias.dtype
 
 
 def _backward(ctx, ds, dy, _dmean, _drstd):
@@ -138,9 +159,9 @@ def _backward(ctx, ds, dy, _dmean, _drstd):
     # once, 2 per step; set_materialize_grads(False) would save it, untested under torch.compile here)
     if dy is None:
         dy = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
-    dx, dbr, dw, db = _add_layer_norm_bwd(dy.contiguous(), None if ds is None else ds.contiguous(), s, weight, mean,
-                                          rstd, row_scale, *ctx.dtypes)
-    return dx, dbr, None, dw, db, None, None
+    dx, dbr, dw, db, dbb = _add_layer_norm_bwd(dy.contiguous(), None if ds is None else ds.contiguous(), s, weight,
+                                               mean, rstd, row_scale, *ctx.dtypes, ctx.bb_dtype is not None)
+    return dx, dbr, None, dw, db, None, None, None if ctx.bb_dtype is None else dbb.to(ctx.bb_dtype)
 
 
 _add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
@@ -148,7 +169,7 @@ _add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None,
-                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   impl: str | None = None, branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y), each x's shape; see the module docstring. ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
     check_tensor("branch", branch, dims=tuple(range(1, 9)), floating=True)
@@ -164,12 +185,16 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tenso
         check_tensor("row_scale", row_scale, dims=(1,), floating=True)
         need(row_scale.shape == (x.numel() // d,),
              f"row_scale must be [rows] = [{x.numel() // d}], got {list(row_scale.shape)}")
-    same_device(x=x, branch=branch, row_scale=row_scale, weight=weight, bias=bias)
+    if branch_bias is not None:
+        check_tensor("branch_bias", branch_bias, dims=(1,), floating=True)
+        need(branch_bias.shape == (d,), f"branch_bias must be [D] = [{d}], got {list(branch_bias.shape)}")
+    same_device(x=x, branch=branch, row_scale=row_scale, weight=weight, bias=bias, branch_bias=branch_bias)
     out_dtype = out_dtype or compute_dtype(x)
     if not use_triton(x, branch, weight, bias, impl=impl):
-        return add_layer_norm_ref(x, branch, row_scale, weight, bias, eps, out_dtype)
+        return add_layer_norm_ref(x, branch, row_scale, weight, bias, eps, out_dtype, branch_bias)
     need(d <= 16384, f"the Triton add + layer norm holds a row in registers: D <= 16384, got {d}")
     s, y, _, _ = _add_layer_norm_fwd(x.reshape(-1, d).contiguous(), branch.reshape(-1, d).contiguous(),
                                      None if row_scale is None else row_scale.float().contiguous(),
-                                     weight.contiguous(), bias.contiguous(), float(eps), out_dtype)
+                                     weight.contiguous(), bias.contiguous(), float(eps), out_dtype,
+                                     None if branch_bias is None else branch_bias.contiguous())
     return s.view(x.shape), y.view(x.shape)

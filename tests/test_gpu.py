@@ -145,10 +145,12 @@ def test_auto_attention_follows_the_wins_table(monkeypatch):
         assert A.resolve("auto", x, 64, 100) != "triton"
 
 
-def test_fused_add_layer_norm_on_gpu_eager_and_compiled():
+@pytest.mark.parametrize("with_bb", [False, True])
+def test_fused_add_layer_norm_on_gpu_eager_and_compiled(with_bb):
     """The residual add + LayerNorm kernel compiled for the card, in the model's dtypes (float32 stream, bf16
-    branch, bf16 y): outputs and grads against the reference ops, eager and through torch.compile (grads of
-    y only, so the unused s takes autograd's zero-filled gradient)."""
+    branch, bf16 y, and the branch's float32 linear bias where the model hands it over): outputs and grads
+    against the reference ops, eager and through torch.compile (grads of y only, so the unused s takes
+    autograd's zero-filled gradient)."""
     from bestrq2.kernels import add_layer_norm, add_layer_norm_ref
 
     torch.manual_seed(0)
@@ -156,22 +158,24 @@ def test_fused_add_layer_norm_on_gpu_eager_and_compiled():
     br = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(768, device="cuda") + 1).requires_grad_()
     b = torch.randn(768, device="cuda").requires_grad_()
+    bb = torch.randn(768, device="cuda").requires_grad_() if with_bb else None
     scale = (torch.rand(4096, device="cuda") > 0.1).float() / 0.9
+    params = (w, b, bb) if with_bb else (w, b)
 
     def fused(x, br):
-        return add_layer_norm(x, br, scale, w, b, out_dtype=torch.bfloat16)
+        return add_layer_norm(x, br, scale, w, b, out_dtype=torch.bfloat16, branch_bias=bb)
 
     def ref(x, br):
-        return add_layer_norm_ref(x, br, scale, w, b, out_dtype=torch.bfloat16)
+        return add_layer_norm_ref(x, br, scale, w, b, out_dtype=torch.bfloat16, branch_bias=bb)
 
     gy, gs = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16), torch.randn(4096, 768, device="cuda")
     expect = ref(x, br)
-    want = torch.autograd.grad(expect, (x, br, w, b), (gs, gy))
+    want = torch.autograd.grad(expect, (x, br, *params), (gs, gy))
     for fn in (fused, torch.compile(fused)):
         got = fn(x, br)
         torch.testing.assert_close(got[0], expect[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got[1].float(), expect[1].float(), rtol=1.6e-2, atol=1.6e-2)
-        for a, e in zip(torch.autograd.grad(got, (x, br, w, b), (gs, gy)), want):
+        for a, e in zip(torch.autograd.grad(got, (x, br, *params), (gs, gy)), want):
             torch.testing.assert_close(a.float(), e.float(), rtol=1.6e-2, atol=1e-2)
     got = torch.compile(lambda x, br: fused(x, br)[1])(x, br)
     ga = torch.autograd.grad(got, (x, br), gy)

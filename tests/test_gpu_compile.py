@@ -26,8 +26,9 @@ def test_every_kernel_launch_compiles_for_sm90():
     for kernel in ("_attn_bwd_dkdv_kernel", "_attn_bwd_one_tile_kernel", "_rpq_codes_fwd_kernel", "_ce_rows_kernel",
                    "_layer_norm_bwd_kernel", "_bias_gelu_bwd_kernel", "_scatter_tokens_bwd_pos_kernel",
                    "_gather_tokens_bwd_kernel", "_scale_add_kernel", "_gather_tokens_fwd_kernel(HAS_POS=True",
-                   "_rpq_codes_fwd_kernel(FROM_SPEC=False", "_add_layer_norm_fwd_kernel(HAS_SCALE=True",
-                   "_add_layer_norm_bwd_kernel(HAS_DS=True, HAS_SCALE=True"):
+                   "_rpq_codes_fwd_kernel(FROM_SPEC=False", "_add_layer_norm_fwd_kernel(HAS_BB=False, HAS_SCALE=True",
+                   "_add_layer_norm_fwd_kernel(HAS_BB=True", "_add_layer_norm_bwd_kernel(HAS_DS=True, HAS_SCALE=True",
+                   "_add_layer_norm_bwd_kernel(HAS_DS=True, HAS_SCALE=False, HAS_BB=True"):
         assert f"ok   {kernel}" in out, kernel
     # registers that spill to the stack cost local-memory traffic: none in the RPQ (it spilled 1.8-5.4 KB a
     # thread at 64-row tiles), the token gather/scatter, the block ops or the head's row kernel

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import bestrq2.precision as P
 from bestrq2 import BestRQ2Config, BestRQ2Encoder
@@ -213,3 +214,31 @@ def test_graph_cache_bookkeeping_with_a_stand_in_graph(monkeypatch):
     assert g.captures == 4
     with pytest.raises(ValueError, match="cuda_graphs must be one of"):
         G.check_mode("always")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_keeps_a_call_without_bias_bias_free(dtype):
+    """A linear called without its bias (the Triton path's blocks leave fc1's, proj's and fc2's to the fused op
+    after them) gets none on the prepacked weights either; a call with it gets the module's bias."""
+    if not P.packed_linear_available(dtype):
+        pytest.skip(f"this torch build has no oneDNN prepacked {dtype} linear")
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(32, 24)
+
+        def forward(self, x):
+            return F.linear(x, self.lin.weight), self.lin(x)
+
+    torch.manual_seed(0)
+    m = Two()
+    with torch.no_grad():
+        m.lin.bias.normal_()
+        x = torch.randn(5, 32)
+        bare, full = P.CastWeights().run(m, dtype, x)
+        w, b = m.lin.weight.to(dtype).float(), m.lin.bias.to(dtype).float()
+        xr = x.to(dtype).float()
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)
+    torch.testing.assert_close(bare.float(), xr @ w.t(), **tol)
+    torch.testing.assert_close(full.float(), xr @ w.t() + b, **tol)
