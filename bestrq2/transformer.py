@@ -78,7 +78,8 @@ class Attention(nn.Module):
             out = varlen_attention(q, k, v, packed[0], packed[1], backend)
         else:
             out = dense_attention(q, k, v, backend, key_padding)
-        return F.linear(out.flatten(-2), self.proj.weight, self.proj.bias if proj_bias else None)
+        out = out.flatten(-2)
+        return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 
 
 class Mlp(nn.Module):
@@ -93,7 +94,7 @@ class Mlp(nn.Module):
             # fc1 without its bias, then bias + exact (erf) GELU in one kernel: one pass over the
             # [rows, 4 D] activation instead of three (the same function as the authors' timm Mlp)
             h = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl=impl)
-            return F.linear(h, self.fc2.weight, self.fc2.bias if fc2_bias else None)
+            return self.fc2(h) if fc2_bias else F.linear(h, self.fc2.weight)
         # elsewhere the timm Mlp itself: the GEMM adds the bias in its epilogue and GELU runs in the
         # matmul's dtype (on a CPU under bf16 autocast, a separate float32 bias + GELU cost 4 passes)
         return self.fc2(F.gelu(self.fc1(x)))
