@@ -13,10 +13,9 @@
   output gradient again for it (the model's attention and MLP output projections: ~1 GB at 256 clips).
 - Backward, given grad_s (the residual stream's gradient from further down, or none) and grad_y:
   g = grad_s + LayerNorm's dx(grad_y); grad_x = g, grad_branch = g * row_scale, grad_branch_bias = the
-  column sum of grad_branch (float32). The residual stream's
-  gradient is accumulated inside the LayerNorm backward: unfused, autograd adds the two float32 gradients
-  of s in a pass of its own at every residual junction (32 of them per ViT-B + predictor step, 6.5 GB at
-  256 clips, ``bench/step_inventory``).
+  column sum of grad_branch (float32). The residual stream's gradient is accumulated inside the LayerNorm
+  backward: unfused, autograd adds the two float32 gradients of s in a pass of its own at every residual
+  junction (32 of them per ViT-B + predictor step, 6.5 GB at 256 clips, ``bench/step_inventory``).
 
 Bytes per element (x float32, branch and y bf16): forward reads 6 and writes 6 (unfused, the add and the
 LayerNorm: read 10, write 6); backward reads 10 (grad_y, s, grad_s) and writes 6 (unfused: LayerNorm
