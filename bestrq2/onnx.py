@@ -178,6 +178,7 @@ class OnnxEncoder:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+        self.path = Path(path)
 
         opts = ort.SessionOptions()
         if threads:
