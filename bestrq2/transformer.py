@@ -89,15 +89,16 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, impl: str = "auto", fc2_bias: bool = True) -> torch.Tensor:
-        """``fc2_bias=False`` (Triton path only) leaves fc2's bias to the caller (the fused residual add)."""
+        """``fc2_bias=False`` leaves fc2's bias to the caller (the fused residual add takes it)."""
         if use_triton(x, self.fc1.bias, impl=impl):
             # fc1 without its bias, then bias + exact (erf) GELU in one kernel: one pass over the
             # [rows, 4 D] activation instead of three (the same function as the authors' timm Mlp)
             h = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl=impl)
-            return self.fc2(h) if fc2_bias else F.linear(h, self.fc2.weight)
-        # elsewhere the timm Mlp itself: the GEMM adds the bias in its epilogue and GELU runs in the
-        # matmul's dtype (on a CPU under bf16 autocast, a separate float32 bias + GELU cost 4 passes)
-        return self.fc2(F.gelu(self.fc1(x)))
+        else:
+            # elsewhere the timm Mlp itself: the GEMM adds the bias in its epilogue and GELU runs in the
+            # matmul's dtype (on a CPU under bf16 autocast, a separate float32 bias + GELU cost 4 passes)
+            h = F.gelu(self.fc1(x))
+        return self.fc2(h) if fc2_bias else F.linear(h, self.fc2.weight)
 
 
 class Block(nn.Module):
