@@ -92,7 +92,7 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
 
     from bestrq2 import BestRQ2, BestRQ2Config
     from bestrq2.config import OPS
-    from bestrq2.kernels.attention import triton_attention
+    from bestrq2.kernels.attention import triton_attention, triton_qkv_attention
 
     def model_step(dtype):
         def run():
@@ -106,11 +106,16 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
             out.loss.float().sum().backward()
         return run
 
-    def attention(n, dtype):
-        def run():
+    def attention(n, dtype, packed=False):
+        def run():  # packed: the model's form, qkv [T, 3, H, Dh] with the linear's float32 bias fused
             h, d = 12, 64
             lens = torch.tensor([n, max(1, n - 7), max(1, n // 2)])
             cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+            if packed:
+                qkv = torch.randn(int(lens.sum()), 3, h, d, dtype=dtype, requires_grad=True)
+                bias = torch.zeros(3 * h * d, requires_grad=True)
+                triton_qkv_attention(qkv, bias, cu, n).float().sum().backward()
+                return
             q, k, v = (torch.randn(int(lens.sum()), h, d, dtype=dtype, requires_grad=True) for _ in range(3))
             triton_attention(q, k, v, cu, n).float().sum().backward()
         return run
@@ -172,6 +177,7 @@ def _scenarios(torch, K, sweep: list[str]) -> dict:
     for n in (64, 128, 256):
         for dt in (torch.bfloat16, torch.float32):
             out[f"attention N={n} {str(dt)[6:]}"] = attention(n, dt)
+        out[f"qkv attention N={n} bf16"] = attention(n, torch.bfloat16, packed=True)
     for cfg in sweep:  # bench.gpu_probe's tuning configs (BESTRQ2_ATTN_CFG), bf16 as trained
         for n in (128, 256):
             out[f"attention N={n} cfg {cfg}"] = partial(with_env, "BESTRQ2_ATTN_CFG", cfg, attention(n, torch.bfloat16))

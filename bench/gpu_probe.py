@@ -4,9 +4,12 @@
                               [--wins]
 
 For each sequence length and config (``BESTRQ2_ATTN_CFG=bm,bn,warps,stages``; ``default`` is the
-kernel's own choice, what the model runs) it times the kernel on packed [T, H=12, Dh=64] bf16 inputs,
-forward and forward+backward (triton.testing.do_bench, median ms), beside SDPA on the same data in the
-same run, and checks the output against SDPA. Prints a table and appends rows to
+kernel's own choice, what the model runs) it times attention as the model's ``Attention`` runs it, forward
+and forward+backward (triton.testing.do_bench, median ms), on the qkv linear's output [T, 3, H=12, Dh=64]
+in bf16: the Triton form takes it without the linear's bias and fuses the bias (its backward gives qkv's
+gradient as one tensor and the bias gradient); the SDPA form takes it with the bias already added (free in
+the GEMM's epilogue), unbinds q, k, v, and its backward pays what the model's does, the stack of three
+gradients and the bias-gradient sum over qkv's gradient. Both in the same run, output checked against SDPA. Prints a table and appends rows to
 bench/results/sweeps/gpu-attention.csv. ``--wins`` also records the default config's ratios to SDPA for
 this card in bestrq2/attention_wins.json, which ``auto`` attention reads (``bestrq2.attention``):
 commit that file, and the model picks the Triton kernel where it measured faster.
@@ -31,6 +34,7 @@ def wins_from_rows(rows: list[dict], head_dim: int = 64, dtype: str = "bfloat16"
         for kind, ours, theirs in (("forward", "fwd_ms", "sdpa_fwd_ms"), ("train", "fwdbwd_ms", "sdpa_fwdbwd_ms")):
             out.append({"max_len": int(r["N"]), "head_dim": head_dim, "dtype": dtype, "pass": kind,
                         "triton_over_sdpa": round(float(r[theirs]) / float(r[ours]), 4),
+                        "form": r.get("form", "q,k,v"),
                         "measured": f"{r['date']} torch {r['torch']} triton {r['triton']}"})
     return out
 
@@ -59,26 +63,38 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from bestrq2.kernels.attention import triton_attention
+    from bestrq2.kernels.attention import triton_qkv_attention
 
     dev = torch.device("cuda")
     h, dh, dt = 12, 64, torch.bfloat16
     rows = []
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), form="qkv+bias")
     for n in (int(x) for x in args.lengths.split(",")):
         b = args.tokens // n
-        q, k, v = (torch.randn(b * n, h, dh, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+        qkv = torch.randn(b * n, 3, h, dh, device=dev, dtype=dt, requires_grad=True)
+        bias = torch.zeros(3 * h * dh, device=dev, requires_grad=True)  # float32, as the linear's under autocast
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=dev)
-        do = torch.randn_like(q)
+        do = torch.randn(b * n, h, dh, device=dev, dtype=dt)
 
         def sdpa():
-            return F.scaled_dot_product_attention(*(t.view(b, n, h, dh).transpose(1, 2) for t in (q, k, v))
+            q, k, v = qkv.view(b, n, 3, h, dh).unbind(2)
+            return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))
                                                   ).transpose(1, 2).reshape(b * n, h, dh)
+
+        def sdpa_train():  # qkv's gradient (unbind's backward stacks three), then the linear's bias gradient
+            (g,) = torch.autograd.grad(sdpa(), (qkv,), do)
+            return g.view(b * n, -1).sum(0).float()
+
+        def triton_fwd():
+            return triton_qkv_attention(qkv, bias, cu, n)
+
+        def triton_train():
+            return torch.autograd.grad(triton_fwd(), (qkv, bias), do)
 
         ref = sdpa().detach().float()
         base_f = do_bench(sdpa)
-        base_fb = do_bench(lambda: torch.autograd.grad(sdpa(), (q, k, v), do))
+        base_fb = do_bench(sdpa_train)
         print(f"N={n} B={b}: sdpa fwd {base_f:.3f} ms, fwd+bwd {base_fb:.3f} ms")
         for cfg in args.configs.split(";"):
             if cfg == "default":
@@ -86,10 +102,9 @@ def main(argv=None) -> int:
             else:
                 os.environ["BESTRQ2_ATTN_CFG"] = cfg
             try:
-                out = triton_attention(q, k, v, cu, n)
-                err = (out.float() - ref).abs().max().item()
-                tf = do_bench(lambda: triton_attention(q, k, v, cu, n))
-                tfb = do_bench(lambda: torch.autograd.grad(triton_attention(q, k, v, cu, n), (q, k, v), do))
+                err = (triton_fwd().float() - ref).abs().max().item()
+                tf = do_bench(triton_fwd)
+                tfb = do_bench(triton_train)
             except Exception as e:  # a config the compiler rejects (shared memory, registers): report it
                 print(f"  cfg {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
                 continue

@@ -183,6 +183,29 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
     return out.transpose(1, 2)
 
 
+def triton_qkv_attention(qkv: torch.Tensor, bias: torch.Tensor | None, key_padding: torch.Tensor | None = None,
+                         packed: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """The Triton backend on the qkv linear's packed output, its bias fused (``kernels.attention``):
+    qkv [B, L, 3, H, Dh] -> [B, L, H, Dh] (key_padding bool [B, L], True = padding, or None), or packed
+    tokens qkv [T, 3, H, Dh] -> [T, H, Dh] with ``packed = (cu_seqlens, max_seqlen)``. qkv comes from
+    the linear *without* its bias; ``bias`` [3 H Dh] is that linear's (or None)."""
+    from .kernels.attention import triton_qkv_attention as fused
+
+    if packed is not None:
+        return fused(qkv, bias, packed[0], packed[1])
+    b, n = qkv.shape[:2]
+    if key_padding is None:  # equal lengths: a [B*L, 3, H, Dh] view, no copy, no sync
+        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=qkv.device)
+        return fused(qkv.reshape(b * n, *qkv.shape[2:]), bias, cu, n).view(b, n, *qkv.shape[3:])
+    valid = ~key_padding
+    lengths = valid.sum(1)
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    out = fused(qkv[valid], bias, cu, int(lengths.max()))
+    full = out.new_zeros(b, n, *out.shape[1:])
+    full[valid] = out
+    return full
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, backend: str) -> torch.Tensor:
     """Packed ragged batch: q, k, v [T, H, Dh], sequences at cu_seqlens [B + 1] -> [T, H, Dh]."""

@@ -12,7 +12,7 @@ import torch
 
 from bestrq2 import BestRQ2, BestRQ2Config, BestRQ2Encoder
 from bestrq2 import attention as A
-from bestrq2.kernels.attention import attention_ref, triton_attention
+from bestrq2.kernels.attention import attention_ref, qkv_attention_ref, triton_attention, triton_qkv_attention
 
 CPU_BACKENDS = ["sdpa", "math", "triton"]
 
@@ -87,6 +87,117 @@ def test_triton_varlen_direct_and_limits():
     with pytest.raises(ValueError, match="head dim"):
         big = torch.randn(74, 2, 160)
         triton_attention(big, big, big, cu, 70)
+
+
+def _cu(lens):
+    return torch.nn.functional.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(torch.int32)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("lens,cfg", [([3, 1, 70], None),  # one tile per sequence: one backward kernel
+                                      ([130, 5], None),  # the two-kernel backward
+                                      ([70, 1, 33], "32,32,4,1")])  # several row blocks: bias-grad partials
+def test_packed_qkv_attention_matches_float64(with_bias, lens, cfg, monkeypatch):
+    """The model's form (qkv linear output without its bias, the bias fused in the kernels): output, qkv's
+    gradient (one [T, 3, H, Dh] tensor) and the bias gradient against float64, float32 tolerance 2e-5."""
+    if cfg:
+        monkeypatch.setenv("BESTRQ2_ATTN_CFG", cfg)
+    h, d = 2, 48
+    qkv = torch.randn(sum(lens), 3, h, d, requires_grad=True)
+    bias = (torch.randn(3 * h * d) * 0.5).requires_grad_() if with_bias else None
+    cu = _cu(lens)
+    out = triton_qkv_attention(qkv, bias, cu, max(lens))
+    g = torch.randn_like(out)
+    inputs = (qkv, bias) if with_bias else (qkv,)
+    grads = torch.autograd.grad(out, inputs, g)
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref = qkv_attention_ref(x64[0], x64[1] if with_bias else None, cu)
+    grads64 = torch.autograd.grad(ref, x64, g.double())
+    assert rel(out, ref) < 2e-5
+    assert grads[0].shape == qkv.shape and grads[0].is_contiguous()
+    for gr, g64 in zip(grads, grads64):
+        assert gr.dtype == torch.float32 and gr.shape == g64.shape
+        assert rel(gr, g64) < 2e-5
+    if with_bias:  # the key bias shifts each query's scores by a constant, which softmax cancels: the kernels
+        # skip it (the output above matched a reference that adds it) and its gradient is exactly zero
+        db = grads[1].view(3, -1)
+        assert float(db[1].abs().max()) == 0.0 and float(db[0].abs().max()) > 0 and float(db[2].abs().max()) > 0
+        assert float(grads64[1].view(3, -1)[1].abs().max()) < 1e-9 * float(grads64[1].abs().max())
+
+
+def test_packed_qkv_attention_bf16_within_twice_sdpa_error():
+    """bf16 qkv with a float32 bias (the model under autocast): the output within 2x the error of PyTorch's
+    own bf16 path ((qkv + bias) in bf16, SDPA) against float64; gradients in the inputs' dtypes."""
+    lens, h, d = [40, 7], 2, 64
+    qkv = torch.randn(sum(lens), 3, h, d).bfloat16().requires_grad_()
+    bias = (torch.randn(3 * h * d) * 0.5).requires_grad_()
+    cu = _cu(lens)
+    out = triton_qkv_attention(qkv, bias, cu, max(lens))
+    exact = qkv_attention_ref(qkv.detach().double(), bias.detach().double(), cu)
+    torch_bf16 = qkv_attention_ref(qkv.detach(), bias.detach(), cu)  # bias added in bf16, bf16 matmuls
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - exact).abs().max() <= 2 * (torch_bf16.double() - exact).abs().max() + 1e-6
+    dqkv, db = torch.autograd.grad(out, (qkv, bias), torch.randn_like(out))
+    assert dqkv.dtype == torch.bfloat16 and db.dtype == torch.float32
+
+
+def test_packed_qkv_attention_checks_its_input():
+    cu = _cu([4])
+    with pytest.raises(ValueError, match=r"\[T, 3, H, Dh\]"):
+        triton_qkv_attention(torch.randn(4, 2, 2, 16), None, cu, 4)
+    with pytest.raises(ValueError, match="= 96 values"):
+        triton_qkv_attention(torch.randn(4, 3, 2, 16), torch.randn(95), cu, 4)
+    with pytest.raises(ValueError, match="256"):
+        triton_qkv_attention(torch.randn(4, 3, 2, 16), None, cu, 300)
+
+
+def _aten_ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_module_triton_form_equals_sdpa(padded):
+    """``Attention`` on the Triton backend (qkv linear without bias, bias fused, packed gradient) against the
+    SDPA form: the same output and parameter gradients, float32; its backward stacks no three grads and sums
+    no bias gradient over qkv's gradient (the SDPA form's backward does both)."""
+    from bestrq2.transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 2)
+    torch.nn.init.normal_(attn.qkv.bias, std=0.5)
+    x = torch.randn(3, 20, 64)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    if padded:
+        pad[1, 13:] = True
+        pad[2, 4:] = True
+    g = torch.randn(3, 20, 64)
+    results = {}
+    for backend in ("sdpa", "triton"):
+        attn.zero_grad()
+        out = attn(x, pad if padded else None, backend)
+        valid = ~pad
+        loss = (out * g)[valid].sum()
+        ops = _aten_ops(loss.backward)
+        results[backend] = (out[valid].detach(), [p.grad.clone() for p in attn.parameters()], ops)
+    ref_out, ref_grads, ref_ops = results["sdpa"]
+    out, grads, ops = results["triton"]
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, rg, rtol=1e-5, atol=1e-5)
+    assert "aten.stack" in ref_ops and "aten.stack" not in ops
+    sums = lambda ops: sum(op in ("aten.sum", "aten.sum.dim_IntList") for op in ops)  # noqa: E731
+    assert sums(ops) < sums(ref_ops)
 
 
 def test_dispatch_rules(monkeypatch):

@@ -21,7 +21,8 @@ def test_every_kernel_launch_compiles_for_sm90():
     summary = next(line for line in out.splitlines() if " launches, " in line and " distinct" in line)
     distinct = int(summary.split(" launches, ")[1].split()[0])
     # every scenario launched (model step bf16 / fp32, tokens with position tables, attention at 64 / 128 / 256
-    # tokens, RPQ from the log-mel and from rows, head, drop-path): 47 distinct launches on 2026-12-02
+    # tokens, packed qkv attention with its bias, RPQ from the log-mel and from rows, head, drop-path): 47
+    # distinct launches on 2026-12-02 before the packed form
     assert distinct >= 40, summary
     for kernel in ("_attn_bwd_dkdv_kernel", "_attn_bwd_one_tile_kernel", "_rpq_codes_fwd_kernel", "_ce_rows_kernel",
                    "_layer_norm_bwd_kernel", "_bias_gelu_bwd_kernel", "_scatter_tokens_bwd_pos_kernel",
@@ -39,10 +40,10 @@ def test_every_kernel_launch_compiles_for_sm90():
     # stays lean: 374 instructions per 128-code tile on 2026-12-02 (triton 3.9), against 702 when each
     # tile was reduced across warps (shuffles and barriers every tile)
     lines = out.splitlines()
-    for kernel, mma in (("_attn_fwd_kernel(BLOCK_M=128, BLOCK_N=128, D_PAD=64, DOT_FP32=False", "HGMMA"),
-                        ("_attn_bwd_one_tile_kernel(BLOCK=128, D_PAD=64, DOT_FP32=False", "HGMMA"),
-                        ("_attn_bwd_dkdv_kernel(BLOCK_M=64, BLOCK_N=64, D_PAD=64, DOT_FP32=False", "HGMMA"),
-                        ("PRECISION=tf32x3", "HMMA.1688.F32.TF32")):
+    attn = [(f"{k}, HAS_BIAS={b}, DOT_FP32=False", "HGMMA") for b in (True, False)  # (True: the model's qkv form)
+            for k in ("_attn_fwd_kernel(BLOCK_M=128, BLOCK_N=128, D_PAD=64", "_attn_bwd_one_tile_kernel(BLOCK=128, D_PAD=64",
+                      "_attn_bwd_dkdv_kernel(BLOCK_M=64, BLOCK_N=64, D_PAD=64")]
+    for kernel, mma in attn + [("PRECISION=tf32x3", "HMMA.1688.F32.TF32")]:
         found = [line for line in lines if kernel in line]
         assert found and all(mma in line for line in found), (kernel, found)
     rpq = [line for line in lines if "PRECISION=tf32x3" in line and "BLOCK_K=128" in line]
@@ -85,5 +86,5 @@ def test_step_inventory_counts_a_step_without_running_its_kernels():
         for phase in ("fwd", "bwd"):
             assert float(table[(kind, phase)][3]) > 0, out  # GB at batch 8
     assert float(table[("GEMM", "fwd")][4]) > 0, out  # TFLOP
-    for op in ("bestrq2::layer_norm_bwd", "bestrq2::rpq_codes", "bestrq2::attention_fwd", "aten::add"):
+    for op in ("bestrq2::layer_norm_bwd", "bestrq2::rpq_codes", "bestrq2::qkv_attention_fwd", "aten::add"):
         assert op in out, op
