@@ -56,19 +56,30 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweeps" / "gpu-attention.csv"))
     ap.add_argument("--wins", action="store_true", help="write the default config's ratios to attention_wins.json")
+    ap.add_argument("--wins-file", default="", help="where --wins writes (default bestrq2/attention_wins.json)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny run on the CPU under TRITON_INTERPRET=1, wall-clock timed (the test suite's check "
+                         "that this script runs before device time is spent on it)")
     args = ap.parse_args(argv)
 
     import torch
     import torch.nn.functional as F
     import triton
-    from triton.testing import do_bench
+
+    from bench.common import time_fn
 
     from bestrq2.kernels.attention import triton_qkv_attention
 
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        def do_bench(fn):
+            return time_fn(fn, dev, reps=1, warmup=0)[0]
+    else:
+        from triton.testing import do_bench
     h, dh, dt = 12, 64, torch.bfloat16
     rows = []
-    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+    card = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)  # the name auto attention looks up
+    meta = dict(device=card, torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), form="qkv+bias")
     for n in (int(x) for x in args.lengths.split(",")):
         b = args.tokens // n
@@ -127,8 +138,9 @@ def main(argv=None) -> int:
         from bestrq2.attention import WINS_FILE
 
         entries = wins_from_rows(rows)
-        write_wins(WINS_FILE, meta["device"], entries)
-        print(f"{len(entries)} entries for {meta['device']} -> {WINS_FILE}")
+        path = Path(args.wins_file) if args.wins_file else WINS_FILE
+        write_wins(path, meta["device"], entries)
+        print(f"{len(entries)} entries for {meta['device']} -> {path}")
     return 0
 
 

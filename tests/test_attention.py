@@ -302,6 +302,25 @@ def test_auto_reads_measured_wins(tmp_path):
     assert win(64, False, dtype=torch.float16) is None and win(64, False, d=32) is None
 
 
+def test_wins_probe_runs_and_writes_the_table(tmp_path, capsys):
+    """``bench.gpu_probe`` end to end on a tiny CPU run (interpreter, wall clock): both forms timed, the Triton
+    output checked against SDPA's, a CSV row per config and the wins entries written where it is told."""
+    import csv
+    import json
+
+    from bench.gpu_probe import main
+
+    out, wins = tmp_path / "probe.csv", tmp_path / "wins.json"
+    assert main(["--smoke", "--lengths", "16", "--tokens", "32", "--configs", "default", "--out", str(out),
+                 "--wins", "--wins-file", str(wins)]) == 0
+    printed = capsys.readouterr().out
+    assert "failed" not in printed, printed
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1 and rows[0]["form"] == "qkv+bias" and float(rows[0]["max_abs_diff"]) < 0.05
+    entries = json.loads(wins.read_text())["cpu (smoke)"]
+    assert {e["pass"] for e in entries} == {"forward", "train"} and all(e["triton_over_sdpa"] > 0 for e in entries)
+
+
 def test_shipped_wins_table_is_well_formed():
     """The table auto reads is valid JSON of the shape measured_winner takes (empty until a GPU measured it)."""
     import json
