@@ -302,6 +302,37 @@ def _mix_text(mix: dict) -> str:
     return f"{mix['total']} SASS ({mma})" + (f", loop bodies {loops}" if loops else "")
 
 
+def written_args(kernel, args: tuple, kwargs: dict) -> tuple[list[str], list[str]] | None:
+    """(the tensor arguments a launch writes through, as torch.compile's own analysis of the kernel's TTIR
+    for the active target finds them; "written ~ other" pairs of those that share memory with another
+    tensor argument), or None where that analysis is unavailable. Under torch.compile each written argument
+    is functionalised as a copy of its own: two pointers into one tensor, one of them written, lose writes
+    there (or read stale data) while eager runs right; and an input the analysis takes for written (a
+    pointer handed to a helper whose results address a store) is copied before every launch."""
+    import torch
+
+    try:
+        from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    except ImportError:
+        return None
+    names = kernel.arg_names
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    try:
+        rw = identify_accessed_tensors(kernel, values, {}).read_writes
+        writes = {d.name for d in rw.writes} & set(tensors)
+        accessed = writes | ({d.name for d in rw.reads} & set(tensors))
+    except Exception:  # noqa: BLE001 (an internal API: report it as unavailable, never as a finding)
+        return None
+    if writes == set(tensors) and len(tensors) > 2:
+        return None  # torch's fallback when its analysis fails: "every input is mutated"
+    storage = {k: t.untyped_storage().data_ptr() for k, t in tensors.items()}
+    written = [n for n in names if n in writes]
+    # (a placeholder for a pointer the kernel's constexprs leave unused is not accessed: no hazard)
+    return written, [f"{w} ~ {o}" for w in written for o in names
+                     if o in accessed and o != w and storage[o] == storage[w]]
+
+
 def _compile_one(job: tuple) -> tuple[str, str | None]:
     """Compile one distinct launch for one target (in a forked worker): (report line, failure or None)."""
     from triton.runtime import driver
@@ -333,8 +364,15 @@ def _compile_one(job: tuple) -> tuple[str, str | None]:
         with open(os.path.join(folder, f"{name}.{tag}.sass"), "w") as f:
             f.write(f"// {name}({shown}) {options or ''}\n{sass}")
     mix = f", {_mix_text(instruction_mix(sass))}" if sass else ""
-    line = (f"  sm_{arch} {'ok  ' if ok else 'FAIL'} {name}({shown}) {options or ''}: shared {smem:,} B, "
-            f"{regs} registers{spill}{mix}, {time.time() - t:.1f} s")
+    found = written_args(kernel, args, kwargs)
+    written, aliased = found if found is not None else ([], [])
+    alias = (", writes unchecked" if found is None else f", writes [{' '.join(written)}]"
+             + (f" ALIASED {'; '.join(aliased)}" if aliased else ""))
+    ok_all = ok and not aliased
+    line = (f"  sm_{arch} {'ok  ' if ok_all else 'FAIL'} {name}({shown}) {options or ''}: shared {smem:,} B, "
+            f"{regs} registers{spill}{mix}{alias}, {time.time() - t:.1f} s")
+    if aliased:
+        return line, f"sm_{arch} {name}({shown}): written arguments share memory with others: {'; '.join(aliased)}"
     return line, None if ok else f"sm_{arch} {name}({shown}): shared memory {smem:,} B > {limit:,}"
 
 

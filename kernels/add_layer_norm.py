@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
-from .layer_norm import _blocks, _normalize_rows, _normalize_rows_bwd, _rows_tile, compute_dtype, layer_norm_ref
+from .layer_norm import _blocks, _normalize_rows, _normalize_rows_bwd, _rows_offsets, compute_dtype, layer_norm_ref
 from .residual_drop_path import residual_drop_path_ref
 
 
@@ -56,7 +56,8 @@ def add_layer_norm_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.T
 def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
                                eps, HAS_BB: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_D: tl.constexpr):
-    x, rows, cols, rmask, cmask, mask, off = _rows_tile(x_ptr, R, D, BLOCK_R, BLOCK_D)
+    rows, cols, rmask, cmask, mask, off = _rows_offsets(R, D, BLOCK_R, BLOCK_D)
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     br = tl.load(br_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BB:  # the branch's linear bias, added in float32
         br += tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -73,7 +74,8 @@ def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s
 def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, scale_ptr, dx_ptr, dbr_ptr,
                                dw_ptr, db_ptr, dbb_ptr, R, D, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
                                HAS_BB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    s, rows, cols, rmask, cmask, mask, off = _rows_tile(s_ptr, R, D, BLOCK_R, BLOCK_D)
+    rows, cols, rmask, cmask, mask, off = _rows_offsets(R, D, BLOCK_R, BLOCK_D)
+    s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
     g = _normalize_rows_bwd(s, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr,
                             db_ptr, D)
     if HAS_DS:  # the residual stream's own gradient, accumulated here instead of by a separate add

@@ -62,14 +62,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _seq_block(cu_ptr, b, first, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    """Sequence b's block of BLOCK tokens from ``first``: (sequence length, positions in the sequence,
-    their mask, head-dim offsets and mask, global row indices)."""
-    start = tl.load(cu_ptr + b)
-    seqlen = tl.load(cu_ptr + b + 1) - start
+def _seq_block(start, seqlen, first, D, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """The block of BLOCK tokens from ``first`` of the sequence at rows start:start+seqlen: (positions in the
+    sequence, their mask, head-dim offsets and mask, global row indices). The kernels load start and seqlen
+    from cu_seqlens themselves: torch.compile's mutation analysis takes a pointer handed to a helper whose
+    results address a store for a written one (and copies that input before every launch)."""
     offs = first + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
-    return seqlen, offs, offs < seqlen, offs_d, offs_d < D, (start + offs).to(tl.int64)
+    return offs, offs < seqlen, offs_d, offs_d < D, (start + offs).to(tl.int64)
 
 
 @triton.jit
@@ -80,7 +80,9 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, lse_ptr, cu_ptr
     """Online softmax in base 2: qk_scale = Dh^-0.5 * log2(e), so exp2 replaces exp; the stored
     log-sum-exp is in base-2 units too (only the backward reads it)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seqlen, offs_m, mmask, offs_d, dmask, rows = _seq_block(cu_ptr, b, pid_m * BLOCK_M, D, BLOCK_M, D_PAD)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    offs_m, mmask, offs_d, dmask, rows = _seq_block(start, seqlen, pid_m * BLOCK_M, D, BLOCK_M, D_PAD)
     if pid_m * BLOCK_M >= seqlen:
         return
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, bq_ptr, D, HAS_BIAS, DOT_FP32)
@@ -88,7 +90,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, lse_ptr, cu_ptr
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        _len_n, _first_n, nmask, _offs_n, _dmask_n, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
+        _first_n, nmask, _offs_n, _dmask_n, cols = _seq_block(start, seqlen, n0, D, BLOCK_N, D_PAD)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, k_ptr, D, False, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, bv_ptr, D, HAS_BIAS, DOT_FP32)
         s = _dot(q, tl.trans(kb), DOT_FP32) * qk_scale
@@ -163,33 +165,37 @@ def _bias_grad(db_ptr, g, slot, b, blk, NBLK, HD, h, D, offs_d, dmask):
 
 
 @triton.jit
-def _store3(dq_ptr, dk_ptr, dv_ptr, dq, dk, dv, rows, cols, sdq_t, sdq_h, sdk_t, sdk_h, h, offs_d, mmask, nmask, dmask,
+def _store3(g_ptr, dq, dk, dv, rows, cols, sg_t, sg_s, sg_h, h, offs_d, mmask, nmask, dmask,
             WITH_DQ: tl.constexpr, WITH_DKDV: tl.constexpr):
+    """Into the one gradient tensor [T, 3, H, Dh] (strides sg_t, sg_s, sg_h): dQ at slot 0 of the query
+    rows, dK and dV at slots 1 and 2 of the key rows. One tensor, not three pointers to it: under
+    torch.compile each pointer a kernel writes through is functionalised as its own copy of the tensor."""
     if WITH_DQ:
-        if dq_ptr.dtype.element_ty == tl.bfloat16:
+        if g_ptr.dtype.element_ty == tl.bfloat16:
             dq = round_to_bf16_rtne(dq)
-        tl.store(dq_ptr + rows[:, None] * sdq_t + h * sdq_h + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+        tl.store(g_ptr + rows[:, None] * sg_t + h * sg_h + offs_d[None, :], dq.to(g_ptr.dtype.element_ty),
                  mask=mmask[:, None] & dmask[None, :])
     if WITH_DKDV:
-        st = cols[:, None] * sdk_t + h * sdk_h + offs_d[None, :]
-        if dk_ptr.dtype.element_ty == tl.bfloat16:
+        st = cols[:, None] * sg_t + h * sg_h + offs_d[None, :]
+        if g_ptr.dtype.element_ty == tl.bfloat16:
             dk = round_to_bf16_rtne(dk)
             dv = round_to_bf16_rtne(dv)
-        tl.store(dk_ptr + st, dk.to(dk_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
-        tl.store(dv_ptr + st, dv.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+        tl.store(g_ptr + sg_s + st, dk.to(g_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
+        tl.store(g_ptr + 2 * sg_s + st, dv.to(g_ptr.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _attn_bwd_one_tile_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr,
-                              dv_ptr, db_ptr, cu_ptr,
-                              sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sdq_t, sdq_h, sdk_t, sdk_h,
-                              dq_off, dk_off, dv_off, T, D, HD, scale, qk_scale,
+def _attn_bwd_one_tile_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_ptr, g_ptr, db_ptr, cu_ptr,
+                              sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sg_t, sg_s, sg_h,
+                              T, D, HD, scale, qk_scale,
                               BLOCK: tl.constexpr, D_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
     """The whole backward of one (head, sequence) when the sequence fits one tile (N <= 128): S and
     dP computed once, then dV = P^T dO, dK = dS^T Q, dQ = dS K in the same program (no recompute,
     no atomics, one launch)."""
     h, b = tl.program_id(0), tl.program_id(1)
-    _, _, msk, offs_d, dmask, rows = _seq_block(cu_ptr, b, 0, D, BLOCK, D_PAD)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    _, msk, offs_d, dmask, rows = _seq_block(start, seqlen, 0, D, BLOCK, D_PAD)
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, msk, dmask, bq_ptr, D, HAS_BIAS, DOT_FP32)
     kb = _tile(k_ptr, rows, sk_t, h, sk_h, offs_d, msk, dmask, k_ptr, D, False, DOT_FP32)
     vb = _tile(v_ptr, rows, sv_t, h, sv_h, offs_d, msk, dmask, bv_ptr, D, HAS_BIAS, DOT_FP32)
@@ -202,20 +208,20 @@ def _attn_bwd_one_tile_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr
     if HAS_BIAS:
         _bias_grad(db_ptr, dq, 0, b, 0, 1, HD, h, D, offs_d, dmask)
         _bias_grad(db_ptr, dv, 2, b, 0, 1, HD, h, D, offs_d, dmask)
-    _store3(dq_ptr + dq_off, dk_ptr + dk_off, dv_ptr + dv_off, dq, dk, dv, rows, rows, sdq_t, sdq_h, sdk_t, sdk_h, h,
-            offs_d, msk, msk, dmask, WITH_DQ=True, WITH_DKDV=True)
+    _store3(g_ptr, dq, dk, dv, rows, rows, sg_t, sg_s, sg_h, h, offs_d, msk, msk, dmask, WITH_DQ=True, WITH_DKDV=True)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, dv_ptr,
-                          db_ptr, cu_ptr,
-                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sdk_t, sdk_h, dk_off, dv_off,
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_ptr, g_ptr, db_ptr, cu_ptr,
+                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sg_t, sg_s, sg_h,
                           T, D, HD, NBLK,
                           scale, qk_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                           HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_n, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seqlen, _, nmask, offs_d, dmask, cols = _seq_block(cu_ptr, b, pid_n * BLOCK_N, D, BLOCK_N, D_PAD)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    _, nmask, offs_d, dmask, cols = _seq_block(start, seqlen, pid_n * BLOCK_N, D, BLOCK_N, D_PAD)
     if pid_n * BLOCK_N >= seqlen:
         return
     kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, k_ptr, D, False, DOT_FP32)
@@ -225,7 +231,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, ls
     for m0 in range(0, seqlen, BLOCK_M):
         # names bound only in the loop: one bound before it (as ``_`` is) would be loop-carried, and the
         # compiler (not the interpreter) rejects a loop-carried value whose type changes
-        _len_m, _first_m, mmask, _offs_m, _dmask_m, rows = _seq_block(cu_ptr, b, m0, D, BLOCK_M, D_PAD)
+        _first_m, mmask, _offs_m, _dmask_m, rows = _seq_block(start, seqlen, m0, D, BLOCK_M, D_PAD)
         q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, bq_ptr, D, HAS_BIAS, DOT_FP32)
         do = _tile(do_ptr, rows, sdo_t, h, sdo_h, offs_d, mmask, dmask, do_ptr, D, False, DOT_FP32)
         lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
@@ -234,20 +240,21 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, ls
         dk += _dot(tl.trans(ds).to(q.dtype), q, DOT_FP32) * scale
     if HAS_BIAS:
         _bias_grad(db_ptr, dv, 2, b, pid_n, NBLK, HD, h, D, offs_d, dmask)
-    _store3(dk_ptr + dk_off, dk_ptr + dk_off, dv_ptr + dv_off, dk, dk, dv, cols, cols, sdk_t, sdk_h, sdk_t, sdk_h, h,
-            offs_d, nmask, nmask, dmask,
+    _store3(g_ptr, dk, dk, dv, cols, cols, sg_t, sg_s, sg_h, h, offs_d, nmask, nmask, dmask,
             WITH_DQ=False, WITH_DKDV=True)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, db_ptr, cu_ptr,
-                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sdq_t, sdq_h, dq_off,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_ptr, g_ptr, db_ptr, cu_ptr,
+                        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sdo_t, sdo_h, sg_t, sg_s, sg_h,
                         T, D, HD, NBLK,
                         scale, qk_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
                         HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seqlen, _, mmask, offs_d, dmask, rows = _seq_block(cu_ptr, b, pid_m * BLOCK_M, D, BLOCK_M, D_PAD)
+    start = tl.load(cu_ptr + b)
+    seqlen = tl.load(cu_ptr + b + 1) - start
+    _, mmask, offs_d, dmask, rows = _seq_block(start, seqlen, pid_m * BLOCK_M, D, BLOCK_M, D_PAD)
     if pid_m * BLOCK_M >= seqlen:
         return
     q = _tile(q_ptr, rows, sq_t, h, sq_h, offs_d, mmask, dmask, bq_ptr, D, HAS_BIAS, DOT_FP32)
@@ -255,15 +262,15 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, bq_ptr, bv_ptr, o_ptr, do_ptr, lse_
     lse, delta = _row_stats(lse_ptr, o_ptr, so_t, so_h, do, h, T, rows, offs_d, mmask, dmask)
     dq = tl.zeros((BLOCK_M, D_PAD), tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
-        _len_n, _first_n, nmask, _offs_n, _dmask_n, cols = _seq_block(cu_ptr, b, n0, D, BLOCK_N, D_PAD)
+        _first_n, nmask, _offs_n, _dmask_n, cols = _seq_block(start, seqlen, n0, D, BLOCK_N, D_PAD)
         kb = _tile(k_ptr, cols, sk_t, h, sk_h, offs_d, nmask, dmask, k_ptr, D, False, DOT_FP32)
         vb = _tile(v_ptr, cols, sv_t, h, sv_h, offs_d, nmask, dmask, bv_ptr, D, HAS_BIAS, DOT_FP32)
         _p, ds = _probs_and_dscores(q, kb, vb, do, lse, delta, mmask, nmask, qk_scale, DOT_FP32)
         dq += _dot(ds.to(kb.dtype), kb, DOT_FP32) * scale
     if HAS_BIAS:
         _bias_grad(db_ptr, dq, 0, b, pid_m, NBLK, HD, h, D, offs_d, dmask)
-    _store3(dq_ptr + dq_off, dq_ptr, dq_ptr, dq, dq, dq, rows, rows, sdq_t, sdq_h, sdq_t, sdq_h, h, offs_d, mmask, mmask,
-            dmask, WITH_DQ=True, WITH_DKDV=False)
+    _store3(g_ptr, dq, dq, dq, rows, rows, sg_t, sg_s, sg_h, h, offs_d, mmask, mmask, dmask,
+            WITH_DQ=True, WITH_DKDV=False)
 
 
 ONE_TILE_MAX = 128  # sequences up to this length: one tile per (head, sequence), one backward kernel
@@ -317,10 +324,9 @@ def _launch_fwd(q, k, v, biases, cu_seqlens, max_seqlen):
     return o, lse
 
 
-def _launch_bwd(do, q, k, v, biases, o, lse, cu_seqlens, max_seqlen, grads, offs):
-    """Writes dQ, dK, dV into ``grads`` = (dq, dk, dv) at element offsets ``offs`` (one tensor three
-    times, with offsets, for the packed form); returns the bias gradient [3, H, Dh] in float32 when
-    ``biases`` is given (per-(sequence, row block) partials from the kernels, summed here), else None."""
+def _launch_bwd(do, q, k, v, biases, o, lse, cu_seqlens, max_seqlen):
+    """(dqkv [T, 3, H, Dh]: dQ, dK, dV in one tensor, the bias gradient [3, H, Dh] float32 or None). The bias
+    gradient is summed here from the kernels' per-(sequence, row block) partials, when ``biases`` is given."""
     t, h, d = q.shape
     b = cu_seqlens.shape[0] - 1
     bm, bn, d_pad, launch = _cfg(max_seqlen, d)
@@ -330,23 +336,21 @@ def _launch_bwd(do, q, k, v, biases, o, lse, cu_seqlens, max_seqlen, grads, offs
         bm, bn, launch = TILED[0], TILED[1], dict(TILED[2])
     one_tile = max_seqlen <= ONE_TILE_MAX and bm >= max_seqlen and bn >= max_seqlen
     nblk = 1 if one_tile else max(triton.cdiv(max_seqlen, bm), triton.cdiv(max_seqlen, bn))
+    g = torch.empty(t, 3, h, d, dtype=q.dtype, device=q.device)
     # zeros: a row block past a short sequence's end writes nothing
     part = torch.zeros(b, nblk, 3, h, d, dtype=torch.float32, device=q.device) if biases is not None else lse
-    bias_args = biases or (q, q)
-    dq, dk, dv = grads
+    args = (q, k, v, *(biases or (q, q)), o, do, lse, g, part, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o),
+            *_st(do), g.stride(0), g.stride(1), g.stride(2), t, d, h * d)
     common = dict(D_PAD=d_pad, HAS_BIAS=biases is not None, DOT_FP32=fp32, **launch)
     if one_tile:
-        wrap_triton(_attn_bwd_one_tile_kernel)[(h, b)](
-            q, k, v, *bias_args, o, do, lse, dq, dk, dv, part, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o),
-            *_st(do), *_st(dq), *_st(dk), *offs, t, d, h * d, *scales, BLOCK=max(bm, bn), **common)
+        wrap_triton(_attn_bwd_one_tile_kernel)[(h, b)](*args, *scales, BLOCK=max(bm, bn), **common)
     else:
+        # dK, dV then dQ into the same tensor, one kernel after the other
         wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, bn), h, b)](
-            q, k, v, *bias_args, o, do, lse, dk, dv, part, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o),
-            *_st(do), *_st(dk), offs[1], offs[2], t, d, h * d, nblk, *scales, BLOCK_M=bm, BLOCK_N=bn, **common)
+            *args, nblk, *scales, BLOCK_M=bm, BLOCK_N=bn, **common)
         wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
-            q, k, v, *bias_args, o, do, lse, dq, part, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), *_st(do),
-            *_st(dq), offs[0], t, d, h * d, nblk, *scales, BLOCK_M=bm, BLOCK_N=bn, **common)
-    return part.sum((0, 1)) if biases is not None else None
+            *args, nblk, *scales, BLOCK_M=bm, BLOCK_N=bn, **common)
+    return g, (part.sum((0, 1)) if biases is not None else None)
 
 
 # ---- q, k, v as three [T, H, Dh] tensors (any strides with a unit last one)
@@ -359,11 +363,9 @@ def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
 
 @triton_op("bestrq2::attention_bwd", mutates_args={})
 def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _launch_bwd(do, q, k, v, None, o, lse, cu_seqlens, max_seqlen, grads, (0, 0, 0))
-    return grads
+              lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """dQ, dK, dV as one [T, 3, H, Dh] tensor (the autograd backward hands out its three slots)."""
+    return _launch_bwd(do, q, k, v, None, o, lse, cu_seqlens, max_seqlen)[0]
 
 
 @_attn_fwd.register_fake
@@ -373,7 +375,8 @@ def _attn_fwd_fake(q, k, v, cu_seqlens, max_seqlen):
 
 @_attn_bwd.register_fake
 def _attn_bwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    t, h, d = q.shape
+    return q.new_empty(t, 3, h, d)
 
 
 def _setup(ctx, inputs, output):
@@ -385,7 +388,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, cu = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, cu, ctx.max_seqlen)
+    dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, cu, ctx.max_seqlen).unbind(1)
     return dq, dk, dv, None, None
 
 
@@ -409,11 +412,8 @@ def _qkv_attn_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torc
 @triton_op("bestrq2::qkv_attention_bwd", mutates_args={})
 def _qkv_attn_bwd(do: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
                   cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t, _, h, d = qkv.shape
-    dqkv = torch.empty(t, 3, h, d, dtype=qkv.dtype, device=qkv.device)
-    # dQ, dK, dV written into dqkv's three slots (a base pointer and offsets: no output views)
-    db = _launch_bwd(do, qkv[:, 0], qkv[:, 1], qkv[:, 2], _biases(bias, h, d), o, lse, cu_seqlens, max_seqlen,
-                     (dqkv, dqkv, dqkv), (0, h * d, 2 * h * d))
+    _, _, h, d = qkv.shape
+    dqkv, db = _launch_bwd(do, qkv[:, 0], qkv[:, 1], qkv[:, 2], _biases(bias, h, d), o, lse, cu_seqlens, max_seqlen)
     return dqkv, (db.flatten() if db is not None else qkv.new_empty(0, dtype=torch.float32))
 
 

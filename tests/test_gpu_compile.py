@@ -46,6 +46,30 @@ def test_every_kernel_launch_compiles_for_sm90():
     for kernel, mma in attn + [("PRECISION=tf32x3", "HMMA.1688.F32.TF32")]:
         found = [line for line in lines if kernel in line]
         assert found and all(mma in line for line in found), (kernel, found)
+    # what each kernel writes, as torch.compile's mutation analysis reads its TTIR: its outputs and nothing else.
+    # An input it takes for written (a pointer handed to a helper whose results address a store: the tile
+    # helpers did this to x, s, the bias and cu_seqlens until 2026-12-02) is copied before every launch under
+    # torch.compile, and a written pointer that shares memory with another argument loses writes there
+    # (gpu_compile fails on that: the return code above)
+    written: dict[str, set] = {}
+    for line in lines:
+        m = re.match(r"\s+sm_\d+ \S+\s+(_\w+_kernel)\(.*, writes \[([^\]]*)\]", line)
+        if m:
+            written.setdefault(m.group(1), set()).update(m.group(2).split())
+    expected = {
+        "_add_layer_norm_fwd_kernel": "s y mean rstd", "_add_layer_norm_bwd_kernel": "dx dbr dw db dbb",
+        "_layer_norm_fwd_kernel": "y mean rstd", "_layer_norm_bwd_kernel": "dx dw db",
+        "_bias_gelu_fwd_kernel": "y", "_bias_gelu_bwd_kernel": "dx db", "_scale_add_kernel": "out",
+        "_attn_fwd_kernel": "o lse", "_attn_bwd_one_tile_kernel": "g db", "_attn_bwd_dkdv_kernel": "g db",
+        "_attn_bwd_dq_kernel": "g db", "_gather_tokens_fwd_kernel": "out", "_gather_tokens_bwd_kernel": "gx gpos",
+        "_scatter_tokens_fwd_kernel": "out", "_scatter_tokens_bwd_pos_kernel": "gpos",
+        "_rpq_codes_fwd_kernel": "best second arg",  # arg: the rescoring launch updates the codes in place
+        "_ce_rows_kernel": "logits loss hit",  # logits: overwritten by their gradient, by design
+    }
+    compiled = {m.group(1) for m in re.finditer(r"sm_\d+ \S+\s+(_\w+_kernel)\(", out)}
+    assert compiled == set(written), ("launches without the mutation analysis", compiled - set(written))
+    assert {k: {f"{a}_ptr" for a in v.split()} for k, v in expected.items()} == written, written
+
     rpq = [line for line in lines if "PRECISION=tf32x3" in line and "BLOCK_K=128" in line]
     loops = [int(re.search(r"loop bodies (\d+) \((\d+) mma", line).group(1)) for line in rpq]
     assert loops and max(loops) <= 450, rpq
