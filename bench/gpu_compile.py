@@ -18,6 +18,9 @@ and from its SASS the instruction mix (``instruction_mix``): tensor-core instruc
 loop's body length, tensor-core instructions and barriers: a static cost per iteration to compare
 kernel variants by before any device time is spent (``--sass DIR`` keeps the SASS).
 
+``--trace-step``: instead, the Triton path's training step through ``torch.compile(fullgraph=True)`` (AOTAutograd,
+kernels recorded), listing what its functional graphs copy before a kernel writes it (``trace_step``).
+
 Not checked: runtime faults, numerics and speed (those need the card). Exit status 1 on any failure. ``--arch 90 80``: targets (sm_90: H100/H200, sm_80: A100).
 """
 from __future__ import annotations
@@ -376,6 +379,54 @@ def _compile_one(job: tuple) -> tuple[str, str | None]:
     return line, None if ok else f"sm_{arch} {name}({shown}): shared memory {smem:,} B > {limit:,}"
 
 
+FRESH = {"aten.empty.memory_format", "aten.empty_like.default", "aten.zeros.default", "aten.empty_strided.default"}
+IN_PLACE_BY_DESIGN = {"arg_ptr"}  # the RPQ's rescoring launch updates the codes of near-tie rows in place
+
+
+def trace_step(preset: str = "tiny") -> dict:
+    """The GPU path's training step through torch.compile, on this machine: every op on Triton (the packed
+    attention included) under bf16 autocast, ``forward_batch`` compiled with ``fullgraph=True`` (a graph break
+    raises) by AOTAutograd, forward and backward run with the kernels recorded instead of run, under the
+    stand-in sm_90 driver (torch.compile's mutation analysis builds each kernel's TTIR for it). Returns
+    {"launches": kernel launches recorded, "cloned": {(argument, what made it): count}}: the tensors the
+    functional graphs copy before a kernel writes them. Copies of fresh allocations (empty, zeros) are free
+    (inductor writes in place); any other is a real copy of an input before every launch."""
+    import collections
+
+    import torch
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+    from triton.runtime import driver
+
+    from bestrq2 import BestRQ2, BestRQ2Config
+    from bestrq2.config import OPS
+
+    launches = record_launches()
+    driver.set_active(_TargetOnlyDriver(90))
+    torch.manual_seed(0)
+    model = BestRQ2(BestRQ2Config.preset(preset, encoder_drop_path=0.1, kernels={op: "triton" for op in OPS}))
+    batch = model.prepare(torch.randn(2, 48_000) * 0.1)
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(model.forward_batch, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = step(batch)
+    out.loss.backward()
+    cloned: collections.Counter = collections.Counter()
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.target is triton_kernel_wrapper_functional:
+                for name in node.kwargs["tensors_to_clone"]:
+                    src = node.kwargs["kwargs"][name]
+                    cloned[(name, str(getattr(src, "target", getattr(src, "op", "?"))))] += 1
+    return {"launches": len(launches), "graphs": len(graphs), "backend": model.encoder.attention_backend,
+            "cloned": dict(cloned)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
@@ -383,6 +434,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="scenarios whose name contains one of these (comma-separated)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (forked workers)")
     ap.add_argument("--sass", default="", metavar="DIR", help="also write each kernel's SASS under DIR/sm_<arch>/")
+    ap.add_argument("--trace-step", action="store_true",
+                    help="instead: the Triton path's training step through torch.compile(fullgraph=True), the kernels "
+                         "recorded; lists what its functional graphs copy before a kernel writes it (trace_step)")
     args = ap.parse_args(argv)
     global _SASS_DIR
     _SASS_DIR = args.sass
@@ -391,6 +445,16 @@ def main(argv=None) -> int:
     if read("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: under the interpreter the launchers pick interpreter configs")
         return 2
+    if args.trace_step:
+        r = trace_step()
+        print(f"compiled step (fullgraph, aot): {r['graphs']} graphs (forward, backward), {r['launches']} kernel "
+              f"launches recorded, attention {r['backend']}")
+        bad = {k: n for k, n in r["cloned"].items() if k[1] not in FRESH and k[0] not in IN_PLACE_BY_DESIGN}
+        for (name, src), n in sorted(r["cloned"].items(), key=lambda kv: -kv[1]):
+            print(f"  {n:3d} x {name:12s} copied before a kernel writes it, made by {src}"
+                  + ("  <- an input copied every launch" if (name, src) in bad else ""))
+        print(f"{len(bad)} kinds of input copied before a kernel" if bad else "no input is copied before a kernel")
+        return 1 if bad else 0
     import triton
 
     t0 = time.time()

@@ -89,8 +89,9 @@ def test_device_side_of_a_step_is_one_graph(one_stage, monkeypatch):
     """torch._dynamo.explain: no graph break in forward_batch (grid -> targets -> context -> predict ->
     loss); fullgraph compile (aot_eager: forward and backward traced) runs and matches eager."""
     # aot tracing runs Triton kernels on fake tensors, which the CPU interpreter cannot: the Triton
-    # path's compiled step is the GPU suite's (test_gpu); here the reference ops ("auto" on CPU tensors,
-    # whatever BESTRQ2_KERNELS the suite runs under)
+    # path's compiled step runs in the GPU suite (test_gpu) and, with its kernels recorded instead of run,
+    # in test_gpu_compile (``bench.gpu_compile --trace-step``); here the reference ops ("auto" on CPU
+    # tensors, whatever BESTRQ2_KERNELS the suite runs under)
     monkeypatch.delenv("BESTRQ2_KERNELS", raising=False)
     torch.manual_seed(0)
     model = BestRQ2(tiny(one_stage=one_stage, encoder_drop_path=0.0))
