@@ -152,13 +152,16 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(s, weight, mean, rstd, row_scale)
     ctx.dtypes = (x.dtype, branch.dtype)
     ctx.bb_dtype = None if branch_bias is None else branch_bias.dtype
+    # mean / rstd are never differentiated, and a stack's last s is unused: their gradients arrive as None
+    # instead of zero tensors autograd would write (89 fill launches a ViT-B step, two of them of s's size)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, ds, dy, _dmean, _drstd):
     s, weight, mean, rstd, row_scale = ctx.saved_tensors
-    # autograd materialises an unused output's gradient as zeros (a stack's last s: a zero tensor read
-    # once, 2 per step; set_materialize_grads(False) would save it, untested under torch.compile here)
-    if dy is None:
+    if dy is None and ds is None:
+        return (None,) * 8
+    if dy is None:  # (y unused: never in the model)
         dy = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
     dx, dbr, dw, db, dbb = _add_layer_norm_bwd(dy.contiguous(), None if ds is None else ds.contiguous(), s, weight,
                                                mean, rstd, row_scale, *ctx.dtypes, ctx.bb_dtype is not None)

@@ -384,9 +384,12 @@ def _setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
     ctx.max_seqlen = max_seqlen
+    ctx.set_materialize_grads(False)  # the log-sum-exp's gradient arrives as None, not as a zero tensor
 
 
 def _backward(ctx, do, _dlse):
+    if do is None:
+        return None, None, None, None, None
     q, k, v, o, lse, cu = ctx.saved_tensors
     dq, dk, dv = _attn_bwd(do.contiguous(), q, k, v, o, lse, cu, ctx.max_seqlen).unbind(1)
     return dq, dk, dv, None, None
@@ -434,9 +437,12 @@ def _qkv_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(qkv, bias, o, lse, cu_seqlens)
     ctx.max_seqlen = max_seqlen
+    ctx.set_materialize_grads(False)  # the log-sum-exp's gradient arrives as None, not as a zero tensor
 
 
 def _qkv_backward(ctx, do, _dlse):
+    if do is None:
+        return None, None, None, None
     qkv, bias, o, lse, cu = ctx.saved_tensors
     dqkv, db = _qkv_attn_bwd(do.contiguous(), qkv, bias, o, lse, cu, ctx.max_seqlen)
     return dqkv, (None if bias is None else db.to(bias.dtype)), None, None

@@ -158,9 +158,14 @@ def _setup(ctx, inputs, output):
     x, weight, _, _, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
+    # the statistics / log-sum-exp outputs are never differentiated: their gradients arrive as None instead
+    # of zero tensors autograd would write (one fill launch each, every step)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # y unused
+        return None, None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd)
     return dx, dw, db, None, None

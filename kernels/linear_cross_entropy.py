@@ -241,10 +241,15 @@ def _lce_setup(ctx, inputs, output):
     h, weight, bias = inputs[:3]
     ctx.save_for_backward(*output[2:])
     ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+    # the accuracy and the saved gradients are outputs no loss differentiates: theirs arrive as None, not
+    # as zero tensors autograd would write (grad_W's is C x K x D float32, 25 MB at the paper's head)
+    ctx.set_materialize_grads(False)
 
 
 def _lce_backward(ctx, grad_loss, _grad_acc, _gh, _gw, _gb):
     """The loss is a scalar: its gradients were computed in the forward and only scale here."""
+    if grad_loss is None:
+        return (None,) * 7
     grad_h, grad_w, grad_b = ctx.saved_tensors
     hd, wd, bd = ctx.dtypes
     gb = (grad_b * grad_loss).to(bd) if bd is not None else None
