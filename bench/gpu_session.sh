@@ -42,9 +42,10 @@ piece() {  # piece SECONDS ARGS...: one slice of the suite, appended to the log 
 piece 70 --only rpq,gather,head,frontend
 piece 30 --only attention
 piece 40 --only inference  # + CUDA-graph captures at B 1, 8, 64
-# the Triton attention's default config vs SDPA at N 64/128/256: the table auto attention reads
-echo "== attention wins (limit 30s)" | tee -a "$OUT/bench_gpu.txt"
-timeout 30 python -m bench.gpu_probe --configs default --wins 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -8
+# the Triton attention's default config vs SDPA at N 64/77/128/256 (77: the encoder's longest visible run),
+# the model's packed-qkv form against SDPA's: the table auto attention reads
+echo "== attention wins (limit 40s)" | tee -a "$OUT/bench_gpu.txt"
+timeout 40 python -m bench.gpu_probe --configs default --wins 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -10
 cp bench/results/sweeps/gpu-attention.csv bestrq2/attention_wins.json "$OUT/" 2>/dev/null || true
 # (a)-(d) built in one process and timed interleaved (compile in the warm-up), a profile of each,
 # then (e) the real pretrain loop on prepared shards (compiles again if (d) won): estimated ~200 s
