@@ -16,6 +16,10 @@ back to SDPA with a one-line warning. The choice is logged once per backend and 
 
 Ragged batches: backends with a varlen form (flash_attn, fa4, triton) get the valid tokens packed end
 to end with ``cu_seqlens``; the others get a key-padding mask. Padding never attends or is attended.
+
+On ``triton`` the model's ``Attention`` calls ``triton_qkv_attention`` below: the qkv linear runs without its
+bias, which the kernels add, and the backward returns qkv's gradient as one tensor with the bias's (no stack
+of three gradients, no bias-gradient pass; ``kernels.attention``).
 """
 from __future__ import annotations
 
