@@ -109,7 +109,9 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
         med = statistics.median(ts)
         r = dict(step_s=med, clips_per_s=batch / med, spread=(batch / ts[-1], batch / ts[0]),
                  flops=pretrain_step_flops(var.cfg, batch, 128, 64), loss=float(var.out.loss),
-                 backend=var.model.encoder.attention_backend)
+                 # encoder (the visible tokens) / predictor (all 128): auto may pick differently for the two lengths
+                 backend="/".join(str(t.attention_backend) for t in (var.model.encoder, var.model.predictor)
+                                  if t is not None))
         res[name] = r
         rec.add("pretrain_step", name, "full", shape, "clips_per_s", r["clips_per_s"])
         rec.add("pretrain_step", name, "full", shape, "clips_per_s_min", r["spread"][0])
