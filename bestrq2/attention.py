@@ -161,18 +161,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
 
         out = flash_attn_func(q, k, v)
         return out[0] if isinstance(out, tuple) else out
-    if backend in VARLEN and key_padding is None:  # equal lengths: [B*L, H, Dh] views, no copy, no sync
-        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
-        flat = [t.reshape(b * n, h, d) for t in (q, k, v)]
-        return varlen_attention(*flat, cu, n, backend).reshape(b, n, h, d)
-    if backend in VARLEN:  # pack the valid tokens and run the varlen form
-        valid = ~key_padding
-        lengths = valid.sum(1)
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        out = varlen_attention(q[valid], k[valid], v[valid], cu, int(lengths.max()), backend)
-        full = q.new_zeros(b, n, h, d)
-        full[valid] = out
-        return full
+    if backend in VARLEN:
+        return _as_varlen(lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m, backend), (q, k, v), key_padding)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, Dh]
     mask = None if key_padding is None else (~key_padding)[:, None, None, :]
     if backend == "sdpa":
@@ -197,14 +187,22 @@ def triton_qkv_attention(qkv: torch.Tensor, bias: torch.Tensor | None, key_paddi
 
     if packed is not None:
         return fused(qkv, bias, packed[0], packed[1])
-    b, n = qkv.shape[:2]
-    if key_padding is None:  # equal lengths: a [B*L, 3, H, Dh] view, no copy, no sync
-        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=qkv.device)
-        return fused(qkv.reshape(b * n, *qkv.shape[2:]), bias, cu, n).view(b, n, *qkv.shape[3:])
+    return _as_varlen(lambda qkv, cu, m: fused(qkv, bias, cu, m), (qkv,), key_padding)
+
+
+def _as_varlen(fn, xs: tuple[torch.Tensor, ...], key_padding: torch.Tensor | None) -> torch.Tensor:
+    """A varlen attention ``fn(*packed xs, cu_seqlens, max_seqlen) -> [T, ...]`` on dense xs [B, L, ...]:
+    equal lengths as [B*L, ...] views (no copy, no sync); with ``key_padding`` (True = padding) the valid
+    tokens packed end to end and the output scattered back, zeros at the padding."""
+    b, n = xs[0].shape[:2]
+    if key_padding is None:
+        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=xs[0].device)
+        out = fn(*(x.reshape(b * n, *x.shape[2:]) for x in xs), cu, n)
+        return out.reshape(b, n, *out.shape[1:])
     valid = ~key_padding
     lengths = valid.sum(1)
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    out = fused(qkv[valid], bias, cu, int(lengths.max()))
+    out = fn(*(x[valid] for x in xs), cu, int(lengths.max()))
     full = out.new_zeros(b, n, *out.shape[1:])
     full[valid] = out
     return full

@@ -75,16 +75,16 @@ class Attention(nn.Module):
             # writes qkv's gradient as one tensor and sums the bias gradient from its float32 tiles (no stack of
             # three gradients, no separate bias-gradient pass over it: ~4.9 GB a ViT-B step at 256 clips)
             qkv = F.linear(x, self.qkv.weight).unflatten(-1, (3, self.heads, d // self.heads))
-            out = triton_qkv_attention(qkv, self.qkv.bias, key_padding, packed).flatten(-2)
-            return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
-        qkv = self.qkv(x).unflatten(-1, (3, self.heads, d // self.heads))
-        # unbind, not three selects: its backward stacks the three grads into one tensor, where selects
-        # would each write a zero tensor of qkv's size and add them up
-        q, k, v = qkv.unbind(-3)
-        if packed is not None:
-            out = varlen_attention(q, k, v, packed[0], packed[1], backend)
+            out = triton_qkv_attention(qkv, self.qkv.bias, key_padding, packed)
         else:
-            out = dense_attention(q, k, v, backend, key_padding)
+            qkv = self.qkv(x).unflatten(-1, (3, self.heads, d // self.heads))
+            # unbind, not three selects: its backward stacks the three grads into one tensor, where selects
+            # would each write a zero tensor of qkv's size and add them up
+            q, k, v = qkv.unbind(-3)
+            if packed is not None:
+                out = varlen_attention(q, k, v, packed[0], packed[1], backend)
+            else:
+                out = dense_attention(q, k, v, backend, key_padding)
         out = out.flatten(-2)
         return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 

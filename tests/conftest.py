@@ -42,6 +42,22 @@ def wave_of(fx, name: str) -> torch.Tensor:
     return fx["inputs"][f"{name}.waveform_int16"].float()[:, 0] / 32768.0
 
 
+def aten_ops(fn) -> list[str]:
+    """The names of the ATen (and custom) ops ``fn()`` dispatches, in order ("aten.stack", ...)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-30))
 

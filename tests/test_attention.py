@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bestrq2 import BestRQ2, BestRQ2Config, BestRQ2Encoder
+from conftest import aten_ops
 from bestrq2 import attention as A
 from bestrq2.kernels.attention import attention_ref, qkv_attention_ref, triton_attention, triton_qkv_attention
 
@@ -151,21 +152,6 @@ def test_packed_qkv_attention_checks_its_input():
         triton_qkv_attention(torch.randn(4, 3, 2, 16), None, cu, 300)
 
 
-def _aten_ops(fn) -> list[str]:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fn()
-    return seen
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_attention_module_triton_form_equals_sdpa(padded):
     """``Attention`` on the Triton backend (qkv linear without bias, bias fused, packed gradient) against the
@@ -188,7 +174,7 @@ def test_attention_module_triton_form_equals_sdpa(padded):
         out = attn(x, pad if padded else None, backend)
         valid = ~pad
         loss = (out * g)[valid].sum()
-        ops = _aten_ops(loss.backward)
+        ops = aten_ops(loss.backward)
         results[backend] = (out[valid].detach(), [p.grad.clone() for p in attn.parameters()], ops)
     ref_out, ref_grads, ref_ops = results["sdpa"]
     out, grads, ops = results["triton"]

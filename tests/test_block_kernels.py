@@ -301,25 +301,15 @@ def test_fused_stack_backward_writes_no_zero_gradients(attention):
     unused s) get no gradient tensors: autograd used to write a zero tensor for each (11-13 in this two-block
     stack, 89 a ViT-B step, two of them of the residual stream's size); their backwards take None. The
     gradients are checked against the reference path in the tests above."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import aten_ops
 
     from bestrq2.transformer import Transformer
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     stack = Transformer(64, 2, 2, drop_path=0.1, attention=attention, block="triton").train()
     x = torch.randn(2, 10, 64, requires_grad=True)
     y = stack(x)
-    with Record() as rec:
-        y.square().sum().backward()
-    assert len(rec.ops) > 50  # the backward ran under the recorder
-    assert not [op for op in rec.ops if "zero" in op or "fill" in op], rec.ops
+    ops = aten_ops(lambda: y.square().sum().backward())
+    assert len(ops) > 50  # the backward ran under the recorder
+    assert not [op for op in ops if "zero" in op or "fill" in op], ops
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
