@@ -13,5 +13,5 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=25
-	# the official fixtures once more on ATen's scalar path: another FFT/BLAS rounding on any x86 CPU
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_official.py tests/test_frontend.py
+	# the official fixtures (and the input checks' reductions) once more on ATen's scalar path: another FFT/BLAS rounding
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_official.py tests/test_frontend.py tests/test_inputs.py

@@ -1,6 +1,8 @@
 """Checks on audio handed to the models: clear ``ValueError``s instead of crashes deep inside."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -41,11 +43,14 @@ def check_wave(wave, lengths=None, sample_rate: int | None = None) -> tuple[torc
     if b == 0 or t == 0:
         raise ValueError(f"wave is empty (shape {list(wave.shape)})")
     wave = wave if wave.dtype == torch.float64 else wave.float()  # float64 stays: exact-arithmetic runs
-    finite = torch.isfinite(wave)
-    if not bool(finite.all()):
-        bad = (~finite).any(dim=1).nonzero().flatten().tolist()
+    # one pass without temporaries (the training loop checks 256 x 10 s a step on the host: isfinite + abs
+    # + max took 0.49 s of one core there, aminmax 0.02 s); NaN propagates through it and inf is a bound,
+    # so the per-clip search runs only when something is wrong
+    lo, hi = (float(v) for v in torch.aminmax(wave))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = (~torch.isfinite(wave)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"wave holds NaN or inf samples (clips {bad})")
-    peak = float(wave.abs().max())
+    peak = max(-lo, hi)
     if peak > 2.0:
         raise ValueError(f"wave peaks at {peak:.1f}: samples must lie in [-1, 1]; this looks like "
                          "unscaled integer PCM (int16: divide by 32768)")
