@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"bench: ended by signal {signum}")
 
 
 def main(argv=None) -> int:
@@ -55,36 +60,41 @@ def main(argv=None) -> int:
 
     ops.SMOKE["on"] = args.smoke
 
-    print(f"bench {name} on {rec.meta['device']}  ({rec.meta['versions']})")
-    bounds = measure_bounds(device, smoke=args.smoke)
-    rec.add("bound", "copy", "forward", "", "gbps", bounds["copy_gbps"])
-    rec.add("bound", f"matmul_{bounds['matmul_dtype']}", "forward", "", "tflops", bounds["matmul_tflops"])
-    print(f"  bounds: copy {bounds['copy_gbps']:.1f} GB/s, {bounds['matmul_dtype']} matmul "
-          f"{bounds['matmul_tflops']:.2f} TFLOP/s")
-    steps = [("rpq", ops.bench_rpq), ("gather", ops.bench_gather_scatter), ("head", ops.bench_head),
-             ("attention", ops.bench_attention), ("block", ops.bench_block_ops),
-             ("frontend", ops.bench_frontend)]
-    for key, fn in steps:
-        if want(key):
-            t = time.time()
-            fn(rec, device, bounds, args.smoke, with_fast, reps)
-            print(f"  {key}: {time.time() - t:.1f} s")
-    if want("e2e") and args.suite == "gpu":
-        from .e2e import bench_e2e
+    # a piece that raises or that `timeout` ends (SIGTERM) still appends the rows it measured: the GPU
+    # session runs the suite in pieces under timeouts, and (a)-(d) must not be lost to a failure in (e)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        print(f"bench {name} on {rec.meta['device']}  ({rec.meta['versions']})")
+        bounds = measure_bounds(device, smoke=args.smoke)
+        rec.add("bound", "copy", "forward", "", "gbps", bounds["copy_gbps"])
+        rec.add("bound", f"matmul_{bounds['matmul_dtype']}", "forward", "", "tflops", bounds["matmul_tflops"])
+        print(f"  bounds: copy {bounds['copy_gbps']:.1f} GB/s, {bounds['matmul_dtype']} matmul "
+              f"{bounds['matmul_tflops']:.2f} TFLOP/s")
+        steps = [("rpq", ops.bench_rpq), ("gather", ops.bench_gather_scatter), ("head", ops.bench_head),
+                 ("attention", ops.bench_attention), ("block", ops.bench_block_ops),
+                 ("frontend", ops.bench_frontend)]
+        for key, fn in steps:
+            if want(key):
+                t = time.time()
+                fn(rec, device, bounds, args.smoke, with_fast, reps)
+                print(f"  {key}: {time.time() - t:.1f} s")
+        if want("e2e") and args.suite == "gpu":
+            from .e2e import bench_e2e
 
-        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bench_e2e(rec, device, bounds, args.smoke, variants=[v for v in chosen if v != "e_pretrain_loop"] or None,
-                  with_loop=not chosen or "e_pretrain_loop" in chosen)
-    if want("inference"):
-        from .inference import bench_inference
+            chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+            bench_e2e(rec, device, bounds, args.smoke, variants=[v for v in chosen if v != "e_pretrain_loop"] or None,
+                      with_loop=not chosen or "e_pretrain_loop" in chosen)
+        if want("inference"):
+            from .inference import bench_inference
 
-        bench_inference(rec, device, args.smoke, with_onnx=args.suite == "cpu")
-    if want("memory") and args.suite == "cpu":
-        head_memory_cpu(rec, args.smoke)
-    if want("pipeline") and args.suite == "cpu":
-        pipeline(rec, args.smoke)
-    path = rec.write(Path(args.out) if args.out else None)
-    print(f"{len(rec.rows)} rows -> {path}  ({time.time() - t0:.0f} s)")
+            bench_inference(rec, device, args.smoke, with_onnx=args.suite == "cpu")
+        if want("memory") and args.suite == "cpu":
+            head_memory_cpu(rec, args.smoke)
+        if want("pipeline") and args.suite == "cpu":
+            pipeline(rec, args.smoke)
+    finally:
+        path = rec.write(Path(args.out) if args.out else None)
+        print(f"{len(rec.rows)} rows -> {path}  ({time.time() - t0:.0f} s)", flush=True)
     return 0
 
 

@@ -78,18 +78,13 @@ def profile_variant(var, steps: int = 3) -> dict[str, float]:
 
 
 def _prepared_corpus(root: Path, clips: int) -> Path:
-    """``clips`` 10 s clips of the procedural corpus written as wav, then ``bestrq2 prepare``d."""
-    import soundfile as sf
-
-    from bestrq2.data.shards import prepare
+    """``clips`` 10 s clips of the procedural corpus written straight into shards (``write_shards``: the
+    same int16 shards ``bestrq2 prepare`` writes, without a decoder, so soundfile is not needed: the H200
+    machine of 2026-11-26 had none)."""
+    from bestrq2.data.shards import write_shards
     from bestrq2.data.synthetic import synth_clip
 
-    src = root / "wav"
-    src.mkdir(parents=True, exist_ok=True)
-    for i in range(clips):
-        sf.write(src / f"{i:04d}.wav", synth_clip(123, i, 10.0), 16_000)
-    prepare(src, root / "prepared", workers=4, progress=False)
-    return root / "prepared"
+    return write_shards(((f"synth-{i:04d}", synth_clip(123, i, 10.0)) for i in range(clips)), root / "prepared")
 
 
 def run_pretrain_loop(preset: str, batch: int, steps: int, warmup: int, compile: bool, clips: int = 64,

@@ -73,6 +73,33 @@ def test_prepare_shards_and_stream(tmp_path, audio_dir):
     assert len(res["losses"]) == 2
 
 
+def test_write_shards_from_memory(tmp_path):
+    """Shards written from float arrays (no decoder: what the GPU benchmark's variant (e) uses) read back as
+    the clips, to int16 precision, across shard boundaries; an existing corpus is not overwritten."""
+    from bestrq2.data.shards import write_shards
+
+    rng = np.random.default_rng(1)
+    clips = [np.clip(rng.standard_normal(n) * 0.3, -1, 1).astype(np.float32) for n in (20_000, 12_000, 31_000)]
+    clips[0][:2] = (1.0, -1.0)  # full scale both ways
+    root = write_shards(((f"c{i}", c) for i, c in enumerate(clips)), tmp_path / "s", shard_mb=0.05)
+    index = json.loads((root / "index.json").read_text())
+    assert [e["length"] for e in index["clips"]] == [20_000, 12_000, 31_000]
+    assert len({e["shard"] for e in index["clips"]}) == 3  # 0.05 MB shards: one clip each
+    ds = ShardedCorpus(root, seconds=2.0, seed=0)
+    for i, c in enumerate(clips):
+        w, n = ds[i]
+        e = index["clips"][i]
+        start = int(np.random.default_rng([0, i]).integers(0, e["length"] - 32_000 + 1)) if e["length"] > 32_000 else 0
+        take = min(32_000, len(c))
+        assert n == take
+        np.testing.assert_allclose(w[:take].numpy(), c[start: start + take], atol=1.5 / 32767)  # stored x 32767, read / 32768
+        assert not w[take:].any()
+    with pytest.raises(ValueError, match="already holds"):
+        write_shards([("x", clips[1])], root)
+    with pytest.raises(ValueError, match="no clips"):
+        write_shards([], tmp_path / "empty")
+
+
 def test_clips_shorter_than_one_patch_train(tmp_path):
     """Real corpora hold clicks and short effects (the Debian corpus: under 0.586 s): a prepared corpus or a
     folder with such a clip trains, the clip counted as one patch of audio and zeros."""

@@ -29,7 +29,47 @@ def _decode(path: str) -> tuple[str, np.ndarray | None, str]:
         return path, None, str(err)
     if not np.isfinite(wave).all():
         return path, None, "holds NaN or inf samples"
-    return path, np.clip(np.round(wave * 32767.0), -32768, 32767).astype("<i2"), ""
+    return path, to_pcm16(wave), ""
+
+
+class ShardWriter:
+    """Writes int16 clips into OUT/shard-*.int16 (each at most ``shard_mb`` MB) and, on ``close``, the index.
+    The index appears last, in one rename, so a corpus interrupted while being written is never taken
+    for a prepared one."""
+
+    def __init__(self, out: str | Path, shard_mb: int = 512) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if (self.out / "index.json").exists():
+            raise ValueError(f"prepare: {self.out} already holds a prepared corpus (index.json); choose another OUT")
+        self.limit = shard_mb * (1 << 20) // 2  # samples per shard
+        self.index: list[dict] = []
+        self._id, self._f, self._len = -1, None, 0
+
+    def add(self, pcm: np.ndarray, source: str) -> None:
+        """Append one clip: int16 samples [T] (16 kHz mono)."""
+        if self._f is None or self._len + len(pcm) > self.limit and self._len > 0:
+            if self._f:
+                self._f.close()
+            self._id += 1
+            self._f, self._len = open(self.out / f"shard-{self._id:05d}.int16", "wb"), 0
+        self._f.write(np.asarray(pcm, dtype="<i2").tobytes())
+        self.index.append({"shard": self._id, "offset": self._len, "length": int(len(pcm)), "source": source})
+        self._len += len(pcm)
+
+    def close(self, skipped: dict[str, str] | None = None) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None
+        (self.out / "skipped.json").write_text(json.dumps(skipped or {}, indent=1))
+        tmp = self.out / "index.json.tmp"
+        tmp.write_text(json.dumps({"sample_rate": SAMPLE_RATE, "dtype": "int16", "clips": self.index}))
+        os.replace(tmp, self.out / "index.json")
+
+
+def to_pcm16(wave: np.ndarray) -> np.ndarray:
+    """float samples in [-1, 1] -> int16 (rounded, clipped at full scale)."""
+    return np.clip(np.round(np.asarray(wave, dtype=np.float32) * 32767.0), -32768, 32767).astype("<i2")
 
 
 def prepare(src: str | Path, out: str | Path, workers: int | None = None, shard_mb: int = 512,
@@ -41,14 +81,10 @@ def prepare(src: str | Path, out: str | Path, workers: int | None = None, shard_
     files = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(f"prepare: no {sorted(EXTENSIONS)} files under {src}")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "index.json").exists():
-        raise ValueError(f"prepare: {out} already holds a prepared corpus (index.json); choose another OUT")
+    writer = ShardWriter(out, shard_mb)
     from tqdm.auto import tqdm
 
-    index, skipped = [], {}
-    shard_id, shard_f, shard_len = -1, None, 0
-    limit = shard_mb * (1 << 20) // 2
+    skipped = {}
     workers = workers or max(1, (os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for path, pcm, err in tqdm(pool.map(_decode, files, chunksize=4), total=len(files), desc="prepare",
@@ -56,25 +92,24 @@ def prepare(src: str | Path, out: str | Path, workers: int | None = None, shard_
             if pcm is None:
                 skipped[path] = err
                 continue
-            if shard_f is None or shard_len + len(pcm) > limit and shard_len > 0:
-                if shard_f:
-                    shard_f.close()
-                shard_id += 1
-                shard_f, shard_len = open(out / f"shard-{shard_id:05d}.int16", "wb"), 0
-            shard_f.write(pcm.tobytes())
-            index.append({"shard": shard_id, "offset": shard_len, "length": int(len(pcm)),
-                          "source": os.path.relpath(path, src)})
-            shard_len += len(pcm)
-    if shard_f:
-        shard_f.close()
-    if not index:
+            writer.add(pcm, os.path.relpath(path, src))
+    if not writer.index:
         raise ValueError(f"prepare: none of the {len(files)} files under {src} could be read")
-    (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps({"sample_rate": SAMPLE_RATE, "dtype": "int16", "clips": index}))
-    os.replace(tmp, out / "index.json")  # the index appears only once every shard is complete
-    hours = sum(e["length"] for e in index) / SAMPLE_RATE / 3600
-    return {"clips": len(index), "hours": hours, "skipped": skipped}
+    writer.close(skipped)
+    hours = sum(e["length"] for e in writer.index) / SAMPLE_RATE / 3600
+    return {"clips": len(writer.index), "hours": hours, "skipped": skipped}
+
+
+def write_shards(waves, out: str | Path, shard_mb: int = 512) -> Path:
+    """Shards from audio already in memory: ``waves`` yields (name, float [T] 16 kHz samples in [-1, 1]).
+    No decoder involved (soundfile not needed): what benchmarks and tests build their corpora with."""
+    writer = ShardWriter(out, shard_mb)
+    for name, wave in waves:
+        writer.add(to_pcm16(wave), name)
+    if not writer.index:
+        raise ValueError("write_shards: no clips given")
+    writer.close()
+    return Path(out)
 
 
 def is_prepared(path: str | Path) -> bool:
