@@ -128,7 +128,8 @@ def pipeline(rec, smoke: bool) -> None:
         data = json.loads(js.read_text())
     per_call_clips = {"test_synthetic_clip": 1, "test_audio_folder_flac_16k": 1,
                       "test_audio_folder_wav_44k_stereo_resampled": 1, "test_logmel_frontend_batch8": 8,
-                      "test_prepared_shards_crop": 1}
+                      "test_prepared_shards_crop": 1, "test_step_batch_shards_b64[int16]": 64,
+                      "test_step_batch_shards_b64[float32]": 64, "test_check_wave_b64": 64}
     for b in data["benchmarks"]:
         med = b["stats"]["median"]
         rec.add("data_pipeline", b["name"].removeprefix("test_"), "forward", "10s clips, 1 thread", "time_ms", 1e3 * med)

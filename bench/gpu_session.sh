@@ -25,6 +25,8 @@ for m in ("safetensors", "soundfile", "scipy", "tqdm", "numpy", "matplotlib", "f
         print(m, "MISSING", e)
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
+# the training loader's workers (variant (e)) pass batches through /dev/shm: its size and the cores they get
+{ echo "cores $(nproc)"; df -h /dev/shm | tail -1; } >>"$OUT/env.txt" 2>&1
 if [ "${1:-}" = "sweep" ]; then  # a second call, if device time is left: the attention tuning sweep
   echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
   timeout 50 python -m bench.gpu_probe --wins 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--keep", type=_positive_int("--keep"), default=3, help="checkpoints kept")
     pt.add_argument("--max-bad-steps", type=_positive_int("--max-bad-steps"), default=5,
                     help="consecutive non-finite losses before stopping")
-    pt.add_argument("--num-workers", type=int, default=1)
+    pt.add_argument("--num-workers", type=int, default=None,
+                    help="loader processes per rank (default: 1 on CPU; on CUDA up to 8, cores per rank - 1)")
     pt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pt.add_argument("--compile", action="store_true", help="torch.compile the model")
     pt.add_argument("--precision", default="auto", choices=PRECISIONS,

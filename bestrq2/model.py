@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import PATCH, BestRQ2Config
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
-from .inputs import check_wave, to_device
+from .inputs import check_wave, pcm16_to_float, to_device
 from .context_encoder import ContextEncoder
 from .kernels import gather_tokens, linear_cross_entropy
 from .masking import MaskPlan, check_mask, sample_mask
@@ -130,9 +130,11 @@ class BestRQ2(nn.Module):
                 generator: torch.Generator | None = None) -> PretrainBatch:
         """Host side of a step: check the wave where it lies (pass CPU tensors, pinned for a CUDA model,
         and nothing reads the device back), draw or check the mask on the host, build the index sets and
-        the padding targets, and copy them to the model's device without blocking."""
+        the padding targets, and copy them to the model's device without blocking. ``wave`` may also be
+        int16 PCM (the training loader's batches from prepared shards): half the bytes to copy, nothing to
+        check, scaled by 1 / 32768 on the device (exact: the same float32 samples as the float path)."""
         cfg = self.config
-        wave, lengths = check_wave(wave, lengths)
+        wave, lengths = check_wave(wave, lengths, pcm16=True)  # int16: the loader's shards, scaled on the device
         b, t = wave.shape
         n = cfg.freq_patches * num_time_patches(t)
         if mask is None:
@@ -147,7 +149,8 @@ class BestRQ2(nn.Module):
         for t in (plan.mask_idx, plan.keep_idx, plan.mask_valid, plan.keep_pad, plan.rest):
             if t is not None:  # the masked count varies per step (26 sizes at the paper's U[0.4, 0.6] of
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # 128): compile one graph for all, not one each
-        return PretrainBatch(to_device(wave, device), plan, None if pad is None else to_device(pad, device))
+        return PretrainBatch(pcm16_to_float(to_device(wave, device)), plan,
+                             None if pad is None else to_device(pad, device))
 
     def forward_batch(self, batch: PretrainBatch) -> PretrainOutput:
         """Device side of a step: grid -> targets -> context -> predict -> loss. No host reads (ragged

@@ -100,6 +100,68 @@ def test_write_shards_from_memory(tmp_path):
         write_shards([], tmp_path / "empty")
 
 
+class _FloatOnly(torch.utils.data.Dataset):
+    """A source without ``read_pcm16``: the float32 batches the loader built before the int16 path."""
+
+    def __init__(self, ds):
+        self.ds, self.seconds = ds, ds.seconds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def test_shard_batches_travel_as_int16_and_train_bit_for_bit(tmp_path):
+    """From prepared shards a step's batch is int16 PCM (half the bytes to pin and copy), scaled on the device
+    to exactly the float32 samples of the float path: the same batch, the same loss to the bit, with and
+    without loader workers (whose batches are built in shared memory)."""
+    from bestrq2.data.shards import write_shards
+    from bestrq2.train import StepBatches
+
+    rng = np.random.default_rng(2)
+    clips = [np.clip(rng.standard_normal(n) * 0.2, -1, 1).astype(np.float32) for n in (25_000, 12_000, 9_000, 17_000)]
+    root = write_shards(((f"c{i}", c) for i, c in enumerate(clips)), tmp_path / "s")
+    ds = ShardedCorpus(root, seconds=1.0, seed=5)
+    pcm, lens16 = StepBatches(ds, 4, 0, 4)[3]
+    ref, lens32 = StepBatches(_FloatOnly(ds), 4, 0, 4)[3]
+    assert pcm.dtype == torch.int16 and ref.dtype == torch.float32 and torch.equal(lens16, lens32)
+    assert lens16.tolist()[2] == 9_375  # the clip under one patch counts as one patch
+    torch.manual_seed(0)
+    model = BestRQ2(BestRQ2Config.preset("tiny"))
+    mask = torch.rand(4, model.config.freq_patches).argsort(-1) < 3  # 1 s: one patch column
+    a, b = model.prepare(pcm, lens16, mask), model.prepare(ref, lens32, mask)
+    assert a.wave.dtype == torch.float32 and torch.equal(a.wave, b.wave)
+    loss = []
+    for batch in (a, b):
+        torch.manual_seed(1)  # the same drop-path draws
+        loss.append(model.forward_batch(batch).loss)
+    assert torch.equal(*loss)
+    with pytest.raises(ValueError, match="integer PCM"):
+        model(pcm.to(torch.int32), lens16)  # only int16 is taken as PCM
+    losses = {}
+    for workers in (0, 2):
+        run = tmp_path / f"run{workers}"
+        pretrain(tc(run, data=str(root), steps=3, batch_size=4, num_workers=workers))
+        losses[workers] = losses_of(run)
+    assert losses[0] == losses[2] and len(losses[0]) == 3
+
+
+def test_worker_batches_are_built_in_shared_memory():
+    from bestrq2.train import _batch_tensor
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.tensor(_batch_tensor((3, 5), torch.int16).is_shared())
+
+    assert not _batch_tensor((3, 5), torch.int16).is_shared()  # in the main process: plain memory
+    assert all(bool(x) for x in torch.utils.data.DataLoader(Probe(), batch_size=None, num_workers=1))
+
+
 def test_clips_shorter_than_one_patch_train(tmp_path):
     """Real corpora hold clicks and short effects (the Debian corpus: under 0.586 s): a prepared corpus or a
     folder with such a clip trains, the clip counted as one patch of audio and zeros."""
@@ -384,3 +446,18 @@ def test_compile_and_tensorboard(tmp_path):
     ev = EventAccumulator(str(tmp_path / "run" / "tb"))
     ev.Reload()
     assert [e.step for e in ev.Scalars("loss")] == [1, 2]
+
+
+def test_default_loader_workers(monkeypatch, tmp_path):
+    """--num-workers unset: 1 on a CPU; on CUDA the cores per rank minus one, at most 8; a given value wins."""
+    from bestrq2.train import loader_workers
+
+    cfg = tc(tmp_path, num_workers=None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for cores, world, want in ((16, 1, 8), (64, 1, 8), (16, 4, 3), (2, 1, 1), (8, 8, 1)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert loader_workers(cfg, cuda, world) == want
+        assert loader_workers(cfg, cpu, world) == 1
+    assert loader_workers(tc(tmp_path, num_workers=0), cuda, 1) == 0
+    with pytest.raises(ValueError, match="num-workers"):
+        tc(tmp_path, num_workers=-1).validate()

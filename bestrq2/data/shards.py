@@ -141,13 +141,19 @@ class ShardedCorpus(torch.utils.data.Dataset):
             self._maps[k] = np.memmap(self.root / f"shard-{k:05d}.int16", dtype="<i2", mode="r")
         return self._maps[k]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def read_pcm16(self, index: int, out: np.ndarray) -> int:
+        """Item ``index``'s crop as int16 PCM into ``out`` (int16 [seconds * 16000], zero-padded); returns the
+        true length, as ``__getitem__``. The training loader's path: no float conversion on the host."""
         e = self.clips[index % len(self.clips)]
-        n = int(self.seconds * SAMPLE_RATE)
+        n = len(out)
         rng = np.random.default_rng([self.seed, index])
         start = int(rng.integers(0, e["length"] - n + 1)) if e["length"] > n else 0
         take = min(n, e["length"])
-        pcm = self._shard(e["shard"])[e["offset"] + start: e["offset"] + start + take]
-        out = np.zeros(n, dtype=np.float32)
-        out[:take] = pcm.astype(np.float32) / 32768.0
-        return torch.from_numpy(out), max(take, MIN_SAMPLES)  # a clip under one patch: one patch, zero-padded
+        out[:take] = self._shard(e["shard"])[e["offset"] + start: e["offset"] + start + take]
+        out[take:] = 0
+        return max(take, MIN_SAMPLES)  # a clip under one patch: one patch, zero-padded
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pcm = np.empty(int(self.seconds * SAMPLE_RATE), dtype="<i2")
+        length = self.read_pcm16(index, pcm)
+        return torch.from_numpy(pcm.astype(np.float32) / 32768.0), length
