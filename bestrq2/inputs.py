@@ -96,3 +96,37 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if t.device == device:
         return t
     return t.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda" and t.is_pinned())
+
+
+_COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+def copy_to_device(tensors: list[torch.Tensor | None], device: torch.device | str) -> list[torch.Tensor | None]:
+    """Host tensors (None passes) -> ``device``, for a step's inputs.
+
+    On CUDA the copies go on a side stream: a copy queued on the compute stream would wait for every
+    kernel already queued there (the host runs a step ahead) and the next step's kernels for it, so the
+    card would stand still for it, and a 256 x 10 s float32 batch is 164 MB, about 3 ms of PCIe. On the
+    side stream the copy overlaps the kernels queued before it. The compute stream then waits for the
+    copies before anything queued after this call, and each copy is marked as used there
+    (``record_stream``), so the allocator does not hand its memory out while the compute stream may still
+    read it. Sources are pinned first where they are not (the loader's batches already are). Nothing
+    here waits on the host. Elsewhere: plain ``to_device``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [None if t is None else to_device(t, device) for t in tensors]
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    compute = torch.cuda.current_stream(device)
+    side = _COPY_STREAMS.get(device.index)
+    if side is None:
+        side = _COPY_STREAMS[device.index] = torch.cuda.Stream(device)
+    copied = [t is not None and t.device != device for t in tensors]
+    with torch.cuda.stream(side):
+        out = [(t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True) if c else t
+               for t, c in zip(tensors, copied)]
+    compute.wait_stream(side)
+    for t, c in zip(out, copied):
+        if c:
+            t.record_stream(compute)
+    return out

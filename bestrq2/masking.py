@@ -132,13 +132,7 @@ class MaskPlan:
         return cls(mask, mask_idx, keep_idx)
 
     def to(self, device: torch.device | str) -> "MaskPlan":
-        device = torch.device(device)
+        """The index sets on ``device`` (on CUDA copied beside the compute stream: ``copy_to_device``)."""
+        from .inputs import copy_to_device
 
-        def move(t):
-            if t is None or t.device == device:
-                return t
-            if device.type == "cuda" and t.device.type == "cpu":  # pageable copies would sync the stream
-                return t.pin_memory().to(device, non_blocking=True)
-            return t.to(device)
-
-        return MaskPlan(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
+        return MaskPlan(*copy_to_device([getattr(self, f.name) for f in dataclasses.fields(self)], device))

@@ -6,6 +6,7 @@ encoder with masked patch embeddings replaced by a mask token, head on the encod
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 from .config import PATCH, BestRQ2Config
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
-from .inputs import check_wave, pcm16_to_float, to_device
+from .inputs import check_wave, copy_to_device, pcm16_to_float
 from .context_encoder import ContextEncoder
 from .kernels import gather_tokens, linear_cross_entropy
 from .masking import MaskPlan, check_mask, sample_mask
@@ -145,12 +146,14 @@ class BestRQ2(nn.Module):
         pad = target_padding(lengths, t)
         if pad is not None and cfg.loss_on_padding:
             pad = None
-        plan = MaskPlan.from_mask(mask).to(device)
+        plan = MaskPlan.from_mask(mask)
+        fields = [getattr(plan, f.name) for f in dataclasses.fields(plan)]
+        *fields, wave, pad = copy_to_device([*fields, wave, pad], device)  # beside the compute stream on CUDA
+        plan = MaskPlan(*fields)
         for t in (plan.mask_idx, plan.keep_idx, plan.mask_valid, plan.keep_pad, plan.rest):
             if t is not None:  # the masked count varies per step (26 sizes at the paper's U[0.4, 0.6] of
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # 128): compile one graph for all, not one each
-        return PretrainBatch(pcm16_to_float(to_device(wave, device)), plan,
-                             None if pad is None else to_device(pad, device))
+        return PretrainBatch(pcm16_to_float(wave), plan, pad)
 
     def forward_batch(self, batch: PretrainBatch) -> PretrainOutput:
         """Device side of a step: grid -> targets -> context -> predict -> loss. No host reads (ragged

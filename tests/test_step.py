@@ -191,3 +191,41 @@ def test_mask_sizes_do_not_recompile_on_cuda():
             out, ref = compiled(batch), model.forward_batch(batch)
         torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=2e-2)
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 5 mask sizes"
+
+
+def test_copy_to_device_off_cuda_is_a_plain_copy():
+    from bestrq2.inputs import copy_to_device
+
+    x = torch.randn(3, 4)
+    out = copy_to_device([x, None, torch.arange(3)], "cpu")
+    assert out[0] is x and out[1] is None and torch.equal(out[2], torch.arange(3))
+
+
+@pytest.mark.cuda
+def test_step_inputs_are_copied_beside_the_compute_stream():
+    """copy_to_device on CUDA: the copies run on a side stream while the compute stream is busy (they finish
+    before the matmuls queued ahead of them), kernels queued afterwards on the compute stream see the data,
+    pageable sources are pinned first, and the host never waits."""
+    from bestrq2.inputs import _COPY_STREAMS, copy_to_device
+
+    dev = torch.device("cuda")
+    a = torch.randn(8192, 8192, device=dev)
+    pcm = torch.randint(-32768, 32767, (64, 160_000), dtype=torch.int16).pin_memory()
+    idx = torch.randperm(128)[None].repeat(64, 1)  # pageable
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mm_done = torch.cuda.Event()
+        for _ in range(3):
+            a = a @ a / 8192 ** 0.5  # tens of ms of work queued on the compute stream
+        mm_done.record()
+        w, none, i = copy_to_device([pcm, None, idx], dev)
+        copied = torch.cuda.Event()
+        copied.record(_COPY_STREAMS[dev.index])
+        y = w.float() * 2 + i.sum()  # queued on the compute stream after the copies
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    copied.synchronize()
+    assert not mm_done.query(), "the copy waited for the kernels queued before it"
+    assert none is None and torch.equal(w.cpu(), pcm) and torch.equal(i.cpu(), idx)
+    torch.testing.assert_close(y.cpu(), pcm.float() * 2 + idx.sum().float(), rtol=0, atol=0)
