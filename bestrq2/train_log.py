@@ -2,8 +2,10 @@
 events under OUT/tb (when tensorboard is installed), the progress bar, and OUT/loss.png at the end.
 
 Steps are logged from their device stats ``[loss, accuracy, stop flag, code perplexity, codes used]``,
-read ``lag`` steps late: on CUDA a step's stats are read once the next step is queued, so the host
-never waits for the device inside a step.
+read ``lag`` steps late: on CUDA a step's stats are read once the two steps after it are queued, so the
+host never waits for the device inside a step, and a hiccup on the host (a slow batch, the garbage
+collector, a log write) shorter than a step leaves the card a whole queued step to run meanwhile (at one
+step late the queue can run dry whenever queueing a step takes longer than running one).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class MetricsLog:
         self.out, self.batch_size, self.flops, self.main, self.world = out, batch_size, step_flops, main, world
         self.max_bad_steps, self.source, self.stop_request = max_bad_steps, source, stop_request
         self.peak = peak_flops(device)
-        self.lag = 1 if device.type == "cuda" else 0  # CPU: read at once, there is no queue to keep full
+        self.lag = 2 if device.type == "cuda" else 0  # CPU: read at once, there is no queue to keep full
         self.pending: collections.deque = collections.deque()  # (step, stats, lr)
         self.losses: list[float] = []
         self.bad_total = self.bad_run = 0
