@@ -349,7 +349,10 @@ def train_step(model: BestRQ2, wrapped, forward, opt, tc: TrainConfig, wave: tor
         acc_sum += res.accuracy.detach() / tc.grad_accum
         t = res.targets[..., 0].reshape(-1)
         counts.scatter_add_(0, t.clamp_min(0), (t != IGNORE).float())  # no boolean indexing: no sync
-    stats = torch.cat([torch.stack([loss_sum, acc_sum, torch.tensor(float(stop_flag), device=device)]), counts])
+    # the flag made on the device (a fill): torch.tensor(x, device=cuda) copies from pageable memory and
+    # waits for the whole queue, one host sync a step
+    flag = torch.full((), float(stop_flag), device=device)
+    stats = torch.cat([torch.stack([loss_sum, acc_sum, flag]), counts])
     if world > 1:  # one all-reduce: loss, accuracy, whether any rank must stop, and the code counts
         dist.all_reduce(stats)
         stats[:2] /= world

@@ -1,6 +1,9 @@
 """The training step without host reads: fp32 targets under autocast, the fused optimizer (and its
 device-side skip of non-finite steps), one graph for torch.compile whatever the mask size, and, on a
 GPU, a step under CUDA's sync debug mode."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -229,3 +232,30 @@ def test_step_inputs_are_copied_beside_the_compute_stream():
     assert not mm_done.query(), "the copy waited for the kernels queued before it"
     assert none is None and torch.equal(w.cpu(), pcm) and torch.equal(i.cpu(), idx)
     torch.testing.assert_close(y.cpu(), pcm.float() * 2 + idx.sum().float(), rtol=0, atol=0)
+
+
+def test_step_makes_no_tensor_from_host_values_on_the_device():
+    """``torch.tensor(x, device=d)`` (or ``as_tensor``) copies from pageable memory and, on CUDA, waits for the
+    whole queue: a host sync a step that only a GPU shows (the stop flag was made so). Every call of a
+    training step is watched on this CPU: none may build a tensor from host values with a device."""
+    from torch.overrides import TorchFunctionMode
+
+    class Watch(TorchFunctionMode):
+        seen: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            caller = sys._getframe(1).f_code.co_filename  # this project's code (not torch.optim's CPU counters)
+            if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None and \
+                    any(f"{os.sep}{pkg}{os.sep}" in caller for pkg in ("bestrq2", "kernels")):
+                self.seen.append(f"{func.__name__}(..., device={kwargs['device']}) in {caller}")
+            return func(*args, **kwargs)
+
+    dev = torch.device("cpu")
+    model = BestRQ2(tiny())
+    opt = make_optimizer(model.parameters(), TrainConfig(lr=1e-3), dev)
+    (wave, lengths), = _batches(1)
+    mask = model.prepare(wave).plan.mask
+    with Watch() as w:
+        stats = train_step(model, model, model, opt, TrainConfig(batch_size=2), wave, lengths, mask, dev, 1, True)
+    assert w.seen == [] and float(stats[2]) == 1.0  # the stop flag still arrives
