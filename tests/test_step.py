@@ -259,3 +259,39 @@ def test_step_makes_no_tensor_from_host_values_on_the_device():
     with Watch() as w:
         stats = train_step(model, model, model, opt, TrainConfig(batch_size=2), wave, lengths, mask, dev, 1, True)
     assert w.seen == [] and float(stats[2]) == 1.0  # the stop flag still arrives
+
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_device_side_of_the_gpu_step_reads_no_value_back(attention, monkeypatch):
+    """The GPU path's device side (every op on its Triton kernel, interpreted here; bf16 autocast; forward,
+    backward, fused optimizer arguments) under a watch for value reads in the project's code: item, tolist,
+    bool / float / int of a tensor, numpy, cpu. On CUDA each is a host sync; on this CPU only this watch
+    sees them. (``prepare``, the host side, reads its host tensors by design and is outside the watch.)"""
+    from torch.overrides import TorchFunctionMode
+
+    from bestrq2.config import OPS
+
+    class Watch(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            caller = sys._getframe(1).f_code
+            if func in HOST_READS and any(f"{os.sep}{p}{os.sep}" in caller.co_filename for p in ("bestrq2", "kernels")):
+                self.seen.append(f"{func.__name__} in {caller.co_filename}:{caller.co_name}")
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("BESTRQ2_CHECK", "0")  # what CUDA tensors get by default (kernels._dispatch.checking)
+    model = BestRQ2(tiny(kernels={op: "triton" for op in OPS if op != "attention"} | {"attention": attention}))
+    (wave, lengths), = _batches(1)
+    batch = model.prepare(wave, lengths)
+    with Watch() as w, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_batch(batch)
+        out.loss.backward()
+    assert w.seen == [], "\n".join(sorted(set(w.seen)))
+    assert torch.isfinite(out.loss).all() and all(p.grad is not None for p in model.encoder.parameters())
