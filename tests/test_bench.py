@@ -124,3 +124,13 @@ def test_rows_survive_a_failing_or_killed_piece(tmp_path, monkeypatch, how):
         signal.signal(signal.SIGTERM, old)
     rows = list(csv.DictReader(open(out)))
     assert {r["op"] for r in rows} == {"bound", "probe_op"}
+
+
+def test_ort_gemm_compare_runs():
+    """bench.ort_gemm (onnxruntime's GEMM against F.linear, the #19 batch-8 gap) at a toy size."""
+    pytest.importorskip("onnxruntime")
+    res = subprocess.run([sys.executable, "-m", "bench.ort_gemm", "--rows", "16", "--rounds", "1", "--reps", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln for ln in res.stdout.splitlines() if "ratio" in ln]
+    assert len(lines) == 4 and all(float(ln.split()[-1]) > 0 for ln in lines)
