@@ -123,8 +123,8 @@ def copy_to_device(tensors: list[torch.Tensor | None], device: torch.device | st
         side = _COPY_STREAMS[device.index] = torch.cuda.Stream(device)
     copied = [t is not None and t.device != device for t in tensors]
     with torch.cuda.stream(side):
-        out = [(t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True) if c else t
-               for t, c in zip(tensors, copied)]
+        out = [(t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t).to(device, non_blocking=True)
+               if c else t for t, c in zip(tensors, copied)]
     compute.wait_stream(side)
     for t, c in zip(out, copied):
         if c:

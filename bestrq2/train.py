@@ -453,8 +453,8 @@ def setup_run(tc: TrainConfig, model_cfg: BestRQ2Config | None, resume: bool) ->
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(StepBatches(source, tc.batch_size, rank * local, (rank + 1) * local),
                                 range(start, tc.steps)),
-        # about 4 batches in flight (each 82 MB at 256 x 10 s int16, in shared memory): enough to ride out
-        # a slow read, without filling a container's small /dev/shm
+        # 4 batches ahead with one worker, 2 per worker with more (each 82 MB at 256 x 10 s int16, in shared
+        # memory: 1.3 GB with 8 workers), so that many workers do not fill a container's /dev/shm
         batch_size=None, num_workers=workers, prefetch_factor=max(2, 4 // workers) if workers else None,
         pin_memory=device.type == "cuda",  # so the wave's copy to the device does not block
         generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
