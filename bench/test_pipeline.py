@@ -61,26 +61,13 @@ def test_prepared_shards_crop(benchmark, prepared):
     assert w.shape == (160_000,)
 
 
-class _FloatOnly(torch.utils.data.Dataset):
-    """The shards seen without ``read_pcm16``: the float32 batch the training loader built before."""
-
-    def __init__(self, ds):
-        self.ds, self.seconds = ds, ds.seconds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
-
-
 @pytest.mark.parametrize("kind", ["int16", "float32"])
 def test_step_batch_shards_b64(benchmark, prepared, kind):
     """One training batch of 64 x 10 s from the shards, as a loader worker builds it: int16 PCM (now) or
     float32 (before; the host also checked every float sample, see test_check_wave_b64)."""
     from bestrq2.train import StepBatches
 
-    batches = StepBatches(prepared if kind == "int16" else _FloatOnly(prepared), 64, 0, 64)
+    batches = StepBatches(prepared, 64, 0, 64, pcm16=kind == "int16")
     i = iter(range(10**9))
     wave, _ = benchmark(lambda: batches[next(i)])
     assert wave.shape == (64, 160_000) and wave.dtype == getattr(torch, kind)

@@ -146,15 +146,16 @@ class StepBatches(torch.utils.data.Dataset):
     exactly). At 256 x 10 s a worker built a batch 4x as fast as stacking float32 clips (2-core Xeon).
     Other sources (the procedural corpus, audio folders) give float32 rows, written into the batch the same way."""
 
-    def __init__(self, source, batch_size: int, lo: int, hi: int) -> None:
+    def __init__(self, source, batch_size: int, lo: int, hi: int, pcm16: bool = True) -> None:
         self.source, self.batch_size, self.lo, self.hi = source, batch_size, lo, hi
+        self.pcm16 = pcm16 and hasattr(source, "read_pcm16")  # False: float32 from any source (as before)
 
     def __len__(self) -> int:
         return 1 << 30
 
     def __getitem__(self, step: int):
         idx = [(step * self.batch_size + j) % len(self.source) for j in range(self.lo, self.hi)]
-        if hasattr(self.source, "read_pcm16"):
+        if self.pcm16:
             wave = _batch_tensor((len(idx), int(self.source.seconds * SAMPLE_RATE)), torch.int16)
             rows = wave.numpy()
             lengths = [self.source.read_pcm16(i, rows[r]) for r, i in enumerate(idx)]

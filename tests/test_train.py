@@ -100,19 +100,6 @@ def test_write_shards_from_memory(tmp_path):
         write_shards([], tmp_path / "empty")
 
 
-class _FloatOnly(torch.utils.data.Dataset):
-    """A source without ``read_pcm16``: the float32 batches the loader built before the int16 path."""
-
-    def __init__(self, ds):
-        self.ds, self.seconds = ds, ds.seconds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
-
-
 def test_shard_batches_travel_as_int16_and_train_bit_for_bit(tmp_path):
     """From prepared shards a step's batch is int16 PCM (half the bytes to pin and copy), scaled on the device
     to exactly the float32 samples of the float path: the same batch, the same loss to the bit, with and
@@ -125,7 +112,7 @@ def test_shard_batches_travel_as_int16_and_train_bit_for_bit(tmp_path):
     root = write_shards(((f"c{i}", c) for i, c in enumerate(clips)), tmp_path / "s")
     ds = ShardedCorpus(root, seconds=1.0, seed=5)
     pcm, lens16 = StepBatches(ds, 4, 0, 4)[3]
-    ref, lens32 = StepBatches(_FloatOnly(ds), 4, 0, 4)[3]
+    ref, lens32 = StepBatches(ds, 4, 0, 4, pcm16=False)[3]
     assert pcm.dtype == torch.int16 and ref.dtype == torch.float32 and torch.equal(lens16, lens32)
     assert lens16.tolist()[2] == 9_375  # the clip under one patch counts as one patch
     torch.manual_seed(0)
