@@ -149,18 +149,18 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
                 raise
             print(f"  e_pretrain_loop FAILED: {type(err).__name__}: {err}")
             e = None
-    if with_loop and e is not None:
-        res["e_pretrain_loop"] = e
-        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s", e["clips_per_s"])
-        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s_min", e["spread"][0])
-        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s_max", e["spread"][1])
-        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "step_ms", 1e3 * batch / e["clips_per_s"])
-        if best in res:
-            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, f"ratio_vs_{best}",
-                    e["clips_per_s"] / res[best]["clips_per_s"])
-        rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "loader_workers", e["workers"])
-        print(f"  e_pretrain_loop  {e['clips_per_s']:9.1f} clips/s (median; {e['spread'][0]:.1f}-{e['spread'][1]:.1f})"
-              f"  compile={best == 'd_fast_compile'}  loader workers {e['workers']}  loss={e['loss']:.3f}")
+        if e is not None:
+            res["e_pretrain_loop"] = e
+            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s", e["clips_per_s"])
+            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s_min", e["spread"][0])
+            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "clips_per_s_max", e["spread"][1])
+            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "step_ms", 1e3 * batch / e["clips_per_s"])
+            if best in res:
+                rec.add("pretrain_step", "e_pretrain_loop", "full", shape, f"ratio_vs_{best}",
+                        e["clips_per_s"] / res[best]["clips_per_s"])
+            rec.add("pretrain_step", "e_pretrain_loop", "full", shape, "loader_workers", e["workers"])
+            print(f"  e_pretrain_loop  {e['clips_per_s']:9.1f} clips/s (median; {e['spread'][0]:.1f}-{e['spread'][1]:.1f})"
+                  f"  compile={best == 'd_fast_compile'}  loader workers {e['workers']}  loss={e['loss']:.3f}")
     if "a_eager_fp32" in res:
         for name, r in res.items():
             rec.add("pretrain_step", name, "full", shape, "speedup_vs_a", r["clips_per_s"] / res["a_eager_fp32"]["clips_per_s"])

@@ -94,16 +94,15 @@ def run_pretrain_loop(preset: str, batch: int, steps: int, warmup: int, compile:
     clips/s is the median of its own per-step figures after ``warmup`` steps."""
     import csv
 
-    from bestrq2.train import TrainConfig, loader_workers, pretrain
+    from bestrq2.train import TrainConfig, pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
         data = _prepared_corpus(Path(tmp), clips)
         tc = TrainConfig(preset=preset, steps=warmup + steps, batch_size=batch, data=str(data),
                          out=str(Path(tmp) / "run"), ckpt_every=10 ** 9, compile=compile,  # default loader workers
                          progress=False, device=device)
-        pretrain(tc)
+        res = pretrain(tc)
         rows = list(csv.DictReader(open(Path(tmp) / "run" / "metrics.csv")))
     rates = [float(r["clips_per_s"]) for r in rows[warmup:]]
-    on = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     return dict(clips_per_s=statistics.median(rates), spread=(min(rates), max(rates)),
-                loss=float(rows[-1]["loss"]), workers=loader_workers(tc, on, 1))
+                loss=float(rows[-1]["loss"]), workers=res["loader_workers"])

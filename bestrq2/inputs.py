@@ -89,15 +89,6 @@ def pcm16_to_float(wave: torch.Tensor) -> torch.Tensor:
     return wave.float().mul_(PCM16_SCALE) if wave.dtype == torch.int16 else wave
 
 
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Copy a host tensor to ``device``; without blocking when it is in pinned memory (the training
-    loader pins its batches), since a copy from pageable memory waits for the device's queue."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    return t.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda" and t.is_pinned())
-
-
 _COPY_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
 
@@ -111,10 +102,10 @@ def copy_to_device(tensors: list[torch.Tensor | None], device: torch.device | st
     copies before anything queued after this call, and each copy is marked as used there
     (``record_stream``), so the allocator does not hand its memory out while the compute stream may still
     read it. Sources are pinned first where they are not (the loader's batches already are). Nothing
-    here waits on the host. Elsewhere: plain ``to_device``."""
+    here waits on the host. Elsewhere: plain ``Tensor.to`` (the tensor itself where it already lies)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return [None if t is None else to_device(t, device) for t in tensors]
+        return [None if t is None else t.to(device) for t in tensors]
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     compute = torch.cuda.current_stream(device)

@@ -6,7 +6,6 @@ encoder with masked patch embeddings replaced by a mask token, head on the encod
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -146,10 +145,8 @@ class BestRQ2(nn.Module):
         pad = target_padding(lengths, t)
         if pad is not None and cfg.loss_on_padding:
             pad = None
-        plan = MaskPlan.from_mask(mask)
-        fields = [getattr(plan, f.name) for f in dataclasses.fields(plan)]
-        *fields, wave, pad = copy_to_device([*fields, wave, pad], device)  # beside the compute stream on CUDA
-        plan = MaskPlan(*fields)
+        plan = MaskPlan.from_mask(mask).to(device)  # copied beside the compute stream on CUDA, as the wave
+        wave, pad = copy_to_device([wave, pad], device)
         for t in (plan.mask_idx, plan.keep_idx, plan.mask_valid, plan.keep_pad, plan.rest):
             if t is not None:  # the masked count varies per step (26 sizes at the paper's U[0.4, 0.6] of
                 torch._dynamo.maybe_mark_dynamic(t, 1)  # 128): compile one graph for all, not one each

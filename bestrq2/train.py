@@ -553,5 +553,5 @@ def pretrain(tc: TrainConfig, model_cfg: BestRQ2Config | None = None, resume: bo
             if run.world > 1 and dist.is_initialized():
                 dist.barrier()
     result = {"losses": log.losses, "out": str(run.out), "model_config": cfg, "bad_steps": log.bad_total,
-              "skipped_files": dict(getattr(run.source, "skipped", {}))}
+              "skipped_files": dict(getattr(run.source, "skipped", {})), "loader_workers": run.loader.num_workers}
     return result if stopped is None else {**result, "stopped": stopped}

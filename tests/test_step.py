@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from bestrq2 import BestRQ2, BestRQ2Config
 from bestrq2.train import TrainConfig, make_optimizer, train_step
@@ -234,24 +235,38 @@ def test_step_inputs_are_copied_beside_the_compute_stream():
     torch.testing.assert_close(y.cpu(), pcm.float() * 2 + idx.sum().float(), rtol=0, atol=0)
 
 
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu}
+
+
+class ProjectCallWatch(TorchFunctionMode):
+    """Records the torch calls made from the project's own code (bestrq2/, kernels/; not torch's, such as
+    torch.optim's CPU step counters) that ``flag(func, kwargs, path)`` names (it returns a label or None)."""
+
+    def __init__(self, flag):
+        super().__init__()
+        self.flag, self.seen = flag, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        code = sys._getframe(1).f_code
+        if any(f"{os.sep}{pkg}{os.sep}" in code.co_filename for pkg in ("bestrq2", "kernels")):
+            what = self.flag(func, kwargs, code.co_filename)
+            if what:
+                self.seen.append(f"{what} in {code.co_filename}:{code.co_name}")
+        return func(*args, **kwargs)
+
+
 def test_step_makes_no_tensor_from_host_values_on_the_device():
     """``torch.tensor(x, device=d)`` (or ``as_tensor``) copies from pageable memory and, on CUDA, waits for the
     whole queue: a host sync a step that only a GPU shows (the stop flag was made so). Every call of a
     training step is watched on this CPU: none may build a tensor from host values with a device."""
-    from torch.overrides import TorchFunctionMode
-
-    class Watch(TorchFunctionMode):
-        seen: list = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            caller = sys._getframe(1).f_code.co_filename  # this project's code (not torch.optim's CPU counters)
-            if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None and \
-                    any(f"{os.sep}{pkg}{os.sep}" in caller for pkg in ("bestrq2", "kernels")):
-                self.seen.append(f"{func.__name__}(..., device={kwargs['device']}) in {caller}")
-            if func in HOST_READS and caller.endswith(f"{os.sep}bestrq2{os.sep}train.py"):  # the step's own code
-                self.seen.append(f"{func.__name__} in {caller}")
-            return func(*args, **kwargs)
+    def flag(func, kwargs, path):
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            return f"{func.__name__}(..., device={kwargs['device']})"
+        if func in HOST_READS and path.endswith(f"{os.sep}bestrq2{os.sep}train.py"):  # the step's own code
+            return func.__name__
+        return None
 
     dev = torch.device("cpu")
     model = BestRQ2(tiny())
@@ -259,13 +274,9 @@ def test_step_makes_no_tensor_from_host_values_on_the_device():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     (wave, lengths), = _batches(1)
     mask = model.prepare(wave).plan.mask
-    with Watch() as w:
+    with ProjectCallWatch(flag) as w:
         stats = train_step(model, model, model, opt, TrainConfig(batch_size=2), wave, lengths, mask, dev, 1, True)
     assert w.seen == [] and float(stats[2]) == 1.0  # the stop flag still arrives
-
-
-HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__float__,
-              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "triton"])
@@ -274,26 +285,14 @@ def test_device_side_of_the_gpu_step_reads_no_value_back(attention, monkeypatch)
     backward, fused optimizer arguments) under a watch for value reads in the project's code: item, tolist,
     bool / float / int of a tensor, numpy, cpu. On CUDA each is a host sync; on this CPU only this watch
     sees them. (``prepare``, the host side, reads its host tensors by design and is outside the watch.)"""
-    from torch.overrides import TorchFunctionMode
-
     from bestrq2.config import OPS
-
-    class Watch(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            caller = sys._getframe(1).f_code
-            if func in HOST_READS and any(f"{os.sep}{p}{os.sep}" in caller.co_filename for p in ("bestrq2", "kernels")):
-                self.seen.append(f"{func.__name__} in {caller.co_filename}:{caller.co_name}")
-            return func(*args, **(kwargs or {}))
 
     monkeypatch.setenv("BESTRQ2_CHECK", "0")  # what CUDA tensors get by default (kernels._dispatch.checking)
     model = BestRQ2(tiny(kernels={op: "triton" for op in OPS if op != "attention"} | {"attention": attention}))
     (wave, lengths), = _batches(1)
     batch = model.prepare(wave, lengths)
-    with Watch() as w, torch.autocast("cpu", dtype=torch.bfloat16):
+    reads = ProjectCallWatch(lambda func, kwargs, path: func.__name__ if func in HOST_READS else None)
+    with reads as w, torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.forward_batch(batch)
         out.loss.backward()
     assert w.seen == [], "\n".join(sorted(set(w.seen)))
