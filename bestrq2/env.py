@@ -16,6 +16,8 @@ VARIABLES: dict[str, str] = {
                        "implementations (auto: Triton on CUDA tensors, the PyTorch reference elsewhere)",
     "BESTRQ2_ATTENTION": "auto | flash_attn | fa4 | sdpa | math | triton: overrides the config's attention backend",
     "BESTRQ2_CHECK": "auto | 1 | 0: data-dependent index checks (auto: on CPU tensors only, as they sync a GPU)",
+    "BESTRQ2_EAGER_OPS": "1 | 0: eager calls of the Triton ops skip the torch.library dispatcher (0: every call "
+                         "through it, to compare)",
     "BESTRQ2_ATTN_CFG": "bm,bn,warps,stages: the Triton attention's tile and launch config (tuning sweeps)",
     "BESTRQ2_BATCH_CHUNKS": "n: batch slices of the gather/scatter backward's batch sum (tuning, tests)",
     "BESTRQ2_RPQ_SPLIT": "n: codebook splits of the RPQ kernel (tuning, tests)",

@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._op import triton_op
 from .layer_norm import _blocks, _normalize_rows, _normalize_rows_bwd, _rows_offsets, compute_dtype, layer_norm_ref
 from .residual_drop_path import residual_drop_path_ref
 

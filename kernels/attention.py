@@ -29,10 +29,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ..env import read
 from ._dispatch import interpreting
+from ._op import triton_op
 from ._rounding import round_to_bf16_rtne
 
 MAX_SEQLEN = 256

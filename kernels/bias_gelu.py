@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._op import triton_op
 
 def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: F.gelu(x + bias) in float32, in x's dtype."""

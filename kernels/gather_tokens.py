@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._dispatch import batch_sum_grid, check_tensor, checking, inverse_index, need, same_device, token_blocks, use_triton
+from ._op import triton_op
 
 
 def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:

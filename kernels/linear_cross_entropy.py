@@ -30,6 +30,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._rounding import round_to_bf16_rtne
 from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._op import custom_op
 
 IGNORE = -100
 
@@ -157,7 +158,7 @@ def _ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Ten
     return loss, hit
 
 
-@torch.library.custom_op("bestrq2::linear_cross_entropy_fused", mutates_args=())
+@custom_op("bestrq2::linear_cross_entropy_fused", mutates_args=())
 def _lce_fused(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                ignore_index: int, chunk: int, row_step: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

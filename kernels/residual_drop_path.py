@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._op import triton_op
 
 
 def residual_drop_path_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:

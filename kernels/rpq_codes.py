@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ..config import PATCH
 from ..env import read
 from ..frontend import patchify, truncate_to_patches
 from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
+from ._op import triton_op
 
 
 # --------------------------------------------------------------------------------------- reference

@@ -55,7 +55,8 @@ def test_cli_main_job(tmp_path, capsys):
     assert "frames x 192 dims" in text
 
 
-def test_cli_errors_name_the_problem(tmp_path, capsys):
+def test_cli_errors_name_the_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # pretrain's default --out (runs/demo) must not find a run left in the checkout
     assert main(["embed", str(tmp_path / "missing.wav"), "--model", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
     bad = tmp_path / "bad.wav"

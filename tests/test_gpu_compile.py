@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -130,3 +132,24 @@ def test_compiled_triton_step_copies_no_input_before_a_kernel():
     assert "no input is copied before a kernel" in out, out[-4000:]
     launches = int(re.search(r"(\d+) kernel launches recorded", out).group(1))
     assert launches > 40, out[-2000:]
+
+
+@pytest.mark.parametrize("eager", ["1", "0"])
+def test_host_overhead_probe_counts_the_dispatcher_calls(eager):
+    """``python -m bench.host_overhead`` (interpreter off, launches recorded): a step's wall time, ATen ops and
+    Triton launches, and how many Triton op calls went through the torch.library dispatcher: none with the short
+    eager path, every one with BESTRQ2_EAGER_OPS=0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"BESTRQ2_EAGER_OPS": eager}
+    proc = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--depth", "2", "--predictor-depth", "1",
+                           "--steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    m = re.search(r"Triton op calls: (\d+), of which through the torch.library dispatcher: (\d+)", out)
+    assert m, out
+    calls, dispatched = int(m[1]), int(m[2])
+    assert calls >= 20, out
+    if eager == "1":
+        assert dispatched == 0, out
+    else:
+        assert dispatched == calls, out
+    assert re.search(r"host work: [\d.]+ ms for \d+ ATen ops and \d+ Triton launches", out), out

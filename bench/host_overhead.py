@@ -1,0 +1,215 @@
+"""python -m bench.host_overhead [--depth 12 --predictor-depth 4] [--width 64] [--steps 20]: the host's share of one
+pretraining step of the fast path (variant (c) of ``bench.e2e``), timed on a machine without a GPU.
+
+Why: at the #15 target (6,000 clips/s at 256 clips) a ViT-B step has ~42 ms on the card. Without compile or CUDA
+graphs the host must queue every op of the step in less than that, or the card waits (the e2e profile's
+"idle"). What that queueing costs does not depend on the tensors' sizes, so it can be timed here: the paper's
+depths (12 + 4 blocks) at a narrow width and two short clips, so that the CPU's own arithmetic is small, with
+every Triton launch recorded, not run (``bench.gpu_compile.record_launches``: the launchers do all their host
+work up to the launch itself). Each step is ``model.prepare`` + forward under bf16 autocast + backward + fused
+AdamW + ``zero_grad``, as (c) runs it, with the data checks off as on CUDA.
+
+Printed: ms of host time per step (median and spread over ``--steps``), the ATen ops dispatched and the Triton
+launches per step, the arithmetic the CPU still did (GEMM / FFT time from the profiler, subtracted), and what
+the launches would add at a stated per-launch cost (the Triton launcher's own C path, not timed here). It is an
+estimate: a CUDA op's dispatch also pays the driver's launch (a few µs), which no CPU op does, and the card's
+host is another CPU. The e2e profile on the card is the measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def _step_fn(depth: int, predictor_depth: int, width: int, heads: int, clips: int, codes: int):
+    import torch
+
+    from bestrq2 import BestRQ2, BestRQ2Config
+    from bestrq2.config import OPS
+    from bestrq2.train import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = BestRQ2Config.preset("base", encoder_depth=depth, predictor_depth=predictor_depth, encoder_dim=width,
+                               predictor_dim=width, encoder_heads=heads, predictor_heads=heads, codebook_size=codes,
+                               kernels={op: "triton" for op in OPS})
+    model = BestRQ2(cfg)
+    tc = TrainConfig(lr=1e-4, weight_decay=0.05)
+    # fused, as make_optimizer gives CUDA: one multi-tensor kernel per step
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    wave = torch.randn(clips, 160_000) * 0.1
+    mask = torch.zeros(128, dtype=torch.bool)
+    mask[torch.randperm(128)[:64]] = True
+
+    def step():
+        batch = model.prepare(wave, mask=mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.forward_batch(batch)
+        out.loss.float().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+HEAVY = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_fft_r2c", "aten::_fused_adamw_", "aten::_scaled_dot_product")
+
+
+def measure(depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: int = 4, clips: int = 1,
+            codes: int = 256, steps: int = 20) -> dict:
+    """The fast path's step with its launches recorded: {"wall_ms": [per step], "aten_ops", "launches",
+    "heavy_ms", "heavy_ops"}; heavy = the CPU's own arithmetic (GEMMs, FFT, AdamW: ``HEAVY``), its self time
+    from one profiled step."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.gpu_compile import record_launches
+
+    launches = record_launches()
+    # the recorded kernels leave their outputs unwritten: garbage that is often denormal, which x86 arithmetic
+    # runs up to 100x slower (the CPU's GEMMs took 191 ms a step on it instead of 31 at width 64)
+    torch.set_flush_denormal(True)
+    step = _step_fn(depth, predictor_depth, width, heads, clips, codes)
+    for _ in range(3):  # warm-up: caches, the optimizer's state
+        step()
+    wall = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        wall.append(1e3 * (time.perf_counter() - t0))
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    before = len(launches)
+    with Count():
+        step()
+    per_step_launches = len(launches) - before
+    calls, dispatched = _op_calls(step)
+    with torch.profiler.profile() as prof:
+        step()
+    heavy = [e for e in prof.key_averages() if e.key.startswith(HEAVY)]
+    return {"wall_ms": wall, "aten_ops": Count.n, "launches": per_step_launches, "op_calls": calls,
+            "op_dispatched": dispatched,
+            "heavy_ms": sum(e.self_cpu_time_total for e in heavy) / 1e3, "heavy_ops": sum(e.count for e in heavy)}
+
+
+def compare_eager(pairs: int = 20, depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: int = 4,
+                  clips: int = 1, codes: int = 256) -> dict:
+    """Steps with the ops' short eager path and through the dispatcher (``BESTRQ2_EAGER_OPS`` 1 / 0), alternated
+    (ABBA) in one process: {"1": [ms], "0": [ms], "ratio": [per pair, 1 / 0]}."""
+    import torch
+
+    from bench.gpu_compile import record_launches
+    from bestrq2.env import overridden
+
+    record_launches()
+    torch.set_flush_denormal(True)
+    step = _step_fn(depth, predictor_depth, width, heads, clips, codes)
+    for _ in range(3):
+        step()
+    runs: dict = {"1": [], "0": []}
+    for i in range(pairs):
+        for v in ("1", "0") if i % 2 == 0 else ("0", "1"):
+            with overridden("BESTRQ2_EAGER_OPS", v):
+                t0 = time.perf_counter()
+                step()
+                runs[v].append(1e3 * (time.perf_counter() - t0))
+    runs["ratio"] = [a / b for a, b in zip(runs["1"], runs["0"])]
+    return runs
+
+
+def _op_calls(step) -> tuple[int, int]:
+    """(calls of the Triton ops, calls of them that went through the torch.library dispatcher) in one step:
+    each ``kernels._op.FastOp``'s registered op wrapped with a counter (no dispatch mode, which would itself
+    send every call through the dispatcher)."""
+    import sys
+
+    from bestrq2.kernels._op import FastOp
+
+    ops = {id(v): v for m in list(sys.modules.values()) if m and getattr(m, "__name__", "").startswith("bestrq2.kernels")
+           for v in vars(m).values() if isinstance(v, FastOp)}.values()
+    counts = [0, 0]
+
+    def counted(real, slot):
+        def call(*args, **kwargs):
+            counts[slot] += 1
+            return real(*args, **kwargs)
+        return call
+
+    saved = {op: op.op for op in ops}
+    call = FastOp.__call__
+    try:
+        for op in ops:
+            op.op = counted(op.op, 1)
+        FastOp.__call__ = counted(call, 0)
+        step()
+    finally:
+        FastOp.__call__ = call
+        for op, real in saved.items():
+            op.op = real
+    return counts[0], counts[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--predictor-depth", type=int, default=4)
+    ap.add_argument("--width", type=int, default=16, help="narrow, so that the CPU's arithmetic is small")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--clips", type=int, default=1)
+    ap.add_argument("--codes", type=int, default=256, help="codebook size (the head's GEMM; 8,192 in the paper)")
+    ap.add_argument("--dispatch-us", type=float, default=10.0,
+                    help="host cost put back for each GEMM / FFT / AdamW op (a cuBLAS launch, not the CPU's math)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--launch-us", type=float, nargs="+", default=[5.0, 15.0, 30.0],
+                    help="per-launch costs to add for the Triton launches (not timed here)")
+    ap.add_argument("--budget-ms", type=float, default=256 / 6000 * 1e3,
+                    help="the card's step time to compare with (#15's (c) target: 256 clips at 6,000 clips/s)")
+    ap.add_argument("--compare", type=int, metavar="PAIRS", default=0,
+                    help="instead: PAIRS steps each with the ops' short eager path and through the torch.library "
+                         "dispatcher (BESTRQ2_EAGER_OPS=1 / 0), alternated in one process")
+    args = ap.parse_args(argv)
+    from bestrq2.env import read
+
+    if read("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the Triton launches are recorded, not interpreted")
+        return 2
+    if args.compare:
+        c = compare_eager(args.compare, args.depth, args.predictor_depth, args.width, args.heads, args.clips,
+                          args.codes)
+        for v, what in (("1", "short eager path"), ("0", "through the dispatcher")):
+            print(f"  {what:24s} median {statistics.median(c[v]):6.1f} ms, min {min(c[v]):6.1f} ms per step")
+        print(f"  paired ratio (short / dispatcher): median {statistics.median(c['ratio']):.3f} over {args.compare} pairs")
+        return 0
+    r = measure(args.depth, args.predictor_depth, args.width, args.heads, args.clips, args.codes, args.steps)
+    w = sorted(r["wall_ms"])
+    med = statistics.median(w)
+    host = med - r["heavy_ms"] + r["heavy_ops"] * args.dispatch_us / 1e3
+    import platform
+
+    import torch
+
+    print(f"fast-path step (prepare, forward under bf16 autocast, backward, fused AdamW), {args.depth} + "
+          f"{args.predictor_depth} blocks at width {args.width}, {args.clips} clip(s), {args.codes} codes; torch "
+          f"{torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"  wall per step: median {med:.1f} ms (min {w[0]:.1f}, max {w[-1]:.1f}) over {len(w)} steps")
+    print(f"  CPU arithmetic in it ({r['heavy_ops']} GEMM / FFT / AdamW ops, self time of one profiled step): "
+          f"{r['heavy_ms']:.1f} ms, taken out; {args.dispatch_us:g} us put back for each")
+    print(f"  host work: {host:.1f} ms for {r['aten_ops']} ATen ops and {r['launches']} Triton launches "
+          f"(recorded, not run)")
+    print(f"  Triton op calls: {r['op_calls']}, of which through the torch.library dispatcher: {r['op_dispatched']} "
+          f"(BESTRQ2_EAGER_OPS={read('BESTRQ2_EAGER_OPS') or '1'})")
+    for us in args.launch_us:
+        total = host + r["launches"] * us / 1e3
+        print(f"  + the launches at {us:g} us each: {total:.1f} ms = {100 * total / args.budget_ms:.0f}% of a "
+              f"{args.budget_ms:.1f} ms step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
