@@ -20,6 +20,7 @@ import time
 import torch
 
 from bestrq2 import BestRQ2, BestRQ2Config
+from bestrq2.env import overridden
 from bestrq2.flops import pretrain_step_flops
 
 from .common import Recorder
@@ -99,9 +100,16 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times: dict[str, list[float]] = {name: [] for name in built}
+    # (c) once more per round with every Triton op call through the torch.library dispatcher (the short eager
+    # path off, kernels._op): what that path saves a step on the card's host
+    dispatcher = "c_fast" in built
+    via_dispatcher: list[float] = []
     for _ in range(repeats):
         for name, var in built.items():
             times[name].append(var.time(steps))
+            if name == "c_fast" and dispatcher:
+                with overridden("BESTRQ2_EAGER_OPS", "0"):
+                    via_dispatcher.append(var.time(steps))
     res = {}
     peak_all = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     for name, var in built.items():
@@ -125,16 +133,26 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
         print(f"  {name:16s} {r['clips_per_s']:9.1f} clips/s (median of {repeats}; {r['spread'][0]:.1f}-"
               f"{r['spread'][1]:.1f})  MFU {100 * mfu:5.1f}% of measured matmul  attention={r['backend']}"
               f"  loss={r['loss']:.3f}")
+    if via_dispatcher:
+        med = statistics.median(via_dispatcher)
+        rec.add("pretrain_step", "c_fast_dispatcher", "full", shape, "clips_per_s", batch / med)
+        rec.add("pretrain_step", "c_fast", "full", shape, "ratio_vs_dispatcher", med / res["c_fast"]["step_s"])
+        print(f"  c_fast through the torch.library dispatcher: {batch / med:9.1f} clips/s "
+              f"(the short eager path: {med / res['c_fast']['step_s']:.3f}x)")
     if peak_all is not None:
         rec.add("pretrain_step", "all_variants", "full", shape, "peak_mem_bytes", peak_all)
     if device.type == "cuda":  # where the time goes, per variant (committed as rows: op "step_profile")
         from .e2e_extra import profile_variant
 
         for name, var in built.items():
-            shares = profile_variant(var)
-            for cat, share in shares.items():
-                rec.add("step_profile", name, "full", shape, f"share_{cat}", share)
-            print(f"  profile {name:16s} " + "  ".join(f"{c} {100 * v:4.1f}%" for c, v in shares.items()))
+            for label, eager in ((name, "1"), (f"{name}_dispatcher", "0")):
+                if eager == "0" and not (name == "c_fast" and dispatcher):
+                    continue
+                with overridden("BESTRQ2_EAGER_OPS", eager):
+                    shares = profile_variant(var)
+                for cat, share in shares.items():
+                    rec.add("step_profile", label, "full", shape, f"share_{cat}", share)
+                print(f"  profile {label:16s} " + "  ".join(f"{c} {100 * v:4.1f}%" for c, v in shares.items()))
     if with_loop:  # (e): the real training loop on prepared shards, as fast as the best of (c)/(d)?
         from .e2e_extra import run_pretrain_loop
 

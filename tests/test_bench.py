@@ -55,7 +55,8 @@ def test_gpu_suite_code_under_interpreter(tmp_path):
     assert ("rpq_codes", "fast") in providers and ("attention", "triton") in providers
     assert {(op, "fast") for op in ("layer_norm", "bias_gelu", "residual_drop_path")} <= providers  # the block ops
     assert {("logmel_power", "fast"), ("logmel_power", "reference")} <= providers
-    assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast", "e_pretrain_loop")} <= providers
+    assert {("pretrain_step", v) for v in ("a_eager_fp32", "b_bf16_sdpa", "c_fast", "c_fast_dispatcher",
+                                           "e_pretrain_loop")} <= providers
     speed = [r for r in rows if r["metric"] == "speedup_vs_reference"]
     assert speed and all(float(r["value"]) > 0 for r in speed)
 
