@@ -3,10 +3,10 @@
 
 Each op lives in its own file next to its plain-PyTorch reference ``<op>_ref``, in one style: Triton
 kernels -> launchers registered with ``torch.library`` (``bestrq2::*``, so torch.compile traces through
-them) -> ``register_autograd`` -> a checked functional wrapper. Each wrapper takes ``impl`` (auto |
-triton | reference; auto runs Triton on CUDA tensors); the model passes the one its config names
-(``BestRQ2Config.kernels``), a direct call without it reads ``BESTRQ2_KERNELS``. Shared checks and
-launch helpers are in ``_dispatch``.
+them; ``_op.FastOp`` runs plain eager calls without the dispatcher) -> ``register_autograd`` -> a checked
+functional wrapper. Each wrapper takes ``impl`` (auto | triton | reference; auto runs Triton on CUDA
+tensors); the model passes the one its config names (``BestRQ2Config.kernels``), a direct call without it
+reads ``BESTRQ2_KERNELS``. Shared checks and launch helpers are in ``_dispatch``.
 """
 from ._dispatch import backend
 from .add_layer_norm import add_layer_norm, add_layer_norm_ref
