@@ -41,29 +41,37 @@ def _step_fn(depth: int, predictor_depth: int, width: int, heads: int, clips: in
     mask = torch.zeros(128, dtype=torch.bool)
     mask[torch.randperm(128)[:64]] = True
 
-    def step():
+    def step(marks: list[float] | None = None):
+        """One step; ``marks`` gets the clock after prepare, forward, backward and the optimizer."""
+        mark = marks.append if marks is not None else (lambda _t: None)
         batch = model.prepare(wave, mask=mask)
+        mark(time.perf_counter())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model.forward_batch(batch)
+        mark(time.perf_counter())
         out.loss.float().backward()
+        mark(time.perf_counter())
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark(time.perf_counter())
 
     return step
 
 
+PHASES = ("prepare", "forward", "backward", "optimizer")
 HEAVY = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_fft_r2c", "aten::_fused_adamw_", "aten::_scaled_dot_product")
 
 
 def measure(depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: int = 4, clips: int = 1,
             codes: int = 256, steps: int = 20) -> dict:
-    """The fast path's step with its launches recorded: {"wall_ms": [per step], "aten_ops", "launches",
+    """The fast path's step with its launches recorded: {"wall_ms": [per step], "phase_ms" (medians), "aten_ops",
     "heavy_ms", "heavy_ops"}; heavy = the CPU's own arithmetic (GEMMs, FFT, AdamW: ``HEAVY``), its self time
     from one profiled step."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bench.gpu_compile import record_launches
+    from bestrq2.env import overridden
 
     launches = record_launches()
     # the recorded kernels leave their outputs unwritten: garbage that is often denormal, which x86 arithmetic
@@ -72,11 +80,12 @@ def measure(depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: i
     step = _step_fn(depth, predictor_depth, width, heads, clips, codes)
     for _ in range(3):  # warm-up: caches, the optimizer's state
         step()
-    wall = []
+    wall, phases = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        wall.append(1e3 * (time.perf_counter() - t0))
+        marks = [time.perf_counter()]
+        step(marks)
+        wall.append(1e3 * (marks[-1] - marks[0]))
+        phases.append([1e3 * (b - a) for a, b in zip(marks, marks[1:])])
 
     class Count(TorchDispatchMode):
         n = 0
@@ -90,11 +99,14 @@ def measure(depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: i
         step()
     per_step_launches = len(launches) - before
     calls, dispatched = _op_calls(step)
+    with overridden("BESTRQ2_EAGER_OPS", "0"):
+        _, dispatched_off = _op_calls(step)
     with torch.profiler.profile() as prof:
         step()
     heavy = [e for e in prof.key_averages() if e.key.startswith(HEAVY)]
-    return {"wall_ms": wall, "aten_ops": Count.n, "launches": per_step_launches, "op_calls": calls,
-            "op_dispatched": dispatched,
+    return {"wall_ms": wall, "phase_ms": {name: statistics.median(p[i] for p in phases) for i, name in
+                                          enumerate(PHASES)}, "aten_ops": Count.n, "launches": per_step_launches, "op_calls": calls,
+            "op_dispatched": dispatched, "op_dispatched_off": dispatched_off,
             "heavy_ms": sum(e.self_cpu_time_total for e in heavy) / 1e3, "heavy_ops": sum(e.count for e in heavy)}
 
 
@@ -198,12 +210,14 @@ def main(argv=None) -> int:
           f"{args.predictor_depth} blocks at width {args.width}, {args.clips} clip(s), {args.codes} codes; torch "
           f"{torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"  wall per step: median {med:.1f} ms (min {w[0]:.1f}, max {w[-1]:.1f}) over {len(w)} steps")
+    print("  by phase (medians, CPU arithmetic included): " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["phase_ms"].items()))
     print(f"  CPU arithmetic in it ({r['heavy_ops']} GEMM / FFT / AdamW ops, self time of one profiled step): "
           f"{r['heavy_ms']:.1f} ms, taken out; {args.dispatch_us:g} us put back for each")
     print(f"  host work: {host:.1f} ms for {r['aten_ops']} ATen ops and {r['launches']} Triton launches "
           f"(recorded, not run)")
     print(f"  Triton op calls: {r['op_calls']}, of which through the torch.library dispatcher: {r['op_dispatched']} "
-          f"(BESTRQ2_EAGER_OPS={read('BESTRQ2_EAGER_OPS') or '1'})")
+          f"(BESTRQ2_EAGER_OPS={read('BESTRQ2_EAGER_OPS') or '1'}); {r['op_dispatched_off']} with "
+          "BESTRQ2_EAGER_OPS=0")
     for us in args.launch_us:
         total = host + r["launches"] * us / 1e3
         print(f"  + the launches at {us:g} us each: {total:.1f} ms = {100 * total / args.budget_ms:.0f}% of a "
