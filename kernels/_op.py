@@ -30,7 +30,7 @@ from ..env import read
 
 try:  # what triton_op's own eager body uses: the raw kernel instead of the tracing wrapper (~1 ms a launch)
     from torch._library.triton import set_wrap_triton_enabled
-except ImportError:  # pragma: no cover (an older or newer torch without it: every call takes the op)
+except ImportError:  # pragma: no cover (a torch without it: every Triton op call takes the registered op)
     set_wrap_triton_enabled = None
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -48,7 +48,7 @@ class FastOp:
         self.op = op
         self.fn = fn
         self.mutates = mutates
-        self.triton = triton and set_wrap_triton_enabled is not None
+        self.triton = triton
         params = list(inspect.signature(fn).parameters.values())
         self.n_params = len(params)
         self.defaults = [p.default for p in params]
@@ -83,12 +83,14 @@ class FastOp:
         """Plain eager mode with plain tensors: the short path is the same function as the op."""
         if self.mutates or torch.compiler.is_compiling() or not _eager_ops_on():
             return False
+        if self.triton and set_wrap_triton_enabled is None:  # the body would launch through the tracing wrapper
+            return False
         if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
             return False
         return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
     def _body(self, *args: Any):
-        if self.triton:
+        if self.triton:  # as triton_op runs its body for plain tensors: the raw kernels, not the tracing wrapper
             with set_wrap_triton_enabled(False):
                 return self.fn(*args)
         return self.fn(*args)

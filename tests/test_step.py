@@ -197,6 +197,34 @@ def test_mask_sizes_do_not_recompile_on_cuda():
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 5 mask sizes"
 
 
+@pytest.mark.cuda
+def test_triton_ops_short_eager_path_on_cuda():
+    """The Triton ops' short eager path (kernels._op.FastOp: raw launches, no dispatcher) on the card: a step's loss
+    and gradients as through the torch.library dispatcher (BESTRQ2_EAGER_OPS=0), the same kernels either way."""
+    from bestrq2.env import overridden
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = BestRQ2(tiny()).to(dev)
+    wave = (torch.randn(2, 48_000) * 0.1).pin_memory()
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[torch.randperm(32)[:15]] = True
+    runs = []
+    for eager in ("1", "0"):
+        model.zero_grad(set_to_none=True)
+        with overridden("BESTRQ2_EAGER_OPS", eager):
+            torch.manual_seed(1)  # the drop-path draws
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model.forward_batch(model.prepare(wave, mask=mask))
+            out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss1, g1), (loss0, g0) = runs
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_copy_to_device_off_cuda_is_a_plain_copy():
     from bestrq2.inputs import copy_to_device
 
