@@ -72,7 +72,10 @@ class FastOp:
         if kwargs or not self._eager(args):
             return self.op(*args, **kwargs)
         if len(args) < self.n_params:  # the op fills its defaults before setup_context sees them: so here
-            args = args + tuple(self.defaults[len(args):])
+            fill = self.defaults[len(args):]
+            if any(d is inspect.Parameter.empty for d in fill):  # a required argument missing: the op's error
+                return self.op(*args)
+            args = args + tuple(fill)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             if self._function is None:  # no autograd formula: the op's own behaviour (it errs in backward)
                 return self.op(*args)

@@ -112,6 +112,8 @@ def test_ops_without_an_autograd_formula_keep_the_ops_behaviour():
     x = torch.randn(5, requires_grad=True)
     with torch.no_grad():
         assert torch.equal(twice(x), x * 2.0)  # the default filled in
+        with pytest.raises(RuntimeError, match="missing value for argument"):  # the op's own error, no body call
+            twice()
     with pytest.raises(RuntimeError, match="autograd"):
         twice(x).sum().backward()
 
