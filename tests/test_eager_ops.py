@@ -2,7 +2,7 @@
 outputs and gradients to the bit, the dispatcher skipped only where it may be, the op kept where it must be."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import aten_ops
 
 from bestrq2 import BestRQ2, BestRQ2Config
 from bestrq2.config import OPS
@@ -85,15 +85,7 @@ def test_dispatch_modes_and_subclasses_get_the_registered_op(monkeypatch):
     counting = _Counting(_add_layer_norm_fwd.op)
     monkeypatch.setattr(_add_layer_norm_fwd, "op", counting)
     x, br, w, b = _inputs(False)
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        add_layer_norm(x, br, None, w, b, impl="triton")
+    seen = aten_ops(lambda: add_layer_norm(x, br, None, w, b, impl="triton"))  # under a dispatch mode
     assert counting.calls == 1 and "bestrq2.add_layer_norm_fwd" in seen
 
     class Sub(torch.Tensor):
