@@ -102,12 +102,11 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
     times: dict[str, list[float]] = {name: [] for name in built}
     # (c) once more per round with every Triton op call through the torch.library dispatcher (the short eager
     # path off, kernels._op): what that path saves a step on the card's host
-    dispatcher = "c_fast" in built
     via_dispatcher: list[float] = []
     for _ in range(repeats):
         for name, var in built.items():
             times[name].append(var.time(steps))
-            if name == "c_fast" and dispatcher:
+            if name == "c_fast":
                 with overridden("BESTRQ2_EAGER_OPS", "0"):
                     via_dispatcher.append(var.time(steps))
     res = {}
@@ -145,14 +144,14 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
         from .e2e_extra import profile_variant
 
         for name, var in built.items():
-            for label, eager in ((name, "1"), (f"{name}_dispatcher", "0")):
-                if eager == "0" and not (name == "c_fast" and dispatcher):
-                    continue
-                with overridden("BESTRQ2_EAGER_OPS", eager):
-                    shares = profile_variant(var)
-                for cat, share in shares.items():
+            shares = {name: profile_variant(var)}  # as the environment says (gpu_session.sh may turn the path off)
+            if name == "c_fast":
+                with overridden("BESTRQ2_EAGER_OPS", "0"):
+                    shares[f"{name}_dispatcher"] = profile_variant(var)
+            for label, by_cat in shares.items():
+                for cat, share in by_cat.items():
                     rec.add("step_profile", label, "full", shape, f"share_{cat}", share)
-                print(f"  profile {label:16s} " + "  ".join(f"{c} {100 * v:4.1f}%" for c, v in shares.items()))
+                print(f"  profile {label:16s} " + "  ".join(f"{c} {100 * v:4.1f}%" for c, v in by_cat.items()))
     if with_loop:  # (e): the real training loop on prepared shards, as fast as the best of (c)/(d)?
         from .e2e_extra import run_pretrain_loop
 
