@@ -39,19 +39,22 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         return torch.empty(n, device=device).bernoulli_(keep).div_(keep)
 
-    def row_factors(self, x: torch.Tensor, sample_of: torch.Tensor | None = None) -> torch.Tensor | None:
+    def row_factors(self, x: torch.Tensor, sample_of: torch.Tensor | None = None,
+                    clips: int | None = None) -> torch.Tensor | None:
         """float32 [tokens of x]: each token's clip factor (x [B, L, D], or packed [T, D] with ``sample_of[t]``
-        = clip of token t: drop per clip, not per token); None when inactive."""
+        = clip of token t of ``clips``: drop per clip, not per token); None when inactive. Without ``clips`` the
+        count is read from ``sample_of`` (a device read: the blocks pass it, from the packed batch's shape)."""
         if not self.active:
             return None
         if sample_of is None:
             return self.factors(x.shape[0], x.device).repeat_interleave(x[0].numel() // x.shape[-1])
-        return self.factors(int(sample_of.max()) + 1, x.device)[sample_of]
+        n = clips if clips is not None else int(sample_of.max()) + 1
+        return self.factors(n, x.device)[sample_of]
 
     def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None,
-            impl: str = "auto") -> torch.Tensor:
+            impl: str = "auto", clips: int | None = None) -> torch.Tensor:
         """x + drop(branch)."""
-        rows = self.row_factors(x, sample_of)
+        rows = self.row_factors(x, sample_of, clips)
         if rows is None:
             return x + branch
         d = x.shape[-1]
@@ -133,16 +136,18 @@ class Block(nn.Module):
         fused with the LayerNorm after it (``kernels.add_layer_norm``): the same function. There the attention
         and MLP output projections run without their biases, which the fused adds take in float32 (their
         gradients come out of its backward: no separate pass over each projection's output gradient)."""
-        impl = self.impl
+        impl, dp = self.impl, self.drop_path
+        # packed: the clip count from cu_seqlens' shape (B + 1), not from sample_of's values (a device read per add)
+        clips = None if packed is None else packed[0].shape[0] - 1
         if normed is None:
             h = self.attn(self._norm(self.norm1, x), key_padding, backend, packed)
-            x = self.drop_path.add(x, h, sample_of, impl)
-            return self.drop_path.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl)
+            x = dp.add(x, h, sample_of, impl, clips)
+            return dp.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl, clips)
         # drop-path factors drawn per add, each after its branch, as the unfused form draws them
         h = self.attn(normed, key_padding, backend, packed, proj_bias=False)
-        x, y = self._add_norm(x, h, self.drop_path.row_factors(x, sample_of), self.norm2, None, self.attn.proj.bias)
+        x, y = self._add_norm(x, h, dp.row_factors(x, sample_of, clips), self.norm2, None, self.attn.proj.bias)
         m = self.mlp(y, impl, fc2_bias=False)
-        return self._add_norm(x, m, self.drop_path.row_factors(x, sample_of), next_norm, out_dtype, self.mlp.fc2.bias)
+        return self._add_norm(x, m, dp.row_factors(x, sample_of, clips), next_norm, out_dtype, self.mlp.fc2.bias)
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, norm.weight, norm.bias, norm.eps, impl=self.impl)
