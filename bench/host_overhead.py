@@ -1,10 +1,10 @@
-"""python -m bench.host_overhead [--depth 12 --predictor-depth 4] [--width 64] [--steps 20]: the host's share of one
+"""python -m bench.host_overhead [--depth 12 --predictor-depth 4] [--width 16] [--steps 20]: the host's share of one
 pretraining step of the fast path (variant (c) of ``bench.e2e``), timed on a machine without a GPU.
 
 Why: at the #15 target (6,000 clips/s at 256 clips) a ViT-B step has ~42 ms on the card. Without compile or CUDA
 graphs the host must queue every op of the step in less than that, or the card waits (the e2e profile's
 "idle"). What that queueing costs does not depend on the tensors' sizes, so it can be timed here: the paper's
-depths (12 + 4 blocks) at a narrow width and two short clips, so that the CPU's own arithmetic is small, with
+depths (12 + 4 blocks) at a narrow width, one clip and a small codebook, so that the CPU's own arithmetic is small, with
 every Triton launch recorded, not run (``bench.gpu_compile.record_launches``: the launchers do all their host
 work up to the launch itself). Each step is ``model.prepare`` + forward under bf16 autocast + backward + fused
 AdamW + ``zero_grad``, as (c) runs it, with the data checks off as on CUDA.
@@ -58,6 +58,22 @@ def _step_fn(depth: int, predictor_depth: int, width: int, heads: int, clips: in
     return step
 
 
+def _ready_step(depth: int, predictor_depth: int, width: int, heads: int, clips: int, codes: int):
+    """(the list the Triton launches are recorded into, a warmed-up step function)."""
+    import torch
+
+    from bench.gpu_compile import record_launches
+
+    launches = record_launches()
+    # the recorded kernels leave their outputs unwritten: garbage that is often denormal, which x86 arithmetic
+    # runs up to 100x slower (the CPU's GEMMs took 191 ms a step on it instead of 31 at width 64)
+    torch.set_flush_denormal(True)
+    step = _step_fn(depth, predictor_depth, width, heads, clips, codes)
+    for _ in range(3):  # warm-up: caches, the optimizer's state
+        step()
+    return launches, step
+
+
 PHASES = ("prepare", "forward", "backward", "optimizer")
 HEAVY = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_fft_r2c", "aten::_fused_adamw_", "aten::_scaled_dot_product")
 
@@ -70,16 +86,9 @@ def measure(depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: i
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from bench.gpu_compile import record_launches
     from bestrq2.env import overridden
 
-    launches = record_launches()
-    # the recorded kernels leave their outputs unwritten: garbage that is often denormal, which x86 arithmetic
-    # runs up to 100x slower (the CPU's GEMMs took 191 ms a step on it instead of 31 at width 64)
-    torch.set_flush_denormal(True)
-    step = _step_fn(depth, predictor_depth, width, heads, clips, codes)
-    for _ in range(3):  # warm-up: caches, the optimizer's state
-        step()
+    launches, step = _ready_step(depth, predictor_depth, width, heads, clips, codes)
     wall, phases = [], []
     for _ in range(steps):
         marks = [time.perf_counter()]
@@ -114,16 +123,9 @@ def compare_eager(pairs: int = 20, depth: int = 12, predictor_depth: int = 4, wi
                   clips: int = 1, codes: int = 256) -> dict:
     """Steps with the ops' short eager path and through the dispatcher (``BESTRQ2_EAGER_OPS`` 1 / 0), alternated
     (ABBA) in one process: {"1": [ms], "0": [ms], "ratio": [per pair, 1 / 0]}."""
-    import torch
-
-    from bench.gpu_compile import record_launches
     from bestrq2.env import overridden
 
-    record_launches()
-    torch.set_flush_denormal(True)
-    step = _step_fn(depth, predictor_depth, width, heads, clips, codes)
-    for _ in range(3):
-        step()
+    _, step = _ready_step(depth, predictor_depth, width, heads, clips, codes)
     runs: dict = {"1": [], "0": []}
     for i in range(pairs):
         for v in ("1", "0") if i % 2 == 0 else ("0", "1"):

@@ -49,9 +49,7 @@ class FastOp:
         self.fn = fn
         self.mutates = mutates
         self.triton = triton
-        params = list(inspect.signature(fn).parameters.values())
-        self.n_params = len(params)
-        self.defaults = [p.default for p in params]
+        self.defaults = [p.default for p in inspect.signature(fn).parameters.values()]  # one per parameter
         self.backward: Callable | None = None
         self.setup: Callable | None = None
         self._function: type[torch.autograd.Function] | None = None
@@ -71,7 +69,7 @@ class FastOp:
     def __call__(self, *args: Any, **kwargs: Any):
         if kwargs or not self._eager(args):
             return self.op(*args, **kwargs)
-        if len(args) < self.n_params:  # the op fills its defaults before setup_context sees them: so here
+        if len(args) < len(self.defaults):  # the op fills its defaults before setup_context sees them: so here
             fill = self.defaults[len(args):]
             if any(d is inspect.Parameter.empty for d in fill):  # a required argument missing: the op's error
                 return self.op(*args)
