@@ -111,9 +111,23 @@ class BestRQ2(nn.Module):
         return self.quantizer.codes(spec).reshape(wave.shape[0], -1, self.quantizer.num_codebooks)
 
     def _pos_table(self, num_tokens: int, width: int, dim: int) -> torch.Tensor:
-        """Sincos rows of the N grid slots, [N, dim] (the pretraining grid is the same for every clip)."""
-        idx = torch.arange(num_tokens, device=self.head.weight.device)
-        return positions_for(idx, width, dim, self.config.pos_layout)
+        """Sincos rows of the N grid slots, float32 [N, dim] (the pretraining grid is the same for every clip).
+        A constant: built once per grid, width, layout and device and kept (not in the state dict), where each
+        step rebuilt it in ~15 ops, each a launch on a GPU, twice a step. torch.compile traces it inline."""
+        device = self.head.weight.device
+        if torch.compiler.is_compiling():
+            return positions_for(torch.arange(num_tokens, device=device), width, dim, self.config.pos_layout)
+        key = (num_tokens, width, dim, self.config.pos_layout, device)
+        cache = self.__dict__.setdefault("_pos_tables", {})
+        table = cache.get(key)
+        if table is None:
+            if len(cache) >= 16:  # clip lengths seen by evaluation: keep the table set small
+                cache.clear()
+            # a normal tensor even when first asked for under inference_mode (training may follow)
+            with torch.inference_mode(False), torch.no_grad():
+                table = positions_for(torch.arange(num_tokens, device=device), width, dim, self.config.pos_layout)
+            cache[key] = table
+        return table
 
     # ---------------------------------------------------------------- forward
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,

@@ -58,32 +58,49 @@ def checking(t: torch.Tensor | None = None) -> bool:
     return t is None or not t.is_cuda
 
 
-def need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INTS = (torch.int32, torch.int64)
 
 
 def check_tensor(name: str, t, *, dims: tuple[int, ...], floating: bool | None = None,
                  integer: bool = False) -> None:
-    need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    need(t.dim() in dims, f"{name} must have {' or '.join(map(str, dims))} dims, got shape {list(t.shape)}")
-    if floating:
-        need(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-             f"{name} must be float32, float16, bfloat16 (or float64, reference path only), got {t.dtype}")
-    if integer:
-        need(t.dtype in (torch.int32, torch.int64), f"{name} must be int32 or int64, got {t.dtype}")
+    # the messages are formatted only on failure: each op checks its inputs at every call (~240 a training step)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {list(t.shape)}")
+    if floating and t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 (or float64, reference path only), "
+                         f"got {t.dtype}")
+    if integer and t.dtype not in _INTS:
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
 
 
 def same_device(**tensors: torch.Tensor) -> None:
-    devs = {n: t.device for n, t in tensors.items() if t is not None}
-    need(len(set(devs.values())) <= 1, f"tensors on different devices: {devs}")
+    devices = [t.device for t in tensors.values() if t is not None]
+    if any(d != devices[0] for d in devices[1:]):
+        named = {n: t.device for n, t in tensors.items() if t is not None}
+        raise ValueError(f"tensors on different devices: {named}")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), triton.cdiv's formula (SymInts too). Not triton.cdiv itself: since triton 3.5 it is a
+    ``constexpr_function``, ~5 us a host call, and the launchers size ~340 grids and blocks a training step."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, as triton.next_power_of_2 (whose host calls cost ~5 us, see ``cdiv``)."""
+    if type(n) is int and n >= 1:
+        return 1 << (n - 1).bit_length()
+    import triton  # SymInts, n < 1: triton's own
+
+    return triton.next_power_of_2(n)
 
 
 def block_for(n: int, cap: int) -> int:
     """Power-of-two block >= 16, covering n up to cap."""
-    import triton
-
-    return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+    return max(16, min(cap, next_power_of_2(max(1, n))))
 
 
 def gpu_splits(programs: int, most: int, device: torch.device, env: str) -> int:
@@ -112,12 +129,11 @@ def batch_sum_grid(n: int, d: int, b: int, device: torch.device):
     """Blocks and grid of a backward kernel that sums over the batch: (BLOCK_N, BLOCK_D, N x D tiles,
     clips per program, batch slices). Slicing the batch lets a small tile count still fill the GPU
     (``gpu_splits``; ``BESTRQ2_BATCH_CHUNKS=n`` forces n); the slices' partial sums are added after."""
-    import triton
 
     bn, bd = token_blocks(n, d)
-    tiles = (triton.cdiv(n, bn), triton.cdiv(d, bd))
-    b_per = triton.cdiv(b, gpu_splits(tiles[0] * tiles[1], b, device, "BESTRQ2_BATCH_CHUNKS"))
-    return bn, bd, tiles, b_per, triton.cdiv(b, b_per)
+    tiles = (cdiv(n, bn), cdiv(d, bd))
+    b_per = cdiv(b, gpu_splits(tiles[0] * tiles[1], b, device, "BESTRQ2_BATCH_CHUNKS"))
+    return bn, bd, tiles, b_per, cdiv(b, b_per)
 
 
 def inverse_index(idx: torch.Tensor, n: int) -> torch.Tensor:

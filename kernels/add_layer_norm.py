@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._dispatch import cdiv, check_tensor, interpreting, same_device, use_triton
 from ._op import triton_op
 from .layer_norm import _blocks, _normalize_rows, _normalize_rows_bwd, _rows_offsets, compute_dtype, layer_norm_ref
 from .residual_drop_path import residual_drop_path_ref
@@ -105,7 +105,7 @@ def _add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.
     mean = torch.empty(r, dtype=torch.float32, device=x.device)
     rstd = torch.empty(r, dtype=torch.float32, device=x.device)
     br, bd = _blocks(d)
-    wrap_triton(_add_layer_norm_fwd_kernel)[(triton.cdiv(r, br),)](
+    wrap_triton(_add_layer_norm_fwd_kernel)[(cdiv(r, br),)](
         x, branch, branch_bias if branch_bias is not None else weight, row_scale if row_scale is not None else x,
         weight, bias, s, y, mean, rstd, r, d, eps, HAS_BB=branch_bias is not None, HAS_SCALE=row_scale is not None,
         BLOCK_R=br, BLOCK_D=bd, **_warps())
@@ -127,7 +127,7 @@ def _add_layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tens
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r, d = s.shape
     br, bd = _blocks(d)
-    blocks = triton.cdiv(r, br)
+    blocks = cdiv(r, br)
     dx = torch.empty(s.shape, dtype=x_dtype, device=s.device)
     dbr = torch.empty(s.shape, dtype=branch_dtype, device=s.device)
     dw = torch.empty(blocks, d, dtype=torch.float32, device=s.device)
@@ -181,23 +181,28 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tenso
     check_tensor("weight", weight, dims=(1,), floating=True)
     check_tensor("bias", bias, dims=(1,), floating=True)
     d = x.shape[-1]
-    need(branch.shape == x.shape, f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
-    need(weight.shape == (d,) and bias.shape == (d,),
-         f"weight and bias must be [D] = [{d}], got {list(weight.shape)} and {list(bias.shape)}")
-    need(d >= 1 and x.numel() >= 1, f"x must be non-empty, got shape {list(x.shape)}")
-    need(eps > 0, f"eps must be positive, got {eps}")
+    if branch.shape != x.shape:
+        raise ValueError(f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
+    if not (weight.shape == (d,) and bias.shape == (d,)):
+        raise ValueError(f"weight and bias must be [D] = [{d}], got {list(weight.shape)} and {list(bias.shape)}")
+    if not (d >= 1 and x.numel() >= 1):
+        raise ValueError(f"x must be non-empty, got shape {list(x.shape)}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be positive, got {eps}")
     if row_scale is not None:
         check_tensor("row_scale", row_scale, dims=(1,), floating=True)
-        need(row_scale.shape == (x.numel() // d,),
-             f"row_scale must be [rows] = [{x.numel() // d}], got {list(row_scale.shape)}")
+        if row_scale.shape != (x.numel() // d,):
+            raise ValueError(f"row_scale must be [rows] = [{x.numel() // d}], got {list(row_scale.shape)}")
     if branch_bias is not None:
         check_tensor("branch_bias", branch_bias, dims=(1,), floating=True)
-        need(branch_bias.shape == (d,), f"branch_bias must be [D] = [{d}], got {list(branch_bias.shape)}")
+        if branch_bias.shape != (d,):
+            raise ValueError(f"branch_bias must be [D] = [{d}], got {list(branch_bias.shape)}")
     same_device(x=x, branch=branch, row_scale=row_scale, weight=weight, bias=bias, branch_bias=branch_bias)
     out_dtype = out_dtype or compute_dtype(x)
     if not use_triton(x, branch, weight, bias, impl=impl):
         return add_layer_norm_ref(x, branch, row_scale, weight, bias, eps, out_dtype, branch_bias)
-    need(d <= 16384, f"the Triton add + layer norm holds a row in registers: D <= 16384, got {d}")
+    if not (d <= 16384):
+        raise ValueError(f"the Triton add + layer norm holds a row in registers: D <= 16384, got {d}")
     s, y, _, _ = _add_layer_norm_fwd(x.reshape(-1, d).contiguous(), branch.reshape(-1, d).contiguous(),
                                      None if row_scale is None else row_scale.float().contiguous(),
                                      weight.contiguous(), bias.contiguous(), float(eps), out_dtype,

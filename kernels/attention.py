@@ -32,7 +32,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..env import read
-from ._dispatch import interpreting
+from ._dispatch import cdiv, interpreting, next_power_of_2
 from ._op import triton_op
 from ._rounding import round_to_bf16_rtne
 
@@ -286,16 +286,16 @@ def _cfg(max_seqlen: int, d: int) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, D_PAD, launch options). Up to 128 tokens a program holds the whole sequence;
     above, 64 x 64 tiles. ``BESTRQ2_ATTN_CFG=bm,bn,warps,stages`` overrides the choice
     (for tuning sweeps: bench/gpu_probe.py)."""
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = max(16, next_power_of_2(d))
     env = read("BESTRQ2_ATTN_CFG")
     if env:  # (also under the interpreter: the tests' way to run the tiled kernels with several row blocks)
         bm, bn, warps, stages = (int(x) for x in env.split(","))
         return bm, bn, d_pad, {"num_warps": warps, "num_stages": stages}
     if interpreting():  # one block per sequence: each interpreted loop step costs milliseconds
-        blk = max(16, triton.next_power_of_2(max_seqlen))
+        blk = max(16, next_power_of_2(max_seqlen))
         return blk, blk, d_pad, {}
     if max_seqlen <= ONE_TILE_MAX:
-        blk = max(16, triton.next_power_of_2(max_seqlen))
+        blk = max(16, next_power_of_2(max_seqlen))
         return blk, blk, d_pad, {"num_warps": 4 if blk <= 64 else 8, "num_stages": 1}
     return *TILED[:2], d_pad, dict(TILED[2])
 
@@ -318,7 +318,7 @@ def _launch_fwd(q, k, v, biases, cu_seqlens, max_seqlen):
     o = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
     bm, bn, d_pad, launch = _cfg(max_seqlen, d)
-    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
+    wrap_triton(_attn_fwd_kernel)[(cdiv(max_seqlen, bm), h, b)](
         q, k, v, *(biases or (q, q)), o, lse, cu_seqlens, *_st(q), *_st(k), *_st(v), *_st(o), t, d,
         d ** -0.5 * LOG2E, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, HAS_BIAS=biases is not None, DOT_FP32=_dot_fp32(q),
         **launch)
@@ -336,7 +336,7 @@ def _launch_bwd(do, q, k, v, biases, o, lse, cu_seqlens, max_seqlen):
     if fp32 and not interpreting() and max(bm, bn) > ONE_TILE_MAX_FP32:  # see ONE_TILE_MAX_FP32
         bm, bn, launch = TILED[0], TILED[1], dict(TILED[2])
     one_tile = max_seqlen <= ONE_TILE_MAX and bm >= max_seqlen and bn >= max_seqlen
-    nblk = 1 if one_tile else max(triton.cdiv(max_seqlen, bm), triton.cdiv(max_seqlen, bn))
+    nblk = 1 if one_tile else max(cdiv(max_seqlen, bm), cdiv(max_seqlen, bn))
     g = torch.empty(t, 3, h, d, dtype=q.dtype, device=q.device)
     # zeros: a row block past a short sequence's end writes nothing
     part = torch.zeros(b, nblk, 3, h, d, dtype=torch.float32, device=q.device) if biases is not None else lse
@@ -347,9 +347,9 @@ def _launch_bwd(do, q, k, v, biases, o, lse, cu_seqlens, max_seqlen):
         wrap_triton(_attn_bwd_one_tile_kernel)[(h, b)](*args, *scales, BLOCK=max(bm, bn), **common)
     else:
         # dK, dV then dQ into the same tensor, one kernel after the other
-        wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, bn), h, b)](
+        wrap_triton(_attn_bwd_dkdv_kernel)[(cdiv(max_seqlen, bn), h, b)](
             *args, nblk, *scales, BLOCK_M=bm, BLOCK_N=bn, **common)
-        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, bm), h, b)](
+        wrap_triton(_attn_bwd_dq_kernel)[(cdiv(max_seqlen, bm), h, b)](
             *args, nblk, *scales, BLOCK_M=bm, BLOCK_N=bn, **common)
     return g, (part.sum((0, 1)) if biases is not None else None)
 

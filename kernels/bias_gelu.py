@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._dispatch import cdiv, check_tensor, interpreting, next_power_of_2, same_device, use_triton
 from ._op import triton_op
 
 def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,8 @@ def _bias_gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, db_ptr, R, H, BLOCK_R: t
 
 def _blocks(h: int) -> tuple[int, int]:
     if interpreting():  # few, big programs under the interpreter
-        return 256, min(4096, triton.next_power_of_2(h))
-    return 32, min(256, triton.next_power_of_2(h))
+        return 256, min(4096, next_power_of_2(h))
+    return 32, min(256, next_power_of_2(h))
 
 
 @triton_op("bestrq2::bias_gelu_fwd", mutates_args={})
@@ -79,7 +79,7 @@ def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     r = x.numel() // h
     y = torch.empty_like(x)
     br, bh = _blocks(h)
-    wrap_triton(_bias_gelu_fwd_kernel)[(triton.cdiv(r, br), triton.cdiv(h, bh))](x, bias, y, r, h,
+    wrap_triton(_bias_gelu_fwd_kernel)[(cdiv(r, br), cdiv(h, bh))](x, bias, y, r, h,
                                                                                  BLOCK_R=br, BLOCK_H=bh)
     return y
 
@@ -94,10 +94,10 @@ def _bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tup
     h = x.shape[-1]
     r = x.numel() // h
     br, bh = _blocks(h)
-    blocks = triton.cdiv(r, br)
+    blocks = cdiv(r, br)
     dx = torch.empty_like(x)
     db = torch.empty(blocks, h, dtype=torch.float32, device=x.device)
-    wrap_triton(_bias_gelu_bwd_kernel)[(blocks, triton.cdiv(h, bh))](dy, x, bias, dx, db, r, h,
+    wrap_triton(_bias_gelu_bwd_kernel)[(blocks, cdiv(h, bh))](dy, x, bias, dx, db, r, h,
                                                                      BLOCK_R=br, BLOCK_H=bh)
     return dx, db.sum(0).to(bias.dtype)
 
@@ -123,8 +123,10 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str | None = None) -> t
     """gelu(x + bias) [..., H] in x's dtype; ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
     check_tensor("bias", bias, dims=(1,), floating=True)
-    need(bias.shape == (x.shape[-1],), f"bias must be [H] = [{x.shape[-1]}], got {list(bias.shape)}")
-    need(x.numel() >= 1, f"x must be non-empty, got shape {list(x.shape)}")
+    if bias.shape != (x.shape[-1],):
+        raise ValueError(f"bias must be [H] = [{x.shape[-1]}], got {list(bias.shape)}")
+    if not (x.numel() >= 1):
+        raise ValueError(f"x must be non-empty, got shape {list(x.shape)}")
     same_device(x=x, bias=bias)
     if not use_triton(x, bias, impl=impl):
         return bias_gelu_ref(x, bias)

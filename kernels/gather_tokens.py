@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._dispatch import batch_sum_grid, check_tensor, checking, inverse_index, need, same_device, token_blocks, use_triton
+from ._dispatch import (batch_sum_grid, cdiv, check_tensor, checking,
+                        inverse_index, same_device, token_blocks, use_triton)
 from ._op import triton_op
 
 
@@ -71,7 +72,7 @@ def _gather_fwd(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) ->
     dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
     out = torch.empty(b, m, d, dtype=dtype, device=x.device)
     br, bd = token_blocks(b * m, d)
-    wrap_triton(_gather_tokens_fwd_kernel)[(triton.cdiv(b * m, br), triton.cdiv(d, bd))](
+    wrap_triton(_gather_tokens_fwd_kernel)[(cdiv(b * m, br), cdiv(d, bd))](
         x, idx, pos if pos is not None else x, out, b * m, m, n, d,
         HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd)
     return out
@@ -133,9 +134,11 @@ def check_unique_rows(name: str, idx: torch.Tensor, n: int) -> None:
     if not checking(idx) or idx.numel() == 0:
         return
     lo, hi = int(idx.min()), int(idx.max())
-    need(lo >= 0 and hi < n, f"{name} values must lie in [0, {n}), got [{lo}, {hi}]")
+    if not (lo >= 0 and hi < n):
+        raise ValueError(f"{name} values must lie in [0, {n}), got [{lo}, {hi}]")
     s = idx.sort(dim=1).values
-    need(not bool((s[:, 1:] == s[:, :-1]).any()), f"{name} repeats a token within a row; indices must be unique")
+    if bool((s[:, 1:] == s[:, :-1]).any()):
+        raise ValueError(f"{name} repeats a token within a row; indices must be unique")
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None,
@@ -143,10 +146,12 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
     """[B, M, D] = x[b, idx[b]] + pos[idx[b]]; ``impl`` auto | triton | reference (kernels._dispatch)."""
     check_tensor("x", x, dims=(3,), floating=True)
     check_tensor("idx", idx, dims=(2,), integer=True)
-    need(idx.shape[0] == x.shape[0], f"idx must be [B, M] with B = {x.shape[0]}, got {list(idx.shape)}")
+    if idx.shape[0] != x.shape[0]:
+        raise ValueError(f"idx must be [B, M] with B = {x.shape[0]}, got {list(idx.shape)}")
     if pos is not None:
         check_tensor("pos", pos, dims=(2,), floating=True)
-        need(pos.shape == (x.shape[1], x.shape[2]), f"pos must be [N, D] = {[x.shape[1], x.shape[2]]}, got {list(pos.shape)}")
+        if pos.shape != (x.shape[1], x.shape[2]):
+            raise ValueError(f"pos must be [N, D] = {[x.shape[1], x.shape[2]]}, got {list(pos.shape)}")
     same_device(x=x, idx=idx, pos=pos)
     check_unique_rows("idx", idx, x.shape[1])
     if not use_triton(x, impl=impl):

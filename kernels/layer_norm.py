@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._dispatch import cdiv, check_tensor, interpreting, next_power_of_2, same_device, use_triton
 from ._op import triton_op
 
 
@@ -108,7 +108,7 @@ def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
 def _blocks(d: int) -> tuple[int, int]:
     """(rows per program, columns padded to a power of two). Several rows a program keep the grid
     small enough that the backward's per-block partials stay a few MB at the paper's shapes."""
-    bd = triton.next_power_of_2(d)
+    bd = next_power_of_2(d)
     if interpreting():  # each program costs milliseconds under the interpreter: few, big ones
         return max(1, min(256, 16384 // bd)), bd
     return max(1, min(16, 8192 // bd)), bd
@@ -123,7 +123,7 @@ def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     mean = torch.empty(r, dtype=torch.float32, device=x.device)
     rstd = torch.empty(r, dtype=torch.float32, device=x.device)
     br, bd = _blocks(d)
-    wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(r, br),)](x, weight, bias, y, mean, rstd, r, d, eps,
+    wrap_triton(_layer_norm_fwd_kernel)[(cdiv(r, br),)](x, weight, bias, y, mean, rstd, r, d, eps,
                                                               BLOCK_R=br, BLOCK_D=bd)
     return y, mean, rstd
 
@@ -141,7 +141,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mea
     d = x.shape[-1]
     r = x.numel() // d
     br, bd = _blocks(d)
-    blocks = triton.cdiv(r, br)
+    blocks = cdiv(r, br)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(blocks, d, dtype=torch.float32, device=x.device)
     db = torch.empty(blocks, d, dtype=torch.float32, device=x.device)
@@ -183,13 +183,16 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     check_tensor("weight", weight, dims=(1,), floating=True)
     check_tensor("bias", bias, dims=(1,), floating=True)
     d = x.shape[-1]
-    need(weight.shape == (d,) and bias.shape == (d,),
-         f"weight and bias must be [D] = [{d}], got {list(weight.shape)} and {list(bias.shape)}")
-    need(d >= 1 and x.numel() >= 1, f"x must be non-empty, got shape {list(x.shape)}")
-    need(eps > 0, f"eps must be positive, got {eps}")
+    if not (weight.shape == (d,) and bias.shape == (d,)):
+        raise ValueError(f"weight and bias must be [D] = [{d}], got {list(weight.shape)} and {list(bias.shape)}")
+    if not (d >= 1 and x.numel() >= 1):
+        raise ValueError(f"x must be non-empty, got shape {list(x.shape)}")
+    if not (eps > 0):
+        raise ValueError(f"eps must be positive, got {eps}")
     same_device(x=x, weight=weight, bias=bias)
     out_dtype = out_dtype or compute_dtype(x)
     if not use_triton(x, weight, bias, impl=impl):
         return layer_norm_ref(x, weight, bias, eps, out_dtype)
-    need(d <= 16384, f"the Triton layer norm holds a row in registers: D <= 16384, got {d}")
+    if not (d <= 16384):
+        raise ValueError(f"the Triton layer norm holds a row in registers: D <= 16384, got {d}")
     return _layer_norm_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps), out_dtype)[0]

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._rounding import round_to_bf16_rtne
-from ._dispatch import block_for, check_tensor, checking, interpreting, need, same_device, use_triton
+from ._dispatch import block_for, check_tensor, checking, interpreting, same_device, use_triton
 from ._op import custom_op
 
 IGNORE = -100
@@ -271,25 +271,33 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     check_tensor("targets", targets, dims=(2,), integer=True)
     m, d = h.shape
     c, k, dw = weight.shape
-    need(dw == d, f"weight must be [C, K, D] with D = {d} (h is {list(h.shape)}), got {list(weight.shape)}")
-    need(weight.dtype == h.dtype, f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}")
-    need(targets.shape == (m, c), f"targets must be [M, C] = {[m, c]}, got {list(targets.shape)}")
+    if dw != d:
+        raise ValueError(f"weight must be [C, K, D] with D = {d} (h is {list(h.shape)}), got {list(weight.shape)}")
+    if weight.dtype != h.dtype:
+        raise ValueError(f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}")
+    if targets.shape != (m, c):
+        raise ValueError(f"targets must be [M, C] = {[m, c]}, got {list(targets.shape)}")
     if bias is not None:
         check_tensor("bias", bias, dims=(2,), floating=True)
-        need(bias.shape == (c, k), f"bias must be [C, K] = {[c, k]}, got {list(bias.shape)}")
+        if bias.shape != (c, k):
+            raise ValueError(f"bias must be [C, K] = {[c, k]}, got {list(bias.shape)}")
     same_device(h=h, weight=weight, bias=bias, targets=targets)
-    need(m >= 1, "h has no rows")
+    if not (m >= 1):
+        raise ValueError("h has no rows")
     if checking(targets):
         t = targets.long()
         bad = (t != ignore_index) & ((t < 0) | (t >= k))
-        need(not bool(bad.any()), f"targets must lie in [0, {k}) or equal ignore_index={ignore_index}; "
-                                  f"got {t[bad][:5].tolist()}")
-    need(impl in (None, "auto", "reference", "triton", "torch"), f"impl must be auto, reference, triton or torch, got {impl!r}")
+        if bool(bad.any()):
+            raise ValueError(f"targets must lie in [0, {k}) or equal ignore_index={ignore_index}; "
+                             f"got {t[bad][:5].tolist()}")
+    if impl not in (None, "auto", "reference", "triton", "torch"):
+        raise ValueError(f"impl must be auto, reference, triton or torch, got {impl!r}")
     if impl != "torch":
         impl = "triton" if use_triton(h, impl=impl) else "reference"
     if impl == "reference":
         return linear_cross_entropy_ref(h, weight, bias, targets, ignore_index)
-    need(chunk is None or chunk >= 1, f"chunk must be >= 1, got {chunk}")
+    if not (chunk is None or chunk >= 1):
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     loss, acc, *_ = _lce_fused(h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                                targets, ignore_index, chunk or 0, impl)
     return loss, acc

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._dispatch import check_tensor, interpreting, need, same_device, use_triton
+from ._dispatch import cdiv, check_tensor, interpreting, next_power_of_2, same_device, use_triton
 from ._op import triton_op
 
 
@@ -44,8 +44,8 @@ def _scale_add_kernel(x_ptr, br_ptr, s_ptr, out_ptr, R, D, HAS_X: tl.constexpr,
 
 def _launch(x, branch, row_scale, out):
     r, d = branch.shape
-    br, bd = (256, triton.next_power_of_2(min(d, 4096))) if interpreting() else (16, min(256, triton.next_power_of_2(d)))
-    wrap_triton(_scale_add_kernel)[(triton.cdiv(r, br), triton.cdiv(d, bd))](
+    br, bd = (256, next_power_of_2(min(d, 4096))) if interpreting() else (16, min(256, next_power_of_2(d)))
+    wrap_triton(_scale_add_kernel)[(cdiv(r, br), cdiv(d, bd))](
         x if x is not None else branch, branch, row_scale, out, r, d, HAS_X=x is not None, BLOCK_R=br, BLOCK_D=bd)
     return out
 
@@ -93,8 +93,10 @@ def residual_drop_path(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.T
     check_tensor("x", x, dims=(2,), floating=True)
     check_tensor("branch", branch, dims=(2,), floating=True)
     check_tensor("row_scale", row_scale, dims=(1,), floating=True)
-    need(branch.shape == x.shape, f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
-    need(row_scale.shape == (x.shape[0],), f"row_scale must be [R] = [{x.shape[0]}], got {list(row_scale.shape)}")
+    if branch.shape != x.shape:
+        raise ValueError(f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
+    if row_scale.shape != (x.shape[0],):
+        raise ValueError(f"row_scale must be [R] = [{x.shape[0]}], got {list(row_scale.shape)}")
     same_device(x=x, branch=branch, row_scale=row_scale)
     if not use_triton(x, branch, impl=impl):
         return residual_drop_path_ref(x, branch, row_scale)

@@ -33,7 +33,7 @@ from torch.library import wrap_triton
 from ..config import PATCH
 from ..env import read
 from ..frontend import patchify, truncate_to_patches
-from ._dispatch import block_for, check_tensor, checking, gpu_splits, interpreting, need, same_device, use_triton
+from ._dispatch import block_for, cdiv, check_tensor, checking, gpu_splits, interpreting, same_device, use_triton
 from ._op import triton_op
 
 
@@ -247,7 +247,7 @@ def rescore_rows(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Ten
     c, k, d = codebooks.shape
     m, strides, idx, per, from_spec, block_m, block_k, launch = _layout(x, index, k)
     stats = (bin_mean, bin_std) if bin_mean is not None else (x, x)
-    wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, 1)](
+    wrap_triton(_rpq_codes_fwd_kernel)[(cdiv(m, block_m), c, 1)](
         x, *strides, idx, *per, projection, codebooks, codes, codes, codes, need, *stats, m, k, c, d, k,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="ieee", RESCORE=True, NORM=norm,
         D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, **launch)
@@ -268,12 +268,12 @@ def top_two(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor, 
     from the fast (tf32x3) dot, need (int8) flags the rows whose margin is below RESCORE_MARGIN."""
     c, k, d = codebooks.shape
     m, strides, idx, per, from_spec, block_m, block_k, launch = _layout(x, index, k)
-    splits, k_per = _k_splits(triton.cdiv(m, block_m) * c, k, block_k, x.device)
+    splits, k_per = _k_splits(cdiv(m, block_m) * c, k, block_k, x.device)
     best = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
     second = torch.empty(splits, m, c, dtype=torch.float32, device=x.device)
     arg = torch.empty(splits, m, c, dtype=torch.int64, device=x.device)
     stats = (bin_mean, bin_std) if bin_mean is not None else (x, x)
-    wrap_triton(_rpq_codes_fwd_kernel)[(triton.cdiv(m, block_m), c, splits)](
+    wrap_triton(_rpq_codes_fwd_kernel)[(cdiv(m, block_m), c, splits)](
         x, *strides, idx, *per, projection, codebooks, best, second, arg, arg, *stats, m, k, c, d, k_per,
         FROM_SPEC=from_spec, HAS_INDEX=index is not None, PRECISION="tf32x3", RESCORE=False, NORM=norm,
         D_PAD=block_for(d, 1 << 16), BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, **launch)
@@ -293,10 +293,10 @@ def _k_splits(programs: int, k: int, block_k: int, device: torch.device) -> tupl
     """(splits, codes per split). Small batches give fewer row blocks than the GPU has SMs: the
     codebook is then split across programs (each keeps its own max/argmax) and merged after.
     ``BESTRQ2_RPQ_SPLIT=n`` forces n (tests use it under the interpreter)."""
-    tiles = triton.cdiv(k, block_k)
+    tiles = cdiv(k, block_k)
     want = gpu_splits(programs, tiles, device, "BESTRQ2_RPQ_SPLIT")
-    k_per = triton.cdiv(tiles, want) * block_k  # whole tiles per split, every split non-empty
-    return triton.cdiv(k, k_per), k_per
+    k_per = cdiv(tiles, want) * block_k  # whole tiles per split, every split non-empty
+    return cdiv(k, k_per), k_per
 
 
 @_rpq_codes_op.register_fake
@@ -311,37 +311,47 @@ def _rpq_codes_fake(x, projection, codebooks, index, norm, bin_mean, bin_std):
 
 # ------------------------------------------------------------------------------------- public op
 def _validate(x, projection, codebooks, index, norm="none", bin_mean=None, bin_std=None) -> None:
-    need(norm in NORMS, f"norm must be one of {NORMS}, got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if norm == "bin":
-        need(x.dim() == 3, "norm='bin' needs the log-mel [B, F, T] (the patch rows do not say their mel bins)")
-        need(bin_mean is not None and bin_std is not None and bin_mean.shape == (x.shape[1],) == bin_std.shape,
-             f"norm='bin' needs bin_mean and bin_std of shape [{x.shape[1]}]")
+        if x.dim() != 3:
+            raise ValueError("norm='bin' needs the log-mel [B, F, T] (the patch rows do not say their mel bins)")
+        if not (bin_mean is not None and bin_std is not None and bin_mean.shape == (x.shape[1],) == bin_std.shape):
+            raise ValueError(f"norm='bin' needs bin_mean and bin_std of shape [{x.shape[1]}]")
         if checking(bin_std):
-            need(bool((bin_std > 0).all()), "bin_std must be positive")
+            if not bool((bin_std > 0).all()):
+                raise ValueError("bin_std must be positive")
     check_tensor("x", x, dims=(2, 3), floating=True)
     check_tensor("projection", projection, dims=(3,), floating=True)
     check_tensor("codebooks", codebooks, dims=(3,), floating=True)
     same_device(x=x, projection=projection, codebooks=codebooks, index=index)
     c, k, d = codebooks.shape
-    need(projection.shape == (c, 256, d),
-         f"projection must be [C, 256, d] = [{c}, 256, {d}] to match codebooks {list(codebooks.shape)}, "
-         f"got {list(projection.shape)}")
-    need(k >= 1 and d >= 1, f"codebooks must be non-empty, got {list(codebooks.shape)}")
-    need(projection.is_contiguous() and codebooks.is_contiguous(), "projection and codebooks must be contiguous")
+    if projection.shape != (c, 256, d):
+        raise ValueError(f"projection must be [C, 256, d] = [{c}, 256, {d}] to match codebooks "
+                         f"{list(codebooks.shape)}, got {list(projection.shape)}")
+    if not (k >= 1 and d >= 1):
+        raise ValueError(f"codebooks must be non-empty, got {list(codebooks.shape)}")
+    if not (projection.is_contiguous() and codebooks.is_contiguous()):
+        raise ValueError("projection and codebooks must be contiguous")
     if x.dim() == 2:
-        need(x.shape[1] == 256, f"raw patches must be [M, 256], got {list(x.shape)}")
-        need(index is None, "index selects tokens of a log-mel batch [B, F, T]; with raw patches select rows first")
+        if x.shape[1] != 256:
+            raise ValueError(f"raw patches must be [M, 256], got {list(x.shape)}")
+        if index is not None:
+            raise ValueError("index selects tokens of a log-mel batch [B, F, T]; with raw patches select rows first")
     else:
-        need(x.shape[1] % PATCH == 0 and x.shape[1] > 0,
-             f"log-mel batch [B, F, T] needs F a multiple of {PATCH}, got {list(x.shape)}")
-        need(x.shape[2] >= PATCH, f"log-mel batch needs at least {PATCH} frames, got {x.shape[2]}")
+        if not (x.shape[1] % PATCH == 0 and x.shape[1] > 0):
+            raise ValueError(f"log-mel batch [B, F, T] needs F a multiple of {PATCH}, got {list(x.shape)}")
+        if not (x.shape[2] >= PATCH):
+            raise ValueError(f"log-mel batch needs at least {PATCH} frames, got {x.shape[2]}")
     if index is not None:
         check_tensor("index", index, dims=(2,), integer=True)
-        need(index.shape[0] == x.shape[0], f"index must be [B, m] with B = {x.shape[0]}, got {list(index.shape)}")
+        if index.shape[0] != x.shape[0]:
+            raise ValueError(f"index must be [B, m] with B = {x.shape[0]}, got {list(index.shape)}")
         if checking(index) and index.numel():
             n = (x.shape[1] // PATCH) * (x.shape[2] // PATCH)
             lo, hi = int(index.min()), int(index.max())
-            need(lo >= 0 and hi < n, f"index values must lie in [0, {n}), got [{lo}, {hi}]")
+            if not (lo >= 0 and hi < n):
+                raise ValueError(f"index values must lie in [0, {n}), got [{lo}, {hi}]")
 
 
 def rpq_codes(x: torch.Tensor, projection: torch.Tensor, codebooks: torch.Tensor,

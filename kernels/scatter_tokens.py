@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._dispatch import batch_sum_grid, check_tensor, checking, inverse_index, need, same_device, token_blocks, use_triton
+from ._dispatch import (batch_sum_grid, cdiv, check_tensor, checking,
+                        inverse_index, same_device, token_blocks, use_triton)
 from ._op import triton_op
 from .gather_tokens import gather_rows
 
@@ -76,7 +77,7 @@ def _scatter_fwd(ctx: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor, fill_
     dtype = torch.promote_types(ctx.dtype, torch.promote_types(fill.dtype, fill_pos.dtype))
     out = torch.empty(b, n, d, dtype=dtype, device=ctx.device)
     br, bd = token_blocks(b * n, d)
-    wrap_triton(_scatter_tokens_fwd_kernel)[(triton.cdiv(b * n, br), triton.cdiv(d, bd))](
+    wrap_triton(_scatter_tokens_fwd_kernel)[(cdiv(b * n, br), cdiv(d, bd))](
         ctx, inv, fill, fill_pos, out, b * n, m, n, d, BLOCK_R=br, BLOCK_D=bd)
     return out
 
@@ -137,18 +138,23 @@ def scatter_tokens(ctx: torch.Tensor, ctx_idx: torch.Tensor, fill: torch.Tensor,
     check_tensor("fill_pos", fill_pos, dims=(2,), floating=True)
     b, m, d = ctx.shape
     n = m + fill_idx.shape[1]
-    need(ctx_idx.shape == (b, m), f"ctx_idx must be [B, M] = {[b, m]}, got {list(ctx_idx.shape)}")
-    need(fill_idx.shape[0] == b, f"fill_idx must be [B, N - M] with B = {b}, got {list(fill_idx.shape)}")
-    need(fill.shape == (d,), f"fill must be [D] = [{d}], got {list(fill.shape)}")
-    need(fill_pos.shape == (n, d), f"fill_pos must be [N, D] = {[n, d]}, got {list(fill_pos.shape)}")
+    if ctx_idx.shape != (b, m):
+        raise ValueError(f"ctx_idx must be [B, M] = {[b, m]}, got {list(ctx_idx.shape)}")
+    if fill_idx.shape[0] != b:
+        raise ValueError(f"fill_idx must be [B, N - M] with B = {b}, got {list(fill_idx.shape)}")
+    if fill.shape != (d,):
+        raise ValueError(f"fill must be [D] = [{d}], got {list(fill.shape)}")
+    if fill_pos.shape != (n, d):
+        raise ValueError(f"fill_pos must be [N, D] = {[n, d]}, got {list(fill_pos.shape)}")
     same_device(ctx=ctx, ctx_idx=ctx_idx, fill=fill, fill_idx=fill_idx, fill_pos=fill_pos)
     if checking(ctx_idx):
         allidx = torch.cat([ctx_idx.long(), fill_idx.long()], dim=1)
         if allidx.numel():
             lo, hi = int(allidx.min()), int(allidx.max())
-            need(lo >= 0 and hi < n, f"ctx_idx/fill_idx values must lie in [0, {n}), got [{lo}, {hi}]")
-        need(bool((allidx.sort(dim=1).values == torch.arange(n, device=allidx.device)).all()),
-             "each row of cat(ctx_idx, fill_idx) must be a permutation of 0..N-1")
+            if not (lo >= 0 and hi < n):
+                raise ValueError(f"ctx_idx/fill_idx values must lie in [0, {n}), got [{lo}, {hi}]")
+        if not bool((allidx.sort(dim=1).values == torch.arange(n, device=allidx.device)).all()):
+            raise ValueError("each row of cat(ctx_idx, fill_idx) must be a permutation of 0..N-1")
     if not use_triton(ctx, impl=impl):
         return scatter_tokens_ref(ctx, ctx_idx, fill, fill_idx, fill_pos)
     inv = inverse_index(ctx_idx, n)

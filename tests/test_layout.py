@@ -2,6 +2,7 @@
 optimizer states), one per-op implementation switch that is resolved once and saved, and every
 environment variable read in one place and documented."""
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -139,6 +140,33 @@ def test_environment_read_in_one_place_and_documented():
     table = table[: table.index("\n\n", table.index("|"))]
     listed = set(re.findall(r"`([A-Z][A-Z0-9_]+)", table))
     assert listed == set(VARIABLES), (listed ^ set(VARIABLES))
+
+
+def test_read_sees_every_write_to_the_environment(monkeypatch):
+    """``env.read`` looks in os.environ's own dict (the fast path): it sees writes through os.environ,
+    monkeypatch and ``overridden``, deletions, blanks (the default) and stripping, as os.environ.get does;
+    an unknown name is an error whether or not it is set."""
+    from bestrq2.env import overridden, read
+
+    name = "BESTRQ2_RPQ_SPLIT"
+    monkeypatch.delenv(name, raising=False)
+    assert read(name) == "" and read(name, "d") == "d"
+    os.environ[name] = " 3 "
+    try:
+        assert read(name, "d") == "3"
+        with overridden(name, "5"):
+            assert read(name) == "5"
+        assert read(name) == "3"
+        os.environ[name] = "   "
+        assert read(name, "d") == "d"
+    finally:
+        del os.environ[name]
+    assert read(name, "d") == "d"
+    monkeypatch.setenv(name, "7")
+    assert read(name) == "7" == os.environ.get(name)
+    monkeypatch.setenv("NOT_BESTRQ2_VAR", "1")
+    with pytest.raises(KeyError, match="not one of bestrq2's"):
+        read("NOT_BESTRQ2_VAR")
 
 
 def test_stage_modules_share_the_encoder():

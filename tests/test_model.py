@@ -92,6 +92,31 @@ def test_fixed_mask_makes_step_deterministic():
     assert torch.equal(a.mask, mask.expand(2, -1))
 
 
+
+def test_position_table_kept_per_grid():
+    """The sincos table is built once per grid and kept: the same tensor (and the same loss) at the next
+    step, the rows positions_for gives, one per clip length, a normal tensor even when first built under
+    inference_mode (training after it backpropagates), never in the state dict."""
+    from bestrq2.positions import positions_for
+
+    model = BestRQ2(tiny()).eval()  # no drop path: the same loss twice
+    wave = torch.randn(2, 30_000) * 0.1
+    mask = torch.rand(8 * 3) < 0.5
+    mask[0], mask[1] = True, False
+    with torch.inference_mode():
+        first = model(wave, mask=mask).loss.item()
+    tables = dict(model._pos_tables)
+    assert len(tables) == 1 and not next(iter(tables.values())).is_inference()
+    out = model(wave, mask=mask)
+    out.loss.backward()  # the table from inference mode in a graph that is differentiated
+    assert out.loss.item() == first
+    assert all(model._pos_tables[k] is v for k, v in tables.items())
+    (n, width, dim, layout, _), table = next(iter(tables.items()))
+    assert torch.equal(table, positions_for(torch.arange(n), width, dim, layout))
+    model(torch.randn(2, 20_000) * 0.1)  # another clip length, another table
+    assert len(model._pos_tables) == 2
+    assert not any("pos_table" in k for k in model.state_dict())
+
 def test_per_sample_masks_differ_and_match_single_runs():
     model = BestRQ2(tiny(mask_mode="per_sample")).eval()
     wave = torch.randn(3, 30_000) * 0.1
