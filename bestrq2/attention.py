@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ATTENTION as BACKENDS
+from .kept import kept
 from .kernels._dispatch import interpreting
 
 log = logging.getLogger("bestrq2")
@@ -190,14 +191,23 @@ def triton_qkv_attention(qkv: torch.Tensor, bias: torch.Tensor | None, key_paddi
     return _as_varlen(lambda qkv, cu, m: fused(qkv, bias, cu, m), (qkv,), key_padding)
 
 
+_CU_SEQLENS: dict[tuple, torch.Tensor] = {}
+
+
+def _equal_cu_seqlens(b: int, n: int, device: torch.device) -> torch.Tensor:
+    """int32 [b + 1]: 0, n, 2 n, ..., b n, kept per (b, n, device) (``bestrq2.kept``): every attention of a
+    step asks for the same one (16 ops a pretraining step, each a launch on a GPU)."""
+    return kept(_CU_SEQLENS, (b, n, device), device,
+                lambda: torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device), most=64)
+
+
 def _as_varlen(fn, xs: tuple[torch.Tensor, ...], key_padding: torch.Tensor | None) -> torch.Tensor:
     """A varlen attention ``fn(*packed xs, cu_seqlens, max_seqlen) -> [T, ...]`` on dense xs [B, L, ...]:
     equal lengths as [B*L, ...] views (no copy, no sync); with ``key_padding`` (True = padding) the valid
     tokens packed end to end and the output scattered back, zeros at the padding."""
     b, n = xs[0].shape[:2]
     if key_padding is None:
-        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=xs[0].device)
-        out = fn(*(x.reshape(b * n, *x.shape[2:]) for x in xs), cu, n)
+        out = fn(*(x.reshape(b * n, *x.shape[2:]) for x in xs), _equal_cu_seqlens(b, n, xs[0].device), n)
         return out.reshape(b, n, *out.shape[1:])
     valid = ~key_padding
     lengths = valid.sum(1)

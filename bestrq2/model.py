@@ -14,6 +14,7 @@ import torch.nn as nn
 from .config import PATCH, BestRQ2Config
 from .frontend import LogMel, num_time_patches, patchify, truncate_to_patches
 from .inputs import check_wave, copy_to_device, pcm16_to_float
+from .kept import kept
 from .context_encoder import ContextEncoder
 from .kernels import gather_tokens, linear_cross_entropy
 from .masking import MaskPlan, check_mask, sample_mask
@@ -112,22 +113,11 @@ class BestRQ2(nn.Module):
 
     def _pos_table(self, num_tokens: int, width: int, dim: int) -> torch.Tensor:
         """Sincos rows of the N grid slots, float32 [N, dim] (the pretraining grid is the same for every clip).
-        A constant: built once per grid, width, layout and device and kept (not in the state dict), where each
-        step rebuilt it in ~15 ops, each a launch on a GPU, twice a step. torch.compile traces it inline."""
-        device = self.head.weight.device
-        if torch.compiler.is_compiling():
-            return positions_for(torch.arange(num_tokens, device=device), width, dim, self.config.pos_layout)
-        key = (num_tokens, width, dim, self.config.pos_layout, device)
-        cache = self.__dict__.setdefault("_pos_tables", {})
-        table = cache.get(key)
-        if table is None:
-            if len(cache) >= 16:  # clip lengths seen by evaluation: keep the table set small
-                cache.clear()
-            # a normal tensor even when first asked for under inference_mode (training may follow)
-            with torch.inference_mode(False), torch.no_grad():
-                table = positions_for(torch.arange(num_tokens, device=device), width, dim, self.config.pos_layout)
-            cache[key] = table
-        return table
+        A constant: kept per grid, width, layout and device once built (``bestrq2.kept``; not in the state
+        dict), where each step rebuilt it in ~15 ops, each a launch on a GPU, twice a step."""
+        device, layout = self.head.weight.device, self.config.pos_layout
+        return kept(self.__dict__.setdefault("_pos_tables", {}), (num_tokens, width, dim, layout, device), device,
+                    lambda: positions_for(torch.arange(num_tokens, device=device), width, dim, layout))
 
     # ---------------------------------------------------------------- forward
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,

@@ -40,14 +40,17 @@ class DropPath(nn.Module):
         return torch.empty(n, device=device).bernoulli_(keep).div_(keep)
 
     def row_factors(self, x: torch.Tensor, sample_of: torch.Tensor | None = None,
-                    clips: int | None = None) -> torch.Tensor | None:
+                    clips: int | None = None, per_clip: bool = False) -> torch.Tensor | None:
         """float32 [tokens of x]: each token's clip factor (x [B, L, D], or packed [T, D] with ``sample_of[t]``
         = clip of token t of ``clips``: drop per clip, not per token); None when inactive. Without ``clips`` the
-        count is read from ``sample_of`` (a device read: the blocks pass it, from the packed batch's shape)."""
+        count is read from ``sample_of`` (a device read: the blocks pass it, from the packed batch's shape).
+        ``per_clip``: for x [B, L, D], the [B] factors themselves (``add_layer_norm`` takes a factor per block
+        of rows: no repeat, an op and a launch fewer per add)."""
         if not self.active:
             return None
         if sample_of is None:
-            return self.factors(x.shape[0], x.device).repeat_interleave(x[0].numel() // x.shape[-1])
+            f = self.factors(x.shape[0], x.device)
+            return f if per_clip else f.repeat_interleave(x[0].numel() // x.shape[-1])
         n = clips if clips is not None else int(sample_of.max()) + 1
         return self.factors(n, x.device)[sample_of]
 
@@ -145,9 +148,11 @@ class Block(nn.Module):
             return dp.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl, clips)
         # drop-path factors drawn per add, each after its branch, as the unfused form draws them
         h = self.attn(normed, key_padding, backend, packed, proj_bias=False)
-        x, y = self._add_norm(x, h, dp.row_factors(x, sample_of, clips), self.norm2, None, self.attn.proj.bias)
+        x, y = self._add_norm(x, h, dp.row_factors(x, sample_of, clips, per_clip=True), self.norm2, None,
+                              self.attn.proj.bias)
         m = self.mlp(y, impl, fc2_bias=False)
-        return self._add_norm(x, m, dp.row_factors(x, sample_of, clips), next_norm, out_dtype, self.mlp.fc2.bias)
+        return self._add_norm(x, m, dp.row_factors(x, sample_of, clips, per_clip=True), next_norm, out_dtype,
+                              self.mlp.fc2.bias)
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, norm.weight, norm.bias, norm.eps, impl=self.impl)

@@ -2,8 +2,9 @@
 
 ``add_layer_norm(x, branch, row_scale, weight, bias, eps=1e-5, out_dtype=None, branch_bias=None) -> (s, y)``
 
-- x, branch [..., D]: the residual stream and a branch's output; row_scale float32 [rows] (each token's
-  drop-path factor, 0 or 1 / keep) or None (no drop path).
+- x, branch [..., D]: the residual stream and a branch's output; row_scale float32 [S], S dividing the rows,
+  or None (no drop path): row r takes row_scale[r // (rows / S)], so [rows] is a factor per token and [B] one
+  per clip of a [B, L, D] x (the drop-path factors, 0 or 1 / keep, without repeating them L times first).
 - s = x + branch * row_scale (x + branch without it), in x's dtype promoted with branch's, as the residual
   add gives; y = LayerNorm(s) with float32 statistics, in ``out_dtype`` (default: the autocast dtype when
   autocast is on, else s's dtype), as ``layer_norm`` gives.
@@ -48,6 +49,9 @@ def add_layer_norm_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.T
         s = x + branch
     else:
         d = x.shape[-1]
+        rows = x.numel() // d
+        if row_scale.shape[0] != rows:  # one factor per block of rows / S consecutive rows
+            row_scale = row_scale.repeat_interleave(rows // row_scale.shape[0])
         s = residual_drop_path_ref(x.reshape(-1, d), branch.reshape(-1, d), row_scale).view(x.shape)
     s = s.to(s_dtype)
     return s, layer_norm_ref(s, weight, bias, eps, out_dtype)
@@ -55,7 +59,7 @@ def add_layer_norm_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.T
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
-                               eps, HAS_BB: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                               eps, ROWS_PER_SCALE, HAS_BB: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_D: tl.constexpr):
     rows, cols, rmask, cmask, mask, off = _rows_offsets(R, D, BLOCK_R, BLOCK_D)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -63,7 +67,7 @@ def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s
     if HAS_BB:  # the branch's linear bias, added in float32
         br += tl.load(bb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
-        br = br * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+        br = br * tl.load(scale_ptr + rows // ROWS_PER_SCALE, mask=rmask, other=0.0)[:, None]
     s = (x + br).to(s_ptr.dtype.element_ty)
     tl.store(s_ptr + off, s, mask=mask)
     # the statistics of s as stored (a no-op for float32 s)
@@ -73,7 +77,7 @@ def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, scale_ptr, dx_ptr, dbr_ptr,
-                               dw_ptr, db_ptr, dbb_ptr, R, D, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               dw_ptr, db_ptr, dbb_ptr, R, D, ROWS_PER_SCALE, HAS_DS: tl.constexpr, HAS_SCALE: tl.constexpr,
                                HAS_BB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, cols, rmask, cmask, mask, off = _rows_offsets(R, D, BLOCK_R, BLOCK_D)
     s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +87,7 @@ def _add_layer_norm_bwd_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr,
         g += tl.load(ds_ptr + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + off, g.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_SCALE:
-        g = g * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
+        g = g * tl.load(scale_ptr + rows // ROWS_PER_SCALE, mask=rmask, other=0.0)[:, None]
     tl.store(dbr_ptr + off, g.to(dbr_ptr.dtype.element_ty), mask=mask)
     if HAS_BB:  # this row block's share of the branch bias's gradient (padding rows hold zeros)
         tl.store(dbb_ptr + tl.program_id(0) * D + cols, tl.sum(g, axis=0), mask=cmask)
@@ -93,6 +97,11 @@ def _warps() -> dict:
     """8 warps: a program holds 8 rows of 1,024 padded columns; at 4 warps the backward (s, grad_y,
     grad_s and x-hat live at once) spilled 32-56 B a thread on sm_90 (``bench.gpu_compile``)."""
     return {} if interpreting() else {"num_warps": 8}
+
+
+def _rows_per_scale(rows: int, row_scale: torch.Tensor | None) -> int:
+    """Consecutive rows that share one factor of ``row_scale`` [S] (1 without it)."""
+    return 1 if row_scale is None else rows // row_scale.shape[0]
 
 
 @triton_op("bestrq2::add_layer_norm_fwd", mutates_args={})
@@ -107,7 +116,7 @@ def _add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.
     br, bd = _blocks(d)
     wrap_triton(_add_layer_norm_fwd_kernel)[(cdiv(r, br),)](
         x, branch, branch_bias if branch_bias is not None else weight, row_scale if row_scale is not None else x,
-        weight, bias, s, y, mean, rstd, r, d, eps, HAS_BB=branch_bias is not None, HAS_SCALE=row_scale is not None,
+        weight, bias, s, y, mean, rstd, r, d, eps, _rows_per_scale(r, row_scale), HAS_BB=branch_bias is not None, HAS_SCALE=row_scale is not None,
         BLOCK_R=br, BLOCK_D=bd, **_warps())
     return s, y, mean, rstd
 
@@ -135,7 +144,7 @@ def _add_layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tens
     dbb = torch.empty(blocks if with_branch_bias else 1, d, dtype=torch.float32, device=s.device)
     wrap_triton(_add_layer_norm_bwd_kernel)[(blocks,)](
         dy, s, weight, mean, rstd, ds if ds is not None else dy, row_scale if row_scale is not None else mean,
-        dx, dbr, dw, db, dbb, r, d, HAS_DS=ds is not None, HAS_SCALE=row_scale is not None, HAS_BB=with_branch_bias,
+        dx, dbr, dw, db, dbb, r, d, _rows_per_scale(r, row_scale), HAS_DS=ds is not None, HAS_SCALE=row_scale is not None, HAS_BB=with_branch_bias,
         BLOCK_R=br, BLOCK_D=bd, **_warps())
     return dx, dbr, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), dbb.sum(0)
 
@@ -191,8 +200,10 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tenso
         raise ValueError(f"eps must be positive, got {eps}")
     if row_scale is not None:
         check_tensor("row_scale", row_scale, dims=(1,), floating=True)
-        if row_scale.shape != (x.numel() // d,):
-            raise ValueError(f"row_scale must be [rows] = [{x.numel() // d}], got {list(row_scale.shape)}")
+        rows = x.numel() // d
+        if not (1 <= row_scale.shape[0] <= rows and rows % row_scale.shape[0] == 0):
+            raise ValueError(f"row_scale must be [S] with S dividing the rows ({rows}; [rows]: one factor a row, "
+                             f"[B]: one a clip), got {list(row_scale.shape)}")
     if branch_bias is not None:
         check_tensor("branch_bias", branch_bias, dims=(1,), floating=True)
         if branch_bias.shape != (d,):

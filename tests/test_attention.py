@@ -318,3 +318,21 @@ def test_shipped_wins_table_is_well_formed():
         for e in entries:
             assert {"max_len", "head_dim", "dtype", "pass", "triton_over_sdpa"} <= set(e) and e["pass"] in ("forward", "train")
         measured_winner(card, 64, 128, torch.bfloat16, True, table)
+
+
+def test_equal_cu_seqlens_kept_and_built_inline_while_compiling():
+    """The equal-length cu_seqlens: 0, n, ..., b n, one tensor per (b, n, device) kept across calls (a normal
+    tensor even when first built under inference_mode); under torch.compile built in the graph, not kept."""
+    from bestrq2.kept import kept
+
+    A._CU_SEQLENS.clear()
+    with torch.inference_mode():
+        first = A._equal_cu_seqlens(3, 5, torch.device("cpu"))
+    assert first.tolist() == [0, 5, 10, 15] and first.dtype == torch.int32 and not first.is_inference()
+    assert A._equal_cu_seqlens(3, 5, torch.device("cpu")) is first
+    assert A._equal_cu_seqlens(2, 5, torch.device("cpu")).tolist() == [0, 5, 10]
+    cache: dict = {}
+    traced = torch.compile(lambda x: x + kept(cache, ("k",), x.device, lambda: torch.ones(2)), backend="eager",
+                           fullgraph=True)
+    assert traced(torch.zeros(2)).tolist() == [1.0, 1.0] and cache == {}
+    assert kept(cache, ("k",), torch.device("cpu"), lambda: torch.ones(2)) is cache[("k",)]

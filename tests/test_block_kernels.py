@@ -228,6 +228,27 @@ def test_add_layer_norm_bf16_branch_fp32_stream_under_autocast(triton_path, with
         assert gbb[0].dtype == torch.float32 and rel(gbb[0], g64.sum(0)) < 1e-5
 
 
+@pytest.mark.parametrize("clips,length", [(3, 37), (1, 5), (4, 1)])
+def test_add_layer_norm_scale_per_clip_equals_per_row(triton_path, clips, length):
+    """row_scale [B] on x [B, L, D] (a factor per block of L rows, what the fused blocks pass) is bit-equal to
+    the same factors repeated to [rows], forward and backward, on the kernel and on the reference."""
+    from bestrq2.kernels import add_layer_norm, add_layer_norm_ref
+
+    x = torch.randn(clips, length, 48, requires_grad=True)
+    br = torch.randn(clips, length, 48, requires_grad=True)
+    w, b, bb = torch.randn(48) + 1, torch.randn(48), torch.randn(48, requires_grad=True)
+    per_clip = torch.tensor([0.0, 1 / 0.9, 1 / 0.9, 0.0])[:clips]
+    gs, gy = torch.randn(clips, length, 48), torch.randn(clips, length, 48)
+    for fn in (add_layer_norm, add_layer_norm_ref):
+        runs = []
+        for scale in (per_clip, per_clip.repeat_interleave(length)):
+            s, y = fn(x, br, scale, w, b, branch_bias=bb)
+            runs.append((s, y, *torch.autograd.grad((s, y), (x, br, bb), (gs, gy))))
+        for a, e in zip(*runs):
+            assert torch.equal(a, e), fn.__name__
+    assert torch.equal(runs[0][3][0], torch.zeros(length, 48))  # clip 0 dropped: no branch gradient
+
+
 def test_add_layer_norm_errors(triton_path):
     from bestrq2.kernels import add_layer_norm
 
@@ -235,7 +256,11 @@ def test_add_layer_norm_errors(triton_path):
     with pytest.raises(ValueError, match="branch must match"):
         add_layer_norm(x, torch.randn(4, 15), None, w, b)
     with pytest.raises(ValueError, match="row_scale must be"):
-        add_layer_norm(x, torch.randn(4, 16), torch.ones(3), w, b)
+        add_layer_norm(x, torch.randn(4, 16), torch.ones(3), w, b)  # 3 does not divide 4 rows
+    with pytest.raises(ValueError, match="row_scale must be"):
+        add_layer_norm(x, torch.randn(4, 16), torch.ones(8), w, b)  # more factors than rows
+    with pytest.raises(ValueError, match="row_scale must be"):
+        add_layer_norm(x, torch.randn(4, 16), torch.ones(0), w, b)
     with pytest.raises(ValueError, match="weight and bias"):
         add_layer_norm(x, torch.randn(4, 16), None, torch.ones(15), b)
     with pytest.raises(ValueError, match="branch_bias must be"):
