@@ -31,7 +31,8 @@ from torch.library import wrap_triton
 
 from ._dispatch import cdiv, check_tensor, interpreting, same_device, use_triton
 from ._op import triton_op
-from .layer_norm import _blocks, _normalize_rows, _normalize_rows_bwd, _rows_offsets, compute_dtype, layer_norm_ref
+from .layer_norm import (_blocks, _normalize_rows, _normalize_rows_bwd, _rows_offsets, check_norm_inputs,
+                         compute_dtype, layer_norm_ref)
 from .residual_drop_path import residual_drop_path_ref
 
 
@@ -185,19 +186,10 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.Tenso
                    bias: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None,
                    impl: str | None = None, branch_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y), each x's shape; see the module docstring. ``impl`` auto | triton | reference (kernels._dispatch)."""
-    check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
+    d = check_norm_inputs(x, weight, bias, eps)
     check_tensor("branch", branch, dims=tuple(range(1, 9)), floating=True)
-    check_tensor("weight", weight, dims=(1,), floating=True)
-    check_tensor("bias", bias, dims=(1,), floating=True)
-    d = x.shape[-1]
     if branch.shape != x.shape:
         raise ValueError(f"branch must match x {list(x.shape)}, got {list(branch.shape)}")
-    if not (weight.shape == (d,) and bias.shape == (d,)):
-        raise ValueError(f"weight and bias must be [D] = [{d}], got {list(weight.shape)} and {list(bias.shape)}")
-    if not (d >= 1 and x.numel() >= 1):
-        raise ValueError(f"x must be non-empty, got shape {list(x.shape)}")
-    if not (eps > 0):
-        raise ValueError(f"eps must be positive, got {eps}")
     if row_scale is not None:
         check_tensor("row_scale", row_scale, dims=(1,), floating=True)
         rows = x.numel() // d

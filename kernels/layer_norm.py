@@ -175,10 +175,8 @@ def _backward(ctx, dy, _dmean, _drstd):
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-               out_dtype: torch.dtype | None = None, impl: str | None = None) -> torch.Tensor:
-    """y [..., D] in ``out_dtype`` (default: the autocast dtype, else x's); see the module docstring.
-    ``impl`` auto | triton | reference (kernels._dispatch)."""
+def check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> int:
+    """The checks a LayerNorm's inputs take (here and in ``add_layer_norm``); returns D."""
     check_tensor("x", x, dims=tuple(range(1, 9)), floating=True)
     check_tensor("weight", weight, dims=(1,), floating=True)
     check_tensor("bias", bias, dims=(1,), floating=True)
@@ -189,6 +187,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         raise ValueError(f"x must be non-empty, got shape {list(x.shape)}")
     if not (eps > 0):
         raise ValueError(f"eps must be positive, got {eps}")
+    return d
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               out_dtype: torch.dtype | None = None, impl: str | None = None) -> torch.Tensor:
+    """y [..., D] in ``out_dtype`` (default: the autocast dtype, else x's); see the module docstring.
+    ``impl`` auto | triton | reference (kernels._dispatch)."""
+    d = check_norm_inputs(x, weight, bias, eps)
     same_device(x=x, weight=weight, bias=bias)
     out_dtype = out_dtype or compute_dtype(x)
     if not use_triton(x, weight, bias, impl=impl):
