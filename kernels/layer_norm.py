@@ -96,12 +96,13 @@ def _normalize_rows_bwd(x, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, m
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, R, D,
+def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, R, D,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part_ptr: float32 [2, programs, D], this row block's partial sums of grad_weight and grad_bias."""
     rows, cols, rmask, cmask, mask, off = _rows_offsets(R, D, BLOCK_R, BLOCK_D)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    dx = _normalize_rows_bwd(x, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr,
-                             db_ptr, D)
+    dx = _normalize_rows_bwd(x, rows, cols, rmask, cmask, mask, off, dy_ptr, w_ptr, mean_ptr, rstd_ptr, part_ptr,
+                             part_ptr + tl.num_programs(0) * D, D)
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -137,22 +138,23 @@ def _layer_norm_fwd_fake(x, weight, bias, eps, out_dtype):
 
 @triton_op("bestrq2::layer_norm_bwd", mutates_args={})
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, float32 [2, D]: the weight's and the bias's gradient, their row blocks' partials summed in one
+    reduction)."""
     d = x.shape[-1]
     r = x.numel() // d
     br, bd = _blocks(d)
     blocks = cdiv(r, br)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty(blocks, d, dtype=torch.float32, device=x.device)
-    db = torch.empty(blocks, d, dtype=torch.float32, device=x.device)
-    wrap_triton(_layer_norm_bwd_kernel)[(blocks,)](dy, x, weight, mean, rstd, dx, dw, db, r, d,
-                                                  BLOCK_R=br, BLOCK_D=bd)
-    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+    parts = torch.empty(2, blocks, d, dtype=torch.float32, device=x.device)
+    wrap_triton(_layer_norm_bwd_kernel)[(blocks,)](dy, x, weight, mean, rstd, dx, parts, r, d, BLOCK_R=br,
+                                                  BLOCK_D=bd)
+    return dx, parts.sum(1)
 
 
 @_layer_norm_bwd.register_fake
 def _layer_norm_bwd_fake(dy, x, weight, mean, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    return x.new_empty(x.shape), weight.new_empty(2, weight.shape[0], dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -168,8 +170,8 @@ def _backward(ctx, dy, _dmean, _drstd):
     if dy is None:  # y unused
         return None, None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd)
-    return dx, dw, db, None, None
+    dx, sums = _layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd)
+    return dx, sums[0].to(weight.dtype), sums[1].to(weight.dtype), None, None
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup)

@@ -57,8 +57,8 @@ def test_every_kernel_launch_compiles_for_sm90():
         if m:
             written.setdefault(m.group(1), set()).update(m.group(2).split())
     expected = {
-        "_add_layer_norm_fwd_kernel": "s y mean rstd", "_add_layer_norm_bwd_kernel": "dx dbr dw db dbb",
-        "_layer_norm_fwd_kernel": "y mean rstd", "_layer_norm_bwd_kernel": "dx dw db",
+        "_add_layer_norm_fwd_kernel": "s y mean rstd", "_add_layer_norm_bwd_kernel": "dx dbr part",
+        "_layer_norm_fwd_kernel": "y mean rstd", "_layer_norm_bwd_kernel": "dx part",
         "_bias_gelu_fwd_kernel": "y", "_bias_gelu_bwd_kernel": "dx db", "_scale_add_kernel": "out",
         "_attn_fwd_kernel": "o lse", "_attn_bwd_one_tile_kernel": "g db", "_attn_bwd_dkdv_kernel": "g db",
         "_attn_bwd_dq_kernel": "g db", "_gather_tokens_fwd_kernel": "out", "_gather_tokens_bwd_kernel": "gx gpos",
