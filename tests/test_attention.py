@@ -126,6 +126,36 @@ def test_packed_qkv_attention_matches_float64(with_bias, lens, cfg, monkeypatch)
         assert float(grads64[1].view(3, -1)[1].abs().max()) < 1e-9 * float(grads64[1].abs().max())
 
 
+@pytest.mark.parametrize("lens,cfg", [([3, 1, 70], None), ([70, 1, 33], "32,32,4,1")])
+def test_attention_backward_writes_every_empty_buffer(lens, cfg, monkeypatch):
+    """Every float buffer the launchers take from torch.empty is written in full: poisoned with NaN at
+    allocation, the bias gradient (the one-tile kernel writes the key slot's zeros itself, no memset
+    before) and qkv's gradient come out finite and equal to a run without the poison."""
+    if cfg:
+        monkeypatch.setenv("BESTRQ2_ATTN_CFG", cfg)
+    h, d = 2, 48
+    qkv = torch.randn(sum(lens), 3, h, d, requires_grad=True)
+    bias = (torch.randn(3 * h * d) * 0.5).requires_grad_()
+    cu = _cu(lens)
+
+    def grads():
+        out = triton_qkv_attention(qkv, bias, cu, max(lens))
+        return torch.autograd.grad(out, (qkv, bias), torch.ones_like(out))
+
+    clean = grads()
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    dirty = grads()
+    monkeypatch.setattr(torch, "empty", real_empty)
+    for a, b in zip(clean, dirty):
+        assert bool(torch.isfinite(b).all()) and torch.equal(a, b)
+
+
 def test_packed_qkv_attention_bf16_within_twice_sdpa_error():
     """bf16 qkv with a float32 bias (the model under autocast): the output within 2x the error of PyTorch's
     own bf16 path ((qkv + bias) in bf16, SDPA) against float64; gradients in the inputs' dtypes."""
