@@ -75,6 +75,26 @@ def _ready_step(depth: int, predictor_depth: int, width: int, heads: int, clips:
 
 
 PHASES = ("prepare", "forward", "backward", "optimizer")
+# ATen ops that only make views or allocate (no kernel on a GPU); an ``aten::to`` computes when it copies
+NO_KERNEL = {"aten::reshape", "aten::empty", "aten::t", "aten::detach", "aten::select", "aten::view", "aten::flatten",
+             "aten::unflatten", "aten::empty_like", "aten::promote_types", "aten::slice", "aten::expand",
+             "aten::is_nonzero", "aten::item", "aten::unsqueeze", "aten::transpose", "aten::as_strided",
+             "aten::_unsafe_view", "aten::permute", "aten::empty_strided", "aten::alias", "aten::unbind",
+             "aten::split", "aten::squeeze", "aten::_reshape_alias", "aten::numpy_T", "aten::view_as_real"}
+
+
+def computing_ops(prof) -> dict[str, int]:
+    """{op name: calls} of a profiled step's top-level ATen ops (not inside another ATen op) that compute: each
+    at least one kernel on a GPU (a ``linear`` more: its weight cast under autocast and the GEMM)."""
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::") or (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")):
+            continue
+        copies = any(c.name == "aten::_to_copy" for c in e.cpu_children)
+        if e.name in NO_KERNEL or (e.name == "aten::to" and not copies):
+            continue
+        counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
 HEAVY = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_fft_r2c", "aten::_fused_adamw_", "aten::_scaled_dot_product")
 
 
@@ -113,8 +133,8 @@ def measure(depth: int = 12, predictor_depth: int = 4, width: int = 16, heads: i
     with torch.profiler.profile() as prof:
         step()
     heavy = [e for e in prof.key_averages() if e.key.startswith(HEAVY)]
-    return {"wall_ms": wall, "phase_ms": {name: statistics.median(p[i] for p in phases) for i, name in
-                                          enumerate(PHASES)}, "aten_ops": Count.n, "launches": per_step_launches, "op_calls": calls,
+    return {"computing": computing_ops(prof), "wall_ms": wall,
+            "phase_ms": {name: statistics.median(p[i] for p in phases) for i, name in enumerate(PHASES)}, "aten_ops": Count.n, "launches": per_step_launches, "op_calls": calls,
             "op_dispatched": dispatched, "op_dispatched_off": dispatched_off,
             "heavy_ms": sum(e.self_cpu_time_total for e in heavy) / 1e3, "heavy_ops": sum(e.count for e in heavy)}
 
@@ -217,6 +237,9 @@ def main(argv=None) -> int:
           f"{r['heavy_ms']:.1f} ms, taken out; {args.dispatch_us:g} us put back for each")
     print(f"  host work: {host:.1f} ms for {r['aten_ops']} ATen ops and {r['launches']} Triton launches "
           f"(recorded, not run)")
+    top = sorted(r["computing"].items(), key=lambda kv: -kv[1])
+    print(f"  ATen ops that compute (top level, a kernel each on a GPU): {sum(r['computing'].values())}: "
+          + ", ".join(f"{n.removeprefix('aten::')} {c}" for n, c in top[:8]))
     print(f"  Triton op calls: {r['op_calls']}, of which through the torch.library dispatcher: {r['op_dispatched']} "
           f"(BESTRQ2_EAGER_OPS={read('BESTRQ2_EAGER_OPS') or '1'}); {r['op_dispatched_off']} with "
           "BESTRQ2_EAGER_OPS=0")

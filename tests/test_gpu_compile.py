@@ -148,3 +148,5 @@ def test_host_overhead_probe_counts_the_dispatcher_calls():
     assert calls >= 20 and dispatched == 0 and dispatched_off == calls, out
     assert re.search(r"host work: [\d.]+ ms for \d+ ATen ops and \d+ Triton launches", out), out
     assert re.search(r"prepare [\d.]+ ms, forward [\d.]+ ms, backward [\d.]+ ms, optimizer [\d.]+ ms", out), out
+    m = re.search(r"ATen ops that compute \(top level, a kernel each on a GPU\): (\d+): (.*)", out)
+    assert m and int(m.group(1)) > 50 and "mm " in m.group(2) and "reshape" not in m.group(2), out
