@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import VARLEN, dense_attention, resolve, triton_qkv_attention, varlen_attention
+from .kept import kept
 from .kernels import add_layer_norm, bias_gelu, layer_norm, residual_drop_path
 from .kernels._dispatch import use_triton
 
@@ -40,24 +41,27 @@ class DropPath(nn.Module):
         return torch.empty(n, device=device).bernoulli_(keep).div_(keep)
 
     def row_factors(self, x: torch.Tensor, sample_of: torch.Tensor | None = None,
-                    clips: int | None = None, per_clip: bool = False) -> torch.Tensor | None:
+                    clips: int | None = None, per_clip: bool = False,
+                    drawn: torch.Tensor | None = None) -> torch.Tensor | None:
         """float32 [tokens of x]: each token's clip factor (x [B, L, D], or packed [T, D] with ``sample_of[t]``
         = clip of token t of ``clips``: drop per clip, not per token); None when inactive. Without ``clips`` the
         count is read from ``sample_of`` (a device read: the blocks pass it, from the packed batch's shape).
         ``per_clip``: for x [B, L, D], the [B] factors themselves (``add_layer_norm`` takes a factor per block
-        of rows: no repeat, an op and a launch fewer per add)."""
+        of rows: no repeat, an op and a launch fewer per add). ``drawn``: the clips' factors, already drawn
+        (``Transformer`` draws every add's at once), else drawn here."""
         if not self.active:
             return None
         if sample_of is None:
-            f = self.factors(x.shape[0], x.device)
+            f = drawn if drawn is not None else self.factors(x.shape[0], x.device)
             return f if per_clip else f.repeat_interleave(x[0].numel() // x.shape[-1])
-        n = clips if clips is not None else int(sample_of.max()) + 1
-        return self.factors(n, x.device)[sample_of]
+        if drawn is None:
+            drawn = self.factors(clips if clips is not None else int(sample_of.max()) + 1, x.device)
+        return drawn[sample_of]
 
     def add(self, x: torch.Tensor, branch: torch.Tensor, sample_of: torch.Tensor | None = None,
-            impl: str = "auto", clips: int | None = None) -> torch.Tensor:
+            impl: str = "auto", clips: int | None = None, drawn: torch.Tensor | None = None) -> torch.Tensor:
         """x + drop(branch)."""
-        rows = self.row_factors(x, sample_of, clips)
+        rows = self.row_factors(x, sample_of, clips, drawn=drawn)
         if rows is None:
             return x + branch
         d = x.shape[-1]
@@ -132,27 +136,29 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None, backend: str = "sdpa",
                 packed: tuple[torch.Tensor, int] | None = None, sample_of: torch.Tensor | None = None,
                 normed: torch.Tensor | None = None, next_norm: nn.LayerNorm | None = None,
-                out_dtype: torch.dtype | None = None):
+                out_dtype: torch.dtype | None = None, drawn: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x -> x after the block. Fused form (``Transformer`` on the Triton path): given ``normed`` =
         norm1(x) and the LayerNorm that comes after this block (the next block's norm1, or the stack's
         final norm), returns (x after the block, next_norm of it in ``out_dtype``), each residual add
         fused with the LayerNorm after it (``kernels.add_layer_norm``): the same function. There the attention
         and MLP output projections run without their biases, which the fused adds take in float32 (their
-        gradients come out of its backward: no separate pass over each projection's output gradient)."""
+        gradients come out of its backward: no separate pass over each projection's output gradient).
+        ``drawn``: the two adds' drop-path factors per clip, drawn by the stack (else each add draws its own)."""
         impl, dp = self.impl, self.drop_path
         # packed: the clip count from cu_seqlens' shape (B + 1), not from sample_of's values (a device read per add)
         clips = None if packed is None else packed[0].shape[0] - 1
+        f_attn, f_mlp = drawn if drawn is not None else (None, None)
         if normed is None:
             h = self.attn(self._norm(self.norm1, x), key_padding, backend, packed)
-            x = dp.add(x, h, sample_of, impl, clips)
-            return dp.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl, clips)
-        # drop-path factors drawn per add, each after its branch, as the unfused form draws them
+            x = dp.add(x, h, sample_of, impl, clips, f_attn)
+            return dp.add(x, self.mlp(self._norm(self.norm2, x), impl), sample_of, impl, clips, f_mlp)
+        # without ``drawn``, drop-path factors drawn per add, each after its branch, as the unfused form draws them
         h = self.attn(normed, key_padding, backend, packed, proj_bias=False)
-        x, y = self._add_norm(x, h, dp.row_factors(x, sample_of, clips, per_clip=True), self.norm2, None,
-                              self.attn.proj.bias)
+        x, y = self._add_norm(x, h, dp.row_factors(x, sample_of, clips, per_clip=True, drawn=f_attn), self.norm2,
+                              None, self.attn.proj.bias)
         m = self.mlp(y, impl, fc2_bias=False)
-        return self._add_norm(x, m, dp.row_factors(x, sample_of, clips, per_clip=True), next_norm, out_dtype,
-                              self.mlp.fc2.bias)
+        return self._add_norm(x, m, dp.row_factors(x, sample_of, clips, per_clip=True, drawn=f_mlp), next_norm,
+                              out_dtype, self.mlp.fc2.bias)
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, norm.weight, norm.bias, norm.eps, impl=self.impl)
@@ -195,11 +201,29 @@ class Transformer(nn.Module):
             return out
         return self._blocks_and_norm(x, key_padding, backend)
 
+    def drop_factors(self, clips: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per block, its two adds' drop-path factors for this forward, float32 [clips] each (0, or 1 / keep),
+        or None for a block without drop path: every add's drawn at once, one ``bernoulli`` and one division for
+        the stack where each add drew its own (2 ops, 2 launches on a GPU, 22 adds a ViT-B forward). The same
+        law as per-add draws (each factor its own Bernoulli(keep) / keep), not the same random numbers."""
+        rates = tuple(blk.drop_path.p if blk.drop_path.active else 0.0 for blk in self.blocks)
+        active = [i for i, r in enumerate(rates) if r > 0.0]
+        if not active:
+            return [None] * len(rates)
+        keep = kept(self.__dict__.setdefault("_keep_probs", {}), (rates, device), device,
+                    lambda: torch.tensor([1.0 - rates[i] for i in active for _ in (0, 1)], device=device)[:, None])
+        f = torch.bernoulli(keep.expand(len(keep), clips)).div_(keep)  # [2 per active block, clips]
+        out: list = [None] * len(rates)
+        for j, i in enumerate(active):
+            out[i] = (f[2 * j], f[2 * j + 1])
+        return out
+
     def _blocks_and_norm(self, x, key_padding, backend, packed=None, sample_of=None) -> torch.Tensor:
         blocks = self.blocks
+        drawn = self.drop_factors(x.shape[0] if packed is None else packed[0].shape[0] - 1, x.device)
         if not (self.fuse_blocks and len(blocks) and use_triton(x, impl=blocks[0].impl)):
-            for blk in blocks:
-                x = blk(x, key_padding, backend, packed, sample_of)
+            for blk, f in zip(blocks, drawn):
+                x = blk(x, key_padding, backend, packed, sample_of, drawn=f)
             return self.norm(x)
         # fused: norm1 of the first block, then each block hands the next its normed input; the last
         # one's output norm is the stack's (float32 under autocast, as nn.LayerNorm gives)
@@ -208,7 +232,8 @@ class Transformer(nn.Module):
         for i, blk in enumerate(blocks):
             last = i + 1 == len(blocks)
             x, y = blk(x, key_padding, backend, packed, sample_of, normed=y,
-                       next_norm=self.norm if last else blocks[i + 1].norm1, out_dtype=final if last else None)
+                       next_norm=self.norm if last else blocks[i + 1].norm1, out_dtype=final if last else None,
+                       drawn=drawn[i])
         return y
 
 

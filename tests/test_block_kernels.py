@@ -338,3 +338,31 @@ def test_fused_stack_backward_writes_no_zero_gradients(attention):
     assert len(ops) > 50  # the backward ran under the recorder
     assert not [op for op in ops if "zero" in op or "fill" in op], ops
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_stack_draws_every_drop_path_factor_at_once(triton_path, path):
+    """A training forward draws all its drop-path factors in one bernoulli and one division (it drew two ops per
+    add); eval draws none. The law is per-add drop path's: each block's two adds drop a clip with its own
+    rate, independently, keep it at 1 / keep; blocks at rate 0 take no factors."""
+    from conftest import aten_ops
+
+    from bestrq2.transformer import Transformer
+
+    stack = Transformer(32, 4, 2, drop_path=0.3, attention="sdpa", block=path).train()
+    x = torch.randn(3, 5, 32)
+    ops = aten_ops(lambda: stack(x))
+    assert ops.count("aten.bernoulli") + ops.count("aten.bernoulli_") == 1 and ops.count("aten.div_") == 1, ops
+    assert not any(op.startswith("aten.bernoulli") for op in aten_ops(lambda: stack.eval()(x)))
+    stack.train()
+    rates = [blk.drop_path.p for blk in stack.blocks]  # 0, 0.1, 0.2, 0.3
+    draws = [stack.drop_factors(20_000, torch.device("cpu")) for _ in range(2)]
+    assert draws[0][0] is None and all(d is not None for d in draws[0][1:])
+    for i, rate in enumerate(rates[1:], 1):
+        attn, mlp = draws[0][i]
+        for f in (attn, mlp):
+            assert torch.equal(f.unique(), torch.tensor([0.0, 1.0]) / torch.tensor(1 - rate))
+            assert abs(float((f == 0).float().mean()) - rate) < 0.015
+        assert not torch.equal(attn, mlp) and not torch.equal(attn, draws[1][i][0])  # independent draws
+        both = float(((attn == 0) & (mlp == 0)).float().mean())
+        assert abs(both - rate * rate) < 0.01
