@@ -210,8 +210,9 @@ class Transformer(nn.Module):
         active = [i for i, r in enumerate(rates) if r > 0.0]
         if not active:
             return [None] * len(rates)
+        # [2 per active block, 1] keep probabilities, kept; made by fills (no host-to-device copy, capturable)
         keep = kept(self.__dict__.setdefault("_keep_probs", {}), (rates, device), device,
-                    lambda: torch.tensor([1.0 - rates[i] for i in active for _ in (0, 1)], device=device)[:, None])
+                    lambda: torch.cat([torch.full((2, 1), 1.0 - rates[i], device=device) for i in active]))
         f = torch.bernoulli(keep.expand(len(keep), clips)).div_(keep)  # [2 per active block, clips]
         out: list = [None] * len(rates)
         for j, i in enumerate(active):
