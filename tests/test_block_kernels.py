@@ -366,3 +366,14 @@ def test_stack_draws_every_drop_path_factor_at_once(triton_path, path):
         assert not torch.equal(attn, mlp) and not torch.equal(attn, draws[1][i][0])  # independent draws
         both = float(((attn == 0) & (mlp == 0)).float().mean())
         assert abs(both - rate * rate) < 0.01
+
+
+def test_stack_drop_path_traces_in_one_graph():
+    """torch.compile traces a training forward with the stack's drop-path draw in one graph (the kept keep
+    probabilities built inline, nothing kept while tracing) and the backward runs."""
+    from bestrq2.transformer import Transformer
+
+    stack = Transformer(32, 3, 2, drop_path=0.3, attention="sdpa", block="reference").train()
+    y = torch.compile(stack, backend="eager", fullgraph=True)(torch.randn(2, 5, 32, requires_grad=True))
+    y.sum().backward()
+    assert stack.__dict__.get("_keep_probs", {}) == {} and stack.blocks[1].mlp.fc1.weight.grad is not None
