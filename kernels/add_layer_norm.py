@@ -60,8 +60,8 @@ def add_layer_norm_ref(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.T
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(x_ptr, br_ptr, bb_ptr, scale_ptr, w_ptr, b_ptr, s_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
-                               eps, ROWS_PER_SCALE, HAS_BB: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
+                               eps, ROWS_PER_SCALE, HAS_BB: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, cols, rmask, cmask, mask, off = _rows_offsets(R, D, BLOCK_R, BLOCK_D)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     br = tl.load(br_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -120,8 +120,8 @@ def _add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, row_scale: torch.
     br, bd = _blocks(d)
     wrap_triton(_add_layer_norm_fwd_kernel)[(cdiv(r, br),)](
         x, branch, branch_bias if branch_bias is not None else weight, row_scale if row_scale is not None else x,
-        weight, bias, s, y, mean, rstd, r, d, eps, _rows_per_scale(r, row_scale), HAS_BB=branch_bias is not None, HAS_SCALE=row_scale is not None,
-        BLOCK_R=br, BLOCK_D=bd, **_warps())
+        weight, bias, s, y, mean, rstd, r, d, eps, _rows_per_scale(r, row_scale), HAS_BB=branch_bias is not None,
+        HAS_SCALE=row_scale is not None, BLOCK_R=br, BLOCK_D=bd, **_warps())
     return s, y, mean, rstd
 
 
