@@ -122,11 +122,13 @@ def _export(args: argparse.Namespace) -> int:
 
     used = export_encoder(args.ckpt, args.out)
     print(f"exported the encoder of {used} to {args.out} (config.json + model.safetensors)")
-    if args.onnx:
+    if args.onnx or args.onnx_portable:
         from .encoder import BestRQ2Encoder
 
-        path = BestRQ2Encoder.from_pretrained(args.out).to_onnx(Path(args.out) / "encoder.onnx")
-        print(f"and as ONNX to {path} (dynamic batch and length; run it with bestrq2.onnx.OnnxEncoder)")
+        path = BestRQ2Encoder.from_pretrained(args.out).to_onnx(Path(args.out) / "encoder.onnx",
+                                                                portable=args.onnx_portable)
+        ops = "standard ONNX ops" if args.onnx_portable else "onnxruntime's fused ops"
+        print(f"and as ONNX to {path} (dynamic batch and length, {ops}; run it with bestrq2.onnx.OnnxEncoder)")
     return 0
 
 
@@ -304,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write the encoder of a checkpoint (or a run's latest) for from_pretrained")
     ex.add_argument("ckpt", help="a checkpoint file or a run directory")
     ex.add_argument("out")
-    ex.add_argument("--onnx", action="store_true", help="also write OUT/encoder.onnx (needs the onnx extra)")
+    ex.add_argument("--onnx", action="store_true", help="also write OUT/encoder.onnx (needs the onnx extra), "
+                    "its blocks in onnxruntime's fused contrib ops")
+    ex.add_argument("--onnx-portable", action="store_true",
+                    help="also write OUT/encoder.onnx in standard ONNX ops only (any ONNX runtime)")
     ex.set_defaults(func=_export)
 
     em = sub.add_parser("embed", help="frame embeddings of an audio file")

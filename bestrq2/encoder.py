@@ -152,12 +152,13 @@ class BestRQ2Encoder(nn.Module):
         """Frames the encoder gives a clip of ``num_samples`` samples."""
         return sum(keep for *_, keep in chunk_plan(num_samples, self.config.chunk_samples))
 
-    def to_onnx(self, path: str | os.PathLike) -> Path:
+    def to_onnx(self, path: str | os.PathLike, portable: bool = False) -> Path:
         """Write this encoder as ONNX (dynamic batch and length; see ``bestrq2.onnx``); run it with
-        ``bestrq2.onnx.OnnxEncoder``."""
+        ``bestrq2.onnx.OnnxEncoder``. ``portable=True``: standard ONNX ops only (any runtime), where the
+        default uses onnxruntime's fused contrib ops."""
         from .onnx import export_onnx
 
-        return export_onnx(self, path)
+        return export_onnx(self, path, portable=portable)
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None,

@@ -5,7 +5,9 @@ T >= MIN_SAMPLES = 9375) to frames [B, W, D] with W = floor((1 + T // 625) / 16)
 equal-length clips. The STFT is written as a two-stage DFT in matmuls (``FactoredLogMel``; ONNX's STFT
 op has no complex output that every runtime takes, and onnxruntime's ran 4x slower than the strided
 convolution with the DFT basis used before, which this one halves), so the spectrogram differs from
-``torch.stft``'s FFT by float32 rounding only. ``OnnxEncoder`` runs the file with onnxruntime and
+``torch.stft``'s FFT by float32 rounding only. The blocks go in as onnxruntime's fused contrib ops
+(``FusedContextEncoder``: SkipLayerNormalization, Attention, BiasGelu), or with ``portable=True`` in
+standard ONNX ops that any runtime runs. ``OnnxEncoder`` runs the file with onnxruntime and
 does what the graph leaves to the caller, as ``BestRQ2Encoder`` does: clips longer than 10 s cut into
 10 s chunks (a tail under 1 s zero-padded to 1 s, one frame), padded batches by ``lengths``.
 Needs the ``onnx`` extra: ``pip install 'bestrq2[onnx]'`` (onnx, onnxscript, onnxruntime).
@@ -114,24 +116,124 @@ class SplitKLinear(nn.Module):
 SPLIT_K_FROM = 2048  # linears with at least this many inputs go to ONNX as SplitKLinear
 
 
-class _ExportedFrames(nn.Module):
-    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file: the encoder's own
-    ContextEncoder, rebuilt with plain PyTorch ops (reference kernels, attention written out as matmul
-    + softmax, which every ONNX runtime has) around the same weights; every linear on 2-D rows
-    (``RowsLinear``: one Gemm with its bias), wide ones split in K (``SplitKLinear``) for onnxruntime's GEMM."""
+MS = "com.microsoft::"  # onnxruntime's contrib ops (in its CPU provider, as in every ORT build)
 
-    def __init__(self, enc) -> None:
+
+def _skip_layer_norm(x: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, norm: nn.LayerNorm):
+    """(norm(x + skip + bias), x + skip + bias): one ``SkipLayerNormalization`` in the ONNX file, where the
+    residual add, the bias and the LayerNorm were three passes (onnxruntime fuses Add + LayerNorm by itself only
+    when the sum has no other reader, and in a pre-norm ViT it always has: the next residual). ``skip`` may be
+    [L, D] against x [B, L, D] (the positions)."""
+    if torch.onnx.is_in_onnx_export():
+        stat = (*x.shape[:-1], 1)
+        out, _, _, total = torch.onnx.ops.symbolic_multi_out(
+            MS + "SkipLayerNormalization", (x, skip, norm.weight, norm.bias, bias), {"epsilon": float(norm.eps)},
+            dtypes=(x.dtype,) * 4, shapes=(x.shape, stat, stat, x.shape), version=1)
+        return out, total
+    total = x + skip + bias
+    return F.layer_norm(total, total.shape[-1:], norm.weight, norm.bias, norm.eps), total
+
+
+def _attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention of x [B, L, D] with its q, k, v projection (w [D, 3 D], b [3 D], columns
+    q | k | v, heads within each) -> [B, L, D] before the output projection: one ``Attention`` in the ONNX
+    file (the projection, the heads' softmax(q k^T / sqrt(Dh)) v and their merge), where the unfused graph
+    had a Gemm, a Split, three Squeeze + Transpose, two MatMuls, a Softmax and a Transpose back."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(MS + "Attention", (x, w, b), {"num_heads": heads}, dtype=x.dtype,
+                                       shape=x.shape, version=1)
+    q, k, v = (x @ w + b).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+
+
+def _bias_gelu(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of x + b: one ``BiasGelu`` in the ONNX file, where the unfused graph had an Add and five
+    elementwise ops."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(MS + "BiasGelu", (x, b), dtype=x.dtype, shape=x.shape, version=1)
+    return F.gelu(x + b)
+
+
+class FusedContextEncoder(nn.Module):
+    """``ContextEncoder`` for onnxruntime: ``(raw [B, L, 256], pos [L, D]) -> [B, L, D]``, the same function
+    written with onnxruntime's fused contrib ops (``SkipLayerNormalization``, ``Attention``, ``BiasGelu``) and
+    bias-free MatMuls on pre-transposed weights. Each residual add goes with the LayerNorm after it and the
+    bias of the projection before it, so a block is: Attention, MatMul, SkipLayerNorm, MatMul(s), BiasGelu,
+    MatMul(s), SkipLayerNorm. Wide MLPs (hidden >= ``SPLIT_K_FROM``) run as two halves: fc1's output columns and
+    fc2's input features split in two, so that fc2 is two half-K MatMuls (onnxruntime's GEMM runs K = 3,072 a
+    third slower than two halves) with no Split copy between. Outside an ONNX export each op runs as plain
+    PyTorch, so the module can be checked against ``ContextEncoder``."""
+
+    def __init__(self, encoder: ContextEncoder) -> None:
+        super().__init__()
+        t = lambda w: nn.Parameter(w.detach().t().contiguous())  # noqa: E731  [in, out] for MatMul
+        self.patch_w, self.patch_b = t(encoder.patch_embed.weight), _copy(encoder.patch_embed.bias)
+        self.heads = encoder.blocks[0].attn.heads
+        self.norm1 = nn.ModuleList(_copy_norm(b.norm1) for b in encoder.blocks)
+        self.norm2 = nn.ModuleList(_copy_norm(b.norm2) for b in encoder.blocks)
+        self.norm = _copy_norm(encoder.norm)
+        self.qkv_w = nn.ParameterList(t(b.attn.qkv.weight) for b in encoder.blocks)
+        self.qkv_b = nn.ParameterList(_copy(b.attn.qkv.bias) for b in encoder.blocks)
+        self.proj_w = nn.ParameterList(t(b.attn.proj.weight) for b in encoder.blocks)
+        self.proj_b = nn.ParameterList(_copy(b.attn.proj.bias) for b in encoder.blocks)
+        hidden = encoder.blocks[0].mlp.fc1.out_features
+        self.mlp_parts = 2 if hidden >= SPLIT_K_FROM else 1
+        cuts = [hidden * i // self.mlp_parts for i in range(self.mlp_parts + 1)]
+        self.fc1_w, self.fc1_b, self.fc2_w = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
+        for b in encoder.blocks:
+            for lo, hi in zip(cuts, cuts[1:]):
+                self.fc1_w.append(t(b.mlp.fc1.weight[lo:hi]))
+                self.fc1_b.append(_copy(b.mlp.fc1.bias[lo:hi]))
+                self.fc2_w.append(t(b.mlp.fc2.weight[:, lo:hi]))
+        self.fc2_b = nn.ParameterList(_copy(b.mlp.fc2.bias) for b in encoder.blocks)
+
+    def forward(self, raw: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        y, x = _skip_layer_norm(raw @ self.patch_w, pos, self.patch_b, self.norm1[0])
+        depth, parts = len(self.norm1), self.mlp_parts
+        for i in range(depth):
+            a = _attention(y, self.qkv_w[i], self.qkv_b[i], self.heads)
+            y, x = _skip_layer_norm(a @ self.proj_w[i], x, self.proj_b[i], self.norm2[i])
+            m = None
+            for j in range(i * parts, (i + 1) * parts):
+                part = _bias_gelu(y @ self.fc1_w[j], self.fc1_b[j]) @ self.fc2_w[j]
+                m = part if m is None else m + part
+            y, x = _skip_layer_norm(m, x, self.fc2_b[i], self.norm if i + 1 == depth else self.norm1[i + 1])
+        return y
+
+
+def _copy(p: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(p.detach().clone())
+
+
+def _copy_norm(norm: nn.LayerNorm) -> nn.LayerNorm:
+    out = nn.LayerNorm(norm.normalized_shape, eps=norm.eps)
+    out.load_state_dict(norm.state_dict())
+    return out
+
+
+class _ExportedFrames(nn.Module):
+    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file. ``fused``: the blocks in
+    onnxruntime's contrib ops (``FusedContextEncoder``). Else (portable) the encoder's own ContextEncoder,
+    rebuilt with plain PyTorch ops (reference kernels, attention written out as matmul + softmax, which every
+    ONNX runtime has) around the same weights; every linear on 2-D rows (``RowsLinear``: one Gemm with its
+    bias), wide ones split in K (``SplitKLinear``) for onnxruntime's GEMM."""
+
+    def __init__(self, enc, fused: bool = True) -> None:
         super().__init__()
         self.frontend = FactoredLogMel(enc.frontend.window, enc.frontend.fb)
-        plain = {op: "reference" for op in OPS} | {"attention": "math"}
-        with torch.random.fork_rng(devices=[]):
-            self.encoder = ContextEncoder(dataclasses.replace(enc.config, kernels=plain))
-        self.encoder.load_state_dict(enc.encoder.state_dict())
-        self.encoder.patch_embed = RowsLinear(self.encoder.patch_embed)
-        for block in self.encoder.blocks:
-            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-                lin = getattr(owner, name)
-                setattr(owner, name, SplitKLinear(lin) if lin.in_features >= SPLIT_K_FROM else RowsLinear(lin))
+        if fused:
+            self.encoder = FusedContextEncoder(enc.encoder)
+        else:
+            plain = {op: "reference" for op in OPS} | {"attention": "math"}
+            with torch.random.fork_rng(devices=[]):
+                self.encoder = ContextEncoder(dataclasses.replace(enc.config, kernels=plain))
+            self.encoder.load_state_dict(enc.encoder.state_dict())
+            self.encoder.patch_embed = RowsLinear(self.encoder.patch_embed)
+            for block in self.encoder.blocks:
+                for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"),
+                                    (block.mlp, "fc2")):
+                    lin = getattr(owner, name)
+                    setattr(owner, name, SplitKLinear(lin) if lin.in_features >= SPLIT_K_FROM else RowsLinear(lin))
         self.dim, self.layout = enc.config.encoder_dim, enc.config.pos_layout
         self.fp = enc.config.freq_patches
 
@@ -148,11 +250,14 @@ class _ExportedFrames(nn.Module):
         return tok.reshape(tok.shape[0], self.fp, w, -1).mean(dim=1)
 
 
-def export_onnx(enc, path: str | Path, opset: int = 18) -> Path:
-    """Write ``enc`` (a ``BestRQ2Encoder``) as ONNX with dynamic batch and length. Returns the path."""
+def export_onnx(enc, path: str | Path, opset: int = 18, portable: bool = False) -> Path:
+    """Write ``enc`` (a ``BestRQ2Encoder``) as ONNX with dynamic batch and length. Returns the path.
+    ``portable=False`` (default): the blocks in onnxruntime's fused contrib ops (``FusedContextEncoder``), which
+    only onnxruntime runs; ``portable=True``: standard ONNX ops only (Gemm, MatMul, Softmax, LayerNormalization,
+    Erf, ...), for any runtime."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _ExportedFrames(enc).eval()
+    model = _ExportedFrames(enc, fused=not portable).eval()
     wave = torch.randn(2, 3 * SAMPLE_RATE) * 0.1
     batch = torch.export.Dim("batch", min=1)
     length = torch.export.Dim("samples", min=MIN_SAMPLES, max=10 * SAMPLE_RATE)

@@ -14,13 +14,26 @@ from bestrq2.cli import main
 import onnxruntime  # noqa: F401  (the onnx extra is a dev dependency: a missing one fails, it is not skipped)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def _perturbed(enc):
+    """LayerNorm weights and biases off their init (ones, zeros), so that a norm or bias taken from the wrong
+    place changes the output."""
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return enc
+
+
+@pytest.fixture(scope="module", params=["fused", "portable"])
+def exported(tmp_path_factory, request):
+    """(a two-block tiny encoder, its ONNX export under onnxruntime): onnxruntime's fused contrib ops (the
+    default) and the portable standard-op graph."""
     from bestrq2.onnx import OnnxEncoder
 
     torch.manual_seed(0)
-    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1)).eval()
-    path = enc.to_onnx(tmp_path_factory.mktemp("onnx") / "encoder.onnx")
+    enc = _perturbed(BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2)).eval())
+    path = enc.to_onnx(tmp_path_factory.mktemp("onnx") / "encoder.onnx", portable=request.param == "portable")
     return enc, OnnxEncoder(path)
 
 
@@ -56,8 +69,9 @@ def test_cli_export_onnx(tmp_path, capsys):
 
     pretrain(TrainConfig(preset="tiny", steps=1, batch_size=2, seconds=1.0, out=str(tmp_path / "run"), num_workers=0,
                          progress=False), model_cfg=BestRQ2Config.preset("tiny", encoder_depth=1, predictor_depth=1))
-    assert main(["export", str(tmp_path / "run"), str(tmp_path / "enc"), "--onnx"]) == 0
-    assert (tmp_path / "enc" / "encoder.onnx").is_file() and "as ONNX" in capsys.readouterr().out
+    for flag, ops in (("--onnx", "onnxruntime's fused ops"), ("--onnx-portable", "standard ONNX ops")):
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / "enc"), flag]) == 0
+        assert (tmp_path / "enc" / "encoder.onnx").is_file() and ops in capsys.readouterr().out
 
 
 def test_onnx_official_layout(tmp_path, fixtures):
@@ -140,11 +154,14 @@ def test_split_k_linear_is_the_same_function(tmp_path):
 
     enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=1, mlp_ratio=12.0)).eval()  # fc2: 2,304 inputs
     assert enc.encoder.blocks[0].mlp.fc2.in_features >= SPLIT_K_FROM
-    assert isinstance(_ExportedFrames(enc).encoder.blocks[0].mlp.fc2, SplitKLinear)
-    _close(enc, OnnxEncoder(enc.to_onnx(tmp_path / "wide.onnx")), torch.randn(2, 48_000) * 0.1)
+    assert isinstance(_ExportedFrames(enc, fused=False).encoder.blocks[0].mlp.fc2, SplitKLinear)
+    assert _ExportedFrames(enc).encoder.mlp_parts == 2  # the fused graph splits the MLP in two halves too
+    wave = torch.randn(2, 48_000) * 0.1
+    for portable in (True, False):
+        _close(enc, OnnxEncoder(enc.to_onnx(tmp_path / f"wide{portable}.onnx", portable=portable)), wave)
 
 
-def test_linears_export_as_one_gemm_each(exported):
+def test_linears_export_as_one_gemm_each(tmp_path):
     """Every linear goes to ONNX on 2-D rows (``RowsLinear``), one ``Gemm`` with its bias (onnxruntime fuses
     MatMul + bias into Gemm only on 2-D inputs): the same function as ``nn.Linear`` on [B, L, K] to float32
     rounding, and one Gemm per linear in the exported file (whose frames the tests above compare)."""
@@ -163,7 +180,60 @@ def test_linears_export_as_one_gemm_each(exported):
     assert out.shape == (3, 5, 24)
     assert float((out.double() - exact).abs().max()) <= 4 * F32_ROUNDING * float(exact.abs().max())
 
-    enc, onnx_enc = exported
-    ops = [n.op_type for n in onnx.load(str(onnx_enc.path)).graph.node]
+    torch.manual_seed(0)
+    enc = BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=2)).eval()
+    ops = [n.op_type for n in onnx.load(str(enc.to_onnx(tmp_path / "portable.onnx", portable=True))).graph.node]
     depth = len(enc.encoder.blocks)
     assert ops.count("Gemm") == 1 + 4 * depth, ops.count("Gemm")  # patch embedding, then qkv, proj, fc1, fc2
+    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(tmp_path / "portable.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("mlp_ratio", [4.0, 12.0])
+def test_fused_context_encoder_is_the_same_function(mlp_ratio):
+    """``FusedContextEncoder`` outside an export (each fused op as plain PyTorch) against ``ContextEncoder`` in
+    float64: its float32 error at most twice the encoder's own plus one rounding, on an odd patch count; the
+    wide MLP (hidden >= SPLIT_K_FROM) as two halves."""
+    from conftest import F32_ROUNDING
+
+    from bestrq2.onnx import FusedContextEncoder
+    from bestrq2.positions import sincos_2d
+
+    torch.manual_seed(5)
+    enc = _perturbed(BestRQ2Encoder(BestRQ2Config.preset("tiny", encoder_depth=3, mlp_ratio=mlp_ratio)).eval())
+    fused = FusedContextEncoder(enc.encoder)
+    raw, n = torch.randn(3, 40, 256), torch.arange(40)
+    pos = sincos_2d(n // 5, n % 5, enc.config.encoder_dim)
+    with torch.no_grad():
+        ref = enc.encoder(raw, pos).double()
+        exact = _float64_encoder(enc)(raw.double(), pos.double())
+        out = fused(raw, pos).double()
+    scale = float(exact.abs().max())
+    e_ref, e_out = float((ref - exact).abs().max()) / scale, float((out - exact).abs().max()) / scale
+    assert e_out <= 2 * e_ref + F32_ROUNDING, (e_out, e_ref)
+
+
+def _float64_encoder(enc):
+    import copy
+
+    twin = copy.deepcopy(enc.encoder).double()
+    for blk in twin.blocks:
+        blk.impl = "reference"
+    return twin
+
+
+def test_fused_graph_has_the_fused_ops(exported):
+    """The default export: per block one Attention, one BiasGelu and two SkipLayerNormalizations (the patch
+    embedding's add of the positions a third at the start), and none of the unfused ops they replace."""
+    import onnx
+
+    enc, onnx_enc = exported
+    graph = onnx.load(str(onnx_enc.path)).graph
+    ops = [n.op_type for n in graph.node]
+    depth = len(enc.encoder.blocks)
+    if not any(n.domain == "com.microsoft" for n in graph.node):
+        assert "Softmax" in ops and ops.count("LayerNormalization") == 2 * depth + 1  # the portable graph
+        return
+    assert ops.count("Attention") == depth and ops.count("BiasGelu") == depth, ops
+    assert ops.count("SkipLayerNormalization") == 2 * depth + 1, ops
+    for gone in ("Softmax", "LayerNormalization", "Erf", "Gemm", "Split"):
+        assert gone not in ops, gone
