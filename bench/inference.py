@@ -78,8 +78,11 @@ def bench_inference(rec: Recorder, device, smoke: bool, preset: str | None = Non
             from bestrq2.onnx import OnnxEncoder
 
             tmp = tempfile.mkdtemp()
-            ort = OnnxEncoder(fast.to_onnx(f"{tmp}/encoder.onnx"), threads=torch.get_num_threads())
-            runners["onnxruntime"] = lambda wave: torch.from_numpy(ort(wave.numpy()))
+            # the default export (onnxruntime's fused contrib ops) and the portable one (standard ops only)
+            for name, portable in (("onnxruntime", False), ("onnxruntime_portable", True)):
+                ort = OnnxEncoder(fast.to_onnx(f"{tmp}/{name}.onnx", portable=portable),
+                                  threads=torch.get_num_threads())
+                runners[name] = lambda wave, ort=ort: torch.from_numpy(ort(wave.numpy()))
         except ImportError as err:
             print(f"  (no onnxruntime row: {err})")
     for b in batches:

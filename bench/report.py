@@ -89,7 +89,7 @@ def inference_table(idx) -> list[str]:
     if not shapes:
         return []
     lines = ["| shape | provider | ms/clip | clips/s | x eager | max abs diff vs eager |", "|---|---|---|---|---|---|"]
-    order = ["eager", "fast", "bf16", "onnxruntime"]
+    order = ["eager", "fast", "bf16", "onnxruntime", "onnxruntime_portable"]
     for s in shapes:
         provs = sorted({k[1] for k in idx if k[0] == "encoder_inference" and k[3] == s},
                        key=lambda p: order.index(p) if p in order else 99)
