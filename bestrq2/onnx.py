@@ -5,16 +5,15 @@ T >= MIN_SAMPLES = 9375) to frames [B, W, D] with W = floor((1 + T // 625) / 16)
 equal-length clips. The STFT is written as a two-stage DFT in matmuls (``FactoredLogMel``; ONNX's STFT
 op has no complex output that every runtime takes, and onnxruntime's ran 4x slower than the strided
 convolution with the DFT basis used before, which this one halves), so the spectrogram differs from
-``torch.stft``'s FFT by float32 rounding only. The blocks go in as onnxruntime's fused contrib ops
-(``FusedContextEncoder``: SkipLayerNormalization, Attention, BiasGelu), or with ``portable=True`` in
-standard ONNX ops that any runtime runs. ``OnnxEncoder`` runs the file with onnxruntime and
+``torch.stft``'s FFT by float32 rounding only. The blocks (``ExportedContextEncoder``) are written for
+onnxruntime's CPU provider: each attention as its ``Attention`` contrib op by default, or with
+``portable=True`` in standard ONNX ops that any runtime runs. ``OnnxEncoder`` runs the file with onnxruntime and
 does what the graph leaves to the caller, as ``BestRQ2Encoder`` does: clips longer than 10 s cut into
 10 s chunks (a tail under 1 s zero-padded to 1 s, one frame), padded batches by ``lengths``.
 Needs the ``onnx`` extra: ``pip install 'bestrq2[onnx]'`` (onnx, onnxscript, onnxruntime).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import HOP, MIN_SAMPLES, N_FFT, OPS, PATCH, REFERENCE_TIME_PATCHES, SAMPLE_RATE
+from .config import HOP, MIN_SAMPLES, N_FFT, PATCH, REFERENCE_TIME_PATCHES, SAMPLE_RATE
 from .context_encoder import ContextEncoder
 from .frontend import AMIN, patchify, truncate_to_patches
 from .positions import sincos_2d
@@ -81,124 +80,95 @@ class RowsLinear(nn.Module):
     """``linear`` on the rows of its input flattened to 2-D ([..., K] -> [rows, K] -> [..., N]): the same
     function, exported as one ONNX ``Gemm`` with its bias (onnxruntime fuses MatMul + Add into Gemm only for
     2-D inputs; on [B, L, K] the bias add was a pass of its own). The ViT-B encoder ran 7% faster at batch 8
-    under onnxruntime (2-core Xeon, whole processes, 6 pairs) and no slower at batch 1."""
+    under onnxruntime (2-core Xeon, whole processes, 6 pairs) and no slower at batch 1. ``rows`` / ``cols``: a
+    slice of the weight's output / input features (and ``bias=False`` to leave the bias out), for a linear
+    split in parts."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, rows: slice = slice(None), cols: slice = slice(None),
+                 bias: bool = True) -> None:
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.weight = nn.Parameter(linear.weight.detach()[rows, cols].clone())
+        self.bias = None if linear.bias is None or not bias else nn.Parameter(linear.bias.detach()[rows].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-class SplitKLinear(nn.Module):
-    """``linear`` as two matmuls over the halves of its input features, summed: the same function, one
-    float32 rounding apart. onnxruntime's float32 GEMM (MLAS) ran ViT-B's fc2 ([rows, 3072] x [3072, 768])
-    at 125-131 GFLOP/s against 172-176 in two K = 1536 halves (2-core AMD EPYC, 1,024 rows), and the ViT-B
-    encoder 9-10% faster end to end; the export uses it for every linear of at least 2,048 inputs. On 2-D
-    rows, as ``RowsLinear``: the first half's GEMM takes the bias."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.half = linear.in_features // 2
-        w = linear.weight.detach()
-        self.w_lo, self.w_hi = nn.Parameter(w[:, : self.half].clone()), nn.Parameter(w[:, self.half:].clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        y = F.linear(rows[:, : self.half], self.w_lo, self.bias) + F.linear(rows[:, self.half:], self.w_hi)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-SPLIT_K_FROM = 2048  # linears with at least this many inputs go to ONNX as SplitKLinear
-
-
+SPLIT_K_FROM = 2048  # MLPs with at least this many hidden features go to ONNX in two halves
 MS = "com.microsoft::"  # onnxruntime's contrib ops (in its CPU provider, as in every ORT build)
 
 
-def _skip_layer_norm(x: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor, norm: nn.LayerNorm):
-    """(norm(x + skip + bias), x + skip + bias): one ``SkipLayerNormalization`` in the ONNX file, where the
-    residual add, the bias and the LayerNorm were three passes (onnxruntime fuses Add + LayerNorm by itself only
-    when the sum has no other reader, and in a pre-norm ViT it always has: the next residual). ``skip`` may be
-    [L, D] against x [B, L, D] (the positions)."""
-    if torch.onnx.is_in_onnx_export():
-        stat = (*x.shape[:-1], 1)
-        out, _, _, total = torch.onnx.ops.symbolic_multi_out(
-            MS + "SkipLayerNormalization", (x, skip, norm.weight, norm.bias, bias), {"epsilon": float(norm.eps)},
-            dtypes=(x.dtype,) * 4, shapes=(x.shape, stat, stat, x.shape), version=1)
-        return out, total
-    total = x + skip + bias
-    return F.layer_norm(total, total.shape[-1:], norm.weight, norm.bias, norm.eps), total
-
-
-def _attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head self-attention of x [B, L, D] with its q, k, v projection (w [D, 3 D], b [3 D], columns
-    q | k | v, heads within each) -> [B, L, D] before the output projection: one ``Attention`` in the ONNX
-    file (the projection, the heads' softmax(q k^T / sqrt(Dh)) v and their merge), where the unfused graph
-    had a Gemm, a Split, three Squeeze + Transpose, two MatMuls, a Softmax and a Transpose back."""
-    if torch.onnx.is_in_onnx_export():
-        return torch.onnx.ops.symbolic(MS + "Attention", (x, w, b), {"num_heads": heads}, dtype=x.dtype,
+def _attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int, fused: bool) -> torch.Tensor:
+    """Multi-head self-attention of x [B, L, D] with its q, k, v projection (w [3 D, D], b [3 D], rows
+    q | k | v, heads within each) -> [B, L, D], before the output projection. ``fused`` and under an ONNX
+    export: one onnxruntime ``Attention`` (contrib op; the projection, every head's softmax(q k^T / sqrt(Dh)) v
+    and their merge), which ran 9% faster than the standard ops' form (Gemm, Reshape, Transpose, Split, three
+    Squeezes, a Transpose, MatMul, Softmax, MatMul, Transpose) on [8, 128, 768], one thread of a 2-core Xeon.
+    Else the standard form, written out as matmul + softmax (which every ONNX runtime has)."""
+    d = x.shape[-1]
+    if fused and torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(MS + "Attention", (x, w.t(), b), {"num_heads": heads}, dtype=x.dtype,
                                        shape=x.shape, version=1)
-    q, k, v = (x @ w + b).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+    q, k, v = F.linear(x.reshape(-1, d), w, b).reshape(*x.shape[:-1], 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    att = torch.softmax((q @ k.transpose(-1, -2)) * (d // heads) ** -0.5, dim=-1)
+    return (att @ v).transpose(1, 2).flatten(-2)
 
 
-def _bias_gelu(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x + b: one ``BiasGelu`` in the ONNX file, where the unfused graph had an Add and five
-    elementwise ops."""
-    if torch.onnx.is_in_onnx_export():
-        return torch.onnx.ops.symbolic(MS + "BiasGelu", (x, b), dtype=x.dtype, shape=x.shape, version=1)
-    return F.gelu(x + b)
+class ExportedContextEncoder(nn.Module):
+    """``ContextEncoder`` as it goes into the ONNX file: ``(raw [B, L, 256], pos [L, D]) -> [B, L, D]``, the
+    same function around copies of the same weights, written for onnxruntime's CPU provider:
+    - every linear on 2-D rows (``RowsLinear``): one Gemm with its bias (on [B, L, K] the bias add was a
+      pass of its own);
+    - the residual adds and LayerNorms as standard Add + LayerNormalization: onnxruntime's fused
+      ``SkipLayerNormalization`` ran them 2.8x slower on [1024, 768] (6.1 vs 2.2 ms, one thread);
+    - exact GELU as one ``Gelu`` (ONNX opset 20; at opset 18 it is Div, Erf, Add, Mul, Mul: twice the time);
+    - wide MLPs (hidden >= ``SPLIT_K_FROM``) in two halves: fc1's output features and fc2's input features
+      split, so fc2 is two half-K Gemms (onnxruntime's GEMM ran K = 3,072 a third slower than two halves)
+      with no Split copy between; the first half's Gemm takes fc2's bias;
+    - ``fused_attention``: each block's attention as onnxruntime's ``Attention`` contrib op (only onnxruntime
+      runs the file then), else in standard ops."""
 
-
-class FusedContextEncoder(nn.Module):
-    """``ContextEncoder`` for onnxruntime: ``(raw [B, L, 256], pos [L, D]) -> [B, L, D]``, the same function
-    written with onnxruntime's fused contrib ops (``SkipLayerNormalization``, ``Attention``, ``BiasGelu``) and
-    bias-free MatMuls on pre-transposed weights. Each residual add goes with the LayerNorm after it and the
-    bias of the projection before it, so a block is: Attention, MatMul, SkipLayerNorm, MatMul(s), BiasGelu,
-    MatMul(s), SkipLayerNorm. Wide MLPs (hidden >= ``SPLIT_K_FROM``) run as two halves: fc1's output columns and
-    fc2's input features split in two, so that fc2 is two half-K MatMuls (onnxruntime's GEMM runs K = 3,072 a
-    third slower than two halves) with no Split copy between. Outside an ONNX export each op runs as plain
-    PyTorch, so the module can be checked against ``ContextEncoder``."""
-
-    def __init__(self, encoder: ContextEncoder) -> None:
+    def __init__(self, encoder: ContextEncoder, fused_attention: bool = True) -> None:
         super().__init__()
-        t = lambda w: nn.Parameter(w.detach().t().contiguous())  # noqa: E731  [in, out] for MatMul
-        self.patch_w, self.patch_b = t(encoder.patch_embed.weight), _copy(encoder.patch_embed.bias)
+        self.fused_attention = fused_attention
         self.heads = encoder.blocks[0].attn.heads
-        self.norm1 = nn.ModuleList(_copy_norm(b.norm1) for b in encoder.blocks)
-        self.norm2 = nn.ModuleList(_copy_norm(b.norm2) for b in encoder.blocks)
+        self.patch_embed = RowsLinear(encoder.patch_embed)
+        blocks = encoder.blocks
+        self.norm1 = nn.ModuleList(_copy_norm(b.norm1) for b in blocks)
+        self.norm2 = nn.ModuleList(_copy_norm(b.norm2) for b in blocks)
         self.norm = _copy_norm(encoder.norm)
-        self.qkv_w = nn.ParameterList(t(b.attn.qkv.weight) for b in encoder.blocks)
-        self.qkv_b = nn.ParameterList(_copy(b.attn.qkv.bias) for b in encoder.blocks)
-        self.proj_w = nn.ParameterList(t(b.attn.proj.weight) for b in encoder.blocks)
-        self.proj_b = nn.ParameterList(_copy(b.attn.proj.bias) for b in encoder.blocks)
-        hidden = encoder.blocks[0].mlp.fc1.out_features
+        self.qkv_w = nn.ParameterList(_copy(b.attn.qkv.weight) for b in blocks)
+        self.qkv_b = nn.ParameterList(_copy(b.attn.qkv.bias) for b in blocks)
+        self.proj = nn.ModuleList(RowsLinear(b.attn.proj) for b in blocks)
+        hidden = blocks[0].mlp.fc1.out_features
         self.mlp_parts = 2 if hidden >= SPLIT_K_FROM else 1
         cuts = [hidden * i // self.mlp_parts for i in range(self.mlp_parts + 1)]
-        self.fc1_w, self.fc1_b, self.fc2_w = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
-        for b in encoder.blocks:
-            for lo, hi in zip(cuts, cuts[1:]):
-                self.fc1_w.append(t(b.mlp.fc1.weight[lo:hi]))
-                self.fc1_b.append(_copy(b.mlp.fc1.bias[lo:hi]))
-                self.fc2_w.append(t(b.mlp.fc2.weight[:, lo:hi]))
-        self.fc2_b = nn.ParameterList(_copy(b.mlp.fc2.bias) for b in encoder.blocks)
+        self.fc1, self.fc2 = nn.ModuleList(), nn.ModuleList()
+        for b in blocks:
+            for j, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+                self.fc1.append(RowsLinear(b.mlp.fc1, rows=slice(lo, hi)))
+                self.fc2.append(RowsLinear(b.mlp.fc2, cols=slice(lo, hi), bias=j == 0))
 
     def forward(self, raw: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        y, x = _skip_layer_norm(raw @ self.patch_w, pos, self.patch_b, self.norm1[0])
+        x = self.patch_embed(raw) + pos
+        y = _layer_norm(self.norm1[0], x)
         depth, parts = len(self.norm1), self.mlp_parts
         for i in range(depth):
-            a = _attention(y, self.qkv_w[i], self.qkv_b[i], self.heads)
-            y, x = _skip_layer_norm(a @ self.proj_w[i], x, self.proj_b[i], self.norm2[i])
+            a = _attention(y, self.qkv_w[i], self.qkv_b[i], self.heads, self.fused_attention)
+            x = x + self.proj[i](a)
+            y = _layer_norm(self.norm2[i], x)
             m = None
             for j in range(i * parts, (i + 1) * parts):
-                part = _bias_gelu(y @ self.fc1_w[j], self.fc1_b[j]) @ self.fc2_w[j]
+                part = self.fc2[j](F.gelu(self.fc1[j](y)))
                 m = part if m is None else m + part
-            y, x = _skip_layer_norm(m, x, self.fc2_b[i], self.norm if i + 1 == depth else self.norm1[i + 1])
+            x = x + m
+            y = _layer_norm(self.norm if i + 1 == depth else self.norm1[i + 1], x)
         return y
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _copy(p: torch.Tensor) -> nn.Parameter:
@@ -212,28 +182,13 @@ def _copy_norm(norm: nn.LayerNorm) -> nn.LayerNorm:
 
 
 class _ExportedFrames(nn.Module):
-    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file. ``fused``: the blocks in
-    onnxruntime's contrib ops (``FusedContextEncoder``). Else (portable) the encoder's own ContextEncoder,
-    rebuilt with plain PyTorch ops (reference kernels, attention written out as matmul + softmax, which every
-    ONNX runtime has) around the same weights; every linear on 2-D rows (``RowsLinear``: one Gemm with its
-    bias), wide ones split in K (``SplitKLinear``) for onnxruntime's GEMM."""
+    """wave [B, T] -> frames [B, W, D], the graph that goes into the ONNX file: the two-stage DFT frontend,
+    the positions and ``ExportedContextEncoder`` (``fused_attention``: onnxruntime's Attention op)."""
 
-    def __init__(self, enc, fused: bool = True) -> None:
+    def __init__(self, enc, fused_attention: bool = True) -> None:
         super().__init__()
         self.frontend = FactoredLogMel(enc.frontend.window, enc.frontend.fb)
-        if fused:
-            self.encoder = FusedContextEncoder(enc.encoder)
-        else:
-            plain = {op: "reference" for op in OPS} | {"attention": "math"}
-            with torch.random.fork_rng(devices=[]):
-                self.encoder = ContextEncoder(dataclasses.replace(enc.config, kernels=plain))
-            self.encoder.load_state_dict(enc.encoder.state_dict())
-            self.encoder.patch_embed = RowsLinear(self.encoder.patch_embed)
-            for block in self.encoder.blocks:
-                for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"),
-                                    (block.mlp, "fc2")):
-                    lin = getattr(owner, name)
-                    setattr(owner, name, SplitKLinear(lin) if lin.in_features >= SPLIT_K_FROM else RowsLinear(lin))
+        self.encoder = ExportedContextEncoder(enc.encoder, fused_attention)
         self.dim, self.layout = enc.config.encoder_dim, enc.config.pos_layout
         self.fp = enc.config.freq_patches
 
@@ -250,14 +205,16 @@ class _ExportedFrames(nn.Module):
         return tok.reshape(tok.shape[0], self.fp, w, -1).mean(dim=1)
 
 
-def export_onnx(enc, path: str | Path, opset: int = 18, portable: bool = False) -> Path:
+def export_onnx(enc, path: str | Path, opset: int = 20, portable: bool = False) -> Path:
     """Write ``enc`` (a ``BestRQ2Encoder``) as ONNX with dynamic batch and length. Returns the path.
-    ``portable=False`` (default): the blocks in onnxruntime's fused contrib ops (``FusedContextEncoder``), which
-    only onnxruntime runs; ``portable=True``: standard ONNX ops only (Gemm, MatMul, Softmax, LayerNormalization,
-    Erf, ...), for any runtime."""
+    ``portable=False`` (default): the attention as onnxruntime's ``Attention`` contrib op, which only onnxruntime
+    runs; ``portable=True``: standard ONNX ops only (Gemm, MatMul, Softmax, LayerNormalization, Gelu, ...), for
+    any runtime. ``opset`` 20 has the ``Gelu`` op; at 18 (older runtimes) GELU is written with ``Erf``."""
+    if opset < 18:
+        raise ValueError(f"opset must be >= 18 (LayerNormalization, Split with num_outputs), got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _ExportedFrames(enc, fused=not portable).eval()
+    model = _ExportedFrames(enc, fused_attention=not portable).eval()
     wave = torch.randn(2, 3 * SAMPLE_RATE) * 0.1
     batch = torch.export.Dim("batch", min=1)
     length = torch.export.Dim("samples", min=MIN_SAMPLES, max=10 * SAMPLE_RATE)
