@@ -127,7 +127,7 @@ def _export(args: argparse.Namespace) -> int:
 
         path = BestRQ2Encoder.from_pretrained(args.out).to_onnx(Path(args.out) / "encoder.onnx",
                                                                 portable=args.onnx_portable)
-        ops = "standard ONNX ops" if args.onnx_portable else "onnxruntime's fused ops"
+        ops = "standard ONNX ops" if args.onnx_portable else "onnxruntime's Attention op"
         print(f"and as ONNX to {path} (dynamic batch and length, {ops}; run it with bestrq2.onnx.OnnxEncoder)")
     return 0
 
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("ckpt", help="a checkpoint file or a run directory")
     ex.add_argument("out")
     ex.add_argument("--onnx", action="store_true", help="also write OUT/encoder.onnx (needs the onnx extra), "
-                    "its blocks in onnxruntime's fused contrib ops")
+                    "its attention as onnxruntime's Attention contrib op")
     ex.add_argument("--onnx-portable", action="store_true",
                     help="also write OUT/encoder.onnx in standard ONNX ops only (any ONNX runtime)")
     ex.set_defaults(func=_export)
