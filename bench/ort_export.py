@@ -2,9 +2,10 @@
 (issue #19's onnxruntime >= 1.0x target): the default export (onnxruntime's Attention op) and the portable one
 (standard ops), and optionally older export files, each run back to back with the PyTorch encoder on the same batch.
 
-``python -m bench.ort_export [--preset base] [--batch 1 8] [--rounds 8] [--extra OLD.onnx ...]`` prints per batch
-the wall time per clip of each (median and minimum over rounds, the order reversed every other round) and the
-paired ratio PyTorch / export of each round (median): above 1.0x the export is faster. Needs the ``onnx`` extra.
+``python -m bench.ort_export [--preset base] [--batch 1 8] [--rounds 8] [--extra OLD.onnx ...] [--files F ...]``
+prints per batch the wall time per clip of each (median and minimum over rounds, the order reversed every other
+round) and the paired ratio PyTorch / export of each round (median): above 1.0x the export is faster. Needs the
+``onnx`` extra.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--extra", nargs="*", default=[], help="more ONNX files of the same encoder to time (e.g. an "
                     "older export; their weights need not match, only their shape)")
+    ap.add_argument("--files", nargs="+", help="time these ONNX files instead of exporting the default and the "
+                    "portable graph afresh")
     args = ap.parse_args(argv)
     from bestrq2 import BestRQ2Config, BestRQ2Encoder
     from bestrq2.onnx import OnnxEncoder
@@ -34,9 +37,10 @@ def main(argv=None) -> int:
     enc = BestRQ2Encoder(BestRQ2Config.preset(args.preset), precision="fp32", cuda_graphs="off").eval()
     tmp = Path(tempfile.mkdtemp())
     runs = {"pytorch fast fp32": lambda w: enc(torch.from_numpy(w))}
-    for name, portable in (("onnx default", False), ("onnx portable", True)):
-        runs[name] = OnnxEncoder(enc.to_onnx(tmp / f"{name.split()[1]}.onnx", portable=portable), threads=threads)
-    for path in args.extra:
+    if not args.files:
+        for name, portable in (("onnx default", False), ("onnx portable", True)):
+            runs[name] = OnnxEncoder(enc.to_onnx(tmp / f"{name.split()[1]}.onnx", portable=portable), threads=threads)
+    for path in [*(args.files or []), *args.extra]:
         runs[Path(path).name] = OnnxEncoder(path, threads=threads)
     print(f"{args.preset} encoder, {threads} threads, torch {torch.__version__}; wall ms per clip, "
           f"{args.rounds} rounds interleaved")

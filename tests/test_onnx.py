@@ -236,3 +236,16 @@ def test_exported_graph_ops(exported):
         assert ops.count("Attention") == depth and "Softmax" not in ops, ops
     else:
         assert ops.count("Softmax") == depth, ops
+
+
+def test_ort_export_bench_runs(exported, capsys):
+    """``python -m bench.ort_export`` (the exports under onnxruntime against PyTorch's fast fp32 encoder, #19) on
+    the fixture's file at a toy size: one paired ratio per batch, positive."""
+    from bench.ort_export import main as bench_main
+
+    _, onnx_enc = exported
+    assert bench_main(["--preset", "tiny", "--batch", "1", "2", "--rounds", "2", "--files", str(onnx_enc.path)]) == 0
+    out = capsys.readouterr().out
+    ratios = [float(ln.split()[-1].rstrip("x")) for ln in out.splitlines() if "pytorch / this" in ln]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios), out
+
