@@ -96,7 +96,7 @@ class RowsLinear(nn.Module):
 
 
 SPLIT_K_FROM = 2048  # MLPs with at least this many hidden features go to ONNX in two halves
-MS = "com.microsoft::"  # onnxruntime's contrib ops (in its CPU provider, as in every ORT build)
+MS = "com.microsoft::"  # onnxruntime's contrib ops (built into its standard packages, CPU provider included)
 
 
 def _attention(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: int, fused: bool) -> torch.Tensor:
@@ -211,7 +211,7 @@ def export_onnx(enc, path: str | Path, opset: int = 20, portable: bool = False) 
     runs; ``portable=True``: standard ONNX ops only (Gemm, MatMul, Softmax, LayerNormalization, Gelu, ...), for
     any runtime. ``opset`` 20 has the ``Gelu`` op; at 18 (older runtimes) GELU is written with ``Erf``."""
     if opset < 18:
-        raise ValueError(f"opset must be >= 18 (LayerNormalization, Split with num_outputs), got {opset}")
+        raise ValueError(f"opset must be >= 18 (the exporter's LayerNormalization and Split forms), got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = _ExportedFrames(enc, fused_attention=not portable).eval()
