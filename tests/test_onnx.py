@@ -200,7 +200,7 @@ def test_exported_context_encoder_is_the_same_function(mlp_ratio):
     """``ExportedContextEncoder`` outside an export (the attention in standard ops) against ``ContextEncoder`` in
     float64: its float32 error at most twice the encoder's own plus one rounding, on an odd patch count; the
     wide MLP (hidden >= SPLIT_K_FROM) as two halves."""
-    from conftest import F32_ROUNDING
+    from conftest import F32_ROUNDING, float64_twin
 
     from bestrq2.onnx import ExportedContextEncoder
     from bestrq2.positions import sincos_2d
@@ -212,20 +212,11 @@ def test_exported_context_encoder_is_the_same_function(mlp_ratio):
     pos = sincos_2d(n // 5, n % 5, enc.config.encoder_dim)
     with torch.no_grad():
         ref = enc.encoder(raw, pos).double()
-        exact = _float64_encoder(enc)(raw.double(), pos.double())
+        exact = float64_twin(enc.encoder)(raw.double(), pos.double())
         out = fused(raw, pos).double()
     scale = float(exact.abs().max())
     e_ref, e_out = float((ref - exact).abs().max()) / scale, float((out - exact).abs().max()) / scale
     assert e_out <= 2 * e_ref + F32_ROUNDING, (e_out, e_ref)
-
-
-def _float64_encoder(enc):
-    import copy
-
-    twin = copy.deepcopy(enc.encoder).double()
-    for blk in twin.blocks:
-        blk.impl = "reference"
-    return twin
 
 
 def test_exported_graph_ops(exported):
