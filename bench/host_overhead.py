@@ -95,6 +95,8 @@ def computing_ops(prof) -> dict[str, int]:
             continue
         counts[e.name] = counts.get(e.name, 0) + 1
     return counts
+
+
 HEAVY = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_fft_r2c", "aten::_fused_adamw_", "aten::_scaled_dot_product")
 
 
@@ -249,8 +251,7 @@ def main(argv=None) -> int:
           f"{torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"  wall per step: median {med:.1f} ms (min {w[0]:.1f}, max {w[-1]:.1f}) over {len(w)} steps")
     print("  by phase (medians, CPU arithmetic included): " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["phase_ms"].items()))
-    n = len(r["heavy_ms"])
-    print(f"  profiled: {n} more steps, wall median {statistics.median(r['profiled_wall_ms']):.1f} ms (the "
+    print(f"  profiled: {len(r['heavy_ms'])} more steps, wall median {statistics.median(r['profiled_wall_ms']):.1f} ms (the "
           f"profiler's recording included), CPU arithmetic in them ({r['heavy_ops']} GEMM / FFT / AdamW ops a step, "
           f"self time): median {statistics.median(r['heavy_ms']):.1f} ms, taken out of each step's own wall; "
           f"{args.dispatch_us:g} us put back for each op")

@@ -129,7 +129,6 @@ def batch_sum_grid(n: int, d: int, b: int, device: torch.device):
     """Blocks and grid of a backward kernel that sums over the batch: (BLOCK_N, BLOCK_D, N x D tiles,
     clips per program, batch slices). Slicing the batch lets a small tile count still fill the GPU
     (``gpu_splits``; ``BESTRQ2_BATCH_CHUNKS=n`` forces n); the slices' partial sums are added after."""
-
     bn, bd = token_blocks(n, d)
     tiles = (cdiv(n, bn), cdiv(d, bd))
     b_per = cdiv(b, gpu_splits(tiles[0] * tiles[1], b, device, "BESTRQ2_BATCH_CHUNKS"))
