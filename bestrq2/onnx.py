@@ -34,45 +34,52 @@ K2 = (N_FFT // 2) // N1 + 1  # 33 values of k2 reach bin 1024 (the bins past it 
 
 class FactoredLogMel(nn.Module):
     """The log-mel frontend with the STFT as a two-stage (32 x 64, Cooley-Tukey) DFT written in matmuls:
-    [B, T] -> [B, 128, frames]. Frames are cut with slices (no gather); stage 1 is a 32-point DFT over
-    n1 for every n2, the twiddles W_2048^(n2 k1) an elementwise complex product, stage 2 a 64-point DFT
-    over n2 keeping the 33 k2 that reach bin 1024; the mel matrix is reordered to (k1, k2). About 0.3
-    GFLOP per 10 s clip where the direct DFT basis took 2.2, and closer to the FFT's float32 error."""
+    [B, T] -> [B, 128, frames], about 0.3 GFLOP per 10 s clip where the direct DFT basis took 2.2.
+
+    Frames are cut with slices (no gather) and turned to [B, 64 n2, F, 32 n1] (one transpose). Stage 1 is,
+    for each n2, one matmul over n1 whose matrix also holds the window and the twiddles W_2048^(n2 k1) (they
+    depend on n2 and k1 only), giving the real and imaginary parts of all 32 k1. Stage 2 is one matmul by a
+    [66, 128] matrix over (re | im, n2), giving re and im of the 33 k2 that reach bin 1024 as two contiguous
+    halves; the power is their sum of squares and the mel matrix is reordered to (k2, k1). Under onnxruntime
+    (CPU, one thread, batch 8 of 10 s) this ran the frontend 1.34x faster than the form it replaced (two
+    matmuls per stage, the window and the twiddles as elementwise passes); the float32 error against
+    ``torch.stft`` is the same."""
 
     def __init__(self, window: torch.Tensor, fb: torch.Tensor) -> None:
         super().__init__()
         f64 = torch.float64
         n1, k1, n2, k2 = (torch.arange(v, dtype=f64) for v in (N1, N1, N2, K2))
-        a1 = 2 * math.pi * k1[:, None] * n1[None, :] / N1  # [32 k1, 32 n1]
-        at = 2 * math.pi * k1[:, None] * n2[None, :] / N_FFT  # twiddles, [32 k1, 64 n2]
-        a2 = 2 * math.pi * n2[:, None] * k2[None, :] / N2  # [64 n2, 33 k2]
-        c2, s2 = torch.cos(a2), -torch.sin(a2)
-        k = (k1[:, None] + N1 * k2[None, :]).long().reshape(-1)  # the bin of (k1, k2), flat k1 * 33 + k2
+        w = (window.double() / window.double().pow(2).sum().sqrt()).reshape(N1, N2)  # torchaudio's normalized=True
+        # stage 1, for each n2: Y[k1] = sum_n1 x[n1, n2] w[n1, n2] exp(-2 pi i (n1 k1 / 32 + n2 k1 / 2048))
+        a1 = 2 * math.pi * (n1[None, :, None] * k1[None, None, :] / N1 + n2[:, None, None] * k1[None, None, :] / N_FFT)
+        wt = w.t()[:, :, None]  # [64 n2, 32 n1, 1]
+        stage1 = torch.stack([wt * torch.cos(a1), -wt * torch.sin(a1)])  # [re | im, 64 n2, 32 n1, 32 k1]
+        # stage 2: X[k2] = sum_n2 (Y_re + i Y_im)(c + i s) = (c Y_re - s Y_im) + i (s Y_re + c Y_im)
+        a2 = 2 * math.pi * k2[:, None] * n2[None, :] / N2  # [33 k2, 64 n2]
+        c, s = torch.cos(a2), -torch.sin(a2)
+        stage2 = torch.cat([torch.cat([c, -s], 1), torch.cat([s, c], 1)])  # [66 (re | im, k2), 128 (re | im, n2)]
+        k = (k1[None, :] + N1 * k2[:, None]).long().reshape(-1)  # the bin of (k2, k1), flat k2 * 32 + k1
         keep = k <= N_FFT // 2
-        fb_k = torch.zeros(N1 * K2, fb.shape[1], dtype=f64)
+        fb_k = torch.zeros(K2 * N1, fb.shape[1], dtype=f64)
         fb_k[keep] = fb.double()[k[keep]]
-        bufs = {"window": window.double() / window.double().pow(2).sum().sqrt(),  # torchaudio's normalized=True
-                "d1_re": torch.cos(a1), "d1_im": -torch.sin(a1), "tw_re": torch.cos(at), "tw_im": -torch.sin(at),
-                # stage 2 takes [re | im] over n2 (128) to the real and imaginary parts over k2
-                "d2_re": torch.cat([c2, -s2]), "d2_im": torch.cat([s2, c2]), "fb_k": fb_k}
-        for name, t in bufs.items():
+        for name, t in {"stage1": stage1, "stage2": stage2, "fb_k": fb_k}.items():
             self.register_buffer(name, t.float())
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        b = wave.shape[0]
         x = F.pad(wave[:, None, :], (N_FFT // 2, N_FFT // 2), mode="reflect")[:, 0]
         n = 1 + wave.shape[-1] // HOP
         # frame f = x[625 f : 625 f + 2048] = rows f, f+1, f+2 of x cut into 625-sample rows and the first
         # 173 samples of row f+3 (the 625 zeros make that row exist for the last frame; they are never read)
         x = F.pad(x, (0, HOP))
-        rows = x[:, : (x.shape[-1] // HOP) * HOP].reshape(x.shape[0], -1, HOP)
+        rows = x[:, : (x.shape[-1] // HOP) * HOP].reshape(b, -1, HOP)
         full, rest = divmod(N_FFT, HOP)
         frames = torch.cat([rows[:, i: i + n] for i in range(full)] + [rows[:, full: full + n, :rest]], dim=-1)
-        frames = (frames * self.window).reshape(x.shape[0], n, N1, N2)  # [B, F, 32 n1, 64 n2]
-        y_re, y_im = self.d1_re @ frames, self.d1_im @ frames  # [B, F, 32 k1, 64 n2]
-        z = torch.cat([y_re * self.tw_re - y_im * self.tw_im, y_re * self.tw_im + y_im * self.tw_re], dim=-1)
-        re, im = z @ self.d2_re, z @ self.d2_im  # [B, F, 32 k1, 33 k2]
-        power = (re * re + im * im).reshape(x.shape[0], n, N1 * K2)
-        mel = power @ self.fb_k  # [B, F, 128]
+        frames = frames.reshape(b, n, N1, N2).permute(0, 3, 1, 2)  # [B, 64 n2, F, 32 n1]
+        y = frames[:, None] @ self.stage1  # [B, re | im, 64 n2, F, 32 k1]
+        z = self.stage2 @ y.reshape(b, 2 * N2, n * N1)  # [B, 66 (re | im, k2), F * 32 k1]
+        power = z.reshape(b, 2, K2 * n * N1).pow(2).sum(1).reshape(b, K2, n, N1)  # [B, 33 k2, F, 32 k1]
+        mel = power.transpose(1, 2).reshape(b, n, K2 * N1) @ self.fb_k  # [B, F, 128]
         return (10.0 * torch.log10(torch.clamp(mel, min=AMIN))).transpose(1, 2)
 
 
@@ -229,26 +236,52 @@ class OnnxEncoder:
     """The exported encoder under onnxruntime, with ``BestRQ2Encoder``'s contract: ``enc(wave, lengths=None)``
     on float [B, T] 16 kHz audio of any length -> frames [B, T', D] (numpy float32). Pieces that feed the
     same number of samples (equal-length clips, the 10 s chunks of long clips) run as one batch of at most
-    ``max_batch`` rows; a clip's frames do not depend on what it is batched with, up to float32 rounding."""
+    ``max_batch`` rows; a clip's frames do not depend on what it is batched with, up to float32 rounding.
+
+    ``threads``: CPU threads (default: PyTorch's ``torch.get_num_threads()``). One row runs on all of them
+    (onnxruntime's intra-op threads). ``split_batches`` (default on): a run of several rows is cut into up to
+    ``threads`` sub-batches run at the same time, one thread each, on a single-threaded second session
+    (loaded on the first such run: the weights held twice). Each core then runs whole GEMMs with no
+    hand-over between threads: ViT-B at batch 8 ran 2-4% faster this way on a 2-core Xeon (paired
+    rounds, ``python -m bench.ort_export``)."""
 
     sampling_rate = SAMPLE_RATE
     hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE
 
-    def __init__(self, path: str | Path, threads: int | None = None, max_batch: int = 16) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, path: str | Path, threads: int | None = None, max_batch: int = 16,
+                 split_batches: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.max_batch = max_batch
         self.path = Path(path)
+        self.threads = threads or torch.get_num_threads()
+        self.workers = self.threads if split_batches else 1
+        self._serial = self._pool = None
+        self.session = self._session(self.threads)
+
+    def _session(self, threads: int):
+        import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        opts.intra_op_num_threads = threads
+        return ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
 
     def _run(self, wave: np.ndarray) -> np.ndarray:
-        return self.session.run(["frames"], {"wave": np.ascontiguousarray(wave, dtype=np.float32)})[0]
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
+        parts = min(self.workers, wave.shape[0])
+        if parts < 2:
+            return self.session.run(["frames"], {"wave": wave})[0]
+        if self._serial is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # onnxruntime's run() is thread-safe and releases the GIL: one single-threaded session serves
+            # every sub-batch at once (concurrent runs on the multi-threaded one fought over its threads)
+            self._serial, self._pool = self._session(1), ThreadPoolExecutor(self.workers)
+        runs = [self._pool.submit(self._serial.run, ["frames"], {"wave": part})
+                for part in np.array_split(wave, parts)]
+        return np.concatenate([r.result()[0] for r in runs])
 
     def __call__(self, wave, lengths=None) -> np.ndarray:
         from .encoder import chunk_plan, join_clips

@@ -1,9 +1,11 @@
 """ONNX export: dynamic batch and length, checked against the PyTorch encoder with onnxruntime on CPU.
 
-Tolerance: the flash-attention rule against a float64 copy of the encoder: the ONNX frames' error is
-at most twice PyTorch's own float32 error, plus one float32 rounding (the exported STFT is a two-stage
-DFT in matmuls where PyTorch runs an FFT: another rounding order, which shows in the bins far below a
-clip's peak)."""
+Tolerance, against a float64 copy of the encoder: the ONNX frames' error is at most 2.5x PyTorch's own float32
+error, plus one float32 rounding. The flash-attention rule's 2x is widened because the exported STFT is a
+two-stage DFT in matmuls where PyTorch runs an FFT: in a frame's quietest bins its float32 rounding is about
+2.4x the FFT's (official batch clip, log-mel against float64: 0.052 vs 0.022 dB at most, 0.00057 vs 0.00039 dB
+on average), and the log carries that into the frames. A wrong weight, norm or bias is off by orders of
+magnitude more."""
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,7 @@ def _close(enc, onnx_enc, wave, lengths=None):
     assert out.shape == ref.shape, (out.shape, ref.shape)
     scale = float(np.abs(exact).max())
     e_onnx, e_torch = float(np.abs(out - exact).max()) / scale, float(np.abs(ref - exact).max()) / scale
-    assert e_torch < 1e-4 and e_onnx <= 2 * e_torch + F32_ROUNDING, (e_onnx, e_torch)
+    assert e_torch < 1e-4 and e_onnx <= 2.5 * e_torch + F32_ROUNDING, (e_onnx, e_torch)
 
 
 @pytest.mark.parametrize("batch,samples", [(1, 9375), (3, 48_000), (2, 160_000), (1, 170_000), (2, 331_234)])
@@ -97,7 +99,7 @@ def test_onnx_batches_pieces_of_equal_length(exported):
 
     _, onnx_enc = exported
     batched = OnnxEncoder.__new__(OnnxEncoder)
-    batched.session, batched.max_batch = onnx_enc.session, 2
+    batched.session, batched.max_batch, batched.workers = onnx_enc.session, 2, 1
     calls = []
     run = batched._run
     batched._run = lambda w: calls.append(w.shape) or run(w)
@@ -112,6 +114,38 @@ def test_onnx_batches_pieces_of_equal_length(exported):
         assert not out[i, len(alone):].any()
     with pytest.raises(ValueError, match="max_batch"):
         OnnxEncoder("unused.onnx", max_batch=0)
+    with pytest.raises(ValueError, match="threads"):
+        OnnxEncoder("unused.onnx", threads=0)
+
+
+def test_onnx_split_batches_run_at_once(exported):
+    """With two threads a batch of 3 runs as sub-batches of 2 and 1 on the single-threaded session, both at
+    the same time (each waits at a barrier for the other: run one after the other, the first would time out),
+    and gives the frames of the one-run encoder up to float32 rounding; one row stays on the intra-op session."""
+    import threading
+
+    from bestrq2.onnx import OnnxEncoder
+
+    _, onnx_enc = exported
+    split = OnnxEncoder(onnx_enc.path, threads=2)
+    whole = OnnxEncoder(onnx_enc.path, threads=2, split_batches=False)
+    one = np.random.default_rng(1).standard_normal((1, 20_000)).astype(np.float32) * 0.1
+    np.testing.assert_array_equal(split(one), whole(one))
+    assert split._serial is None
+    wave = np.random.default_rng(0).standard_normal((3, 20_000)).astype(np.float32) * 0.1
+    split(wave[:2])  # loads the single-threaded session
+    barrier, rows = threading.Barrier(2, timeout=60), []
+    run = split._serial.run
+
+    def meet_then_run(names, feeds):
+        rows.append(feeds["wave"].shape[0])
+        barrier.wait()
+        return run(names, feeds)
+
+    split._serial.run = meet_then_run
+    out, ref = split(wave), whole(wave)
+    assert sorted(rows) == [1, 2] and whole._serial is None, rows
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("samples", [9375, 9999, 10_000, 48_000, 160_624])
