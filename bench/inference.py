@@ -3,8 +3,7 @@
 eager: the authors' formulation (attention scores written out, float32, plain ``F.linear``). fast: SDPA in
 ``torch.inference_mode`` with the linears on oneDNN-prepacked float32 weights (CPU), plus bf16 and the best attention backend on CUDA; on CUDA also
 cuda_graph (fast replayed from a captured CUDA graph). On CPU also bf16 (where the CPU has AMX /
-AVX512-BF16) and onnxruntime (``OnnxEncoder`` as a user gets it: since 2026-12-03 a batch runs as sub-batches,
-one per thread; rows before that are one run on onnxruntime's intra-op threads). On CPU the providers are timed
+AVX512-BF16) and onnxruntime. On CPU the providers are timed
 alternately (one run each per round) so that a shared machine's drift hits all alike. All run the
 same weights; the max abs / relative difference of their frames to eager's is recorded.
 """

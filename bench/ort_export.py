@@ -1,7 +1,7 @@
 """The ONNX exports under onnxruntime against PyTorch's fast fp32 encoder on a CPU, interleaved in one process
 (issue #19's onnxruntime >= 1.0x target): the default export (onnxruntime's Attention op) and the portable one
-(standard ops), the default one also without ``OnnxEncoder``'s sub-batches ("one run": a batch in one onnxruntime
-run on its intra-op threads), and optionally older export files, each run back to back with the PyTorch encoder
+(standard ops), the default one also with ``OnnxEncoder(split_batches=True)`` ("split": a batch cut into one
+sub-batch per thread, each run single-threaded), and optionally older export files, each run back to back with the PyTorch encoder
 on the same batch.
 
 ``python -m bench.ort_export [--preset base] [--batch 1 8] [--rounds 8] [--extra OLD.onnx ...] [--files F ...]``
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     if not args.files:
         for name, portable in (("onnx default", False), ("onnx portable", True)):
             runs[name] = OnnxEncoder(enc.to_onnx(tmp / f"{name.split()[1]}.onnx", portable=portable), threads=threads)
-        # the same file with every batch in one onnxruntime run on its intra-op threads (no sub-batches)
-        runs["onnx default, one run"] = OnnxEncoder(runs["onnx default"].path, threads=threads, split_batches=False)
+        # the same file with a batch cut into one sub-batch per thread (OnnxEncoder's split_batches)
+        runs["onnx default, split"] = OnnxEncoder(runs["onnx default"].path, threads=threads, split_batches=True)
     for path in [*(args.files or []), *args.extra]:
         runs[Path(path).name] = OnnxEncoder(path, threads=threads)
     print(f"{args.preset} encoder, {threads} threads, torch {torch.__version__}; wall ms per clip, "

@@ -238,18 +238,18 @@ class OnnxEncoder:
     same number of samples (equal-length clips, the 10 s chunks of long clips) run as one batch of at most
     ``max_batch`` rows; a clip's frames do not depend on what it is batched with, up to float32 rounding.
 
-    ``threads``: CPU threads (default: PyTorch's ``torch.get_num_threads()``). One row runs on all of them
-    (onnxruntime's intra-op threads). ``split_batches`` (default on): a run of several rows is cut into up to
-    ``threads`` sub-batches run at the same time, one thread each, on a single-threaded second session
-    (loaded on the first such run: the weights held twice). Each core then runs whole GEMMs with no
-    hand-over between threads: ViT-B at batch 8 ran 2-4% faster this way on a 2-core Xeon (paired
-    rounds, ``python -m bench.ort_export``)."""
+    ``threads``: CPU threads (default: PyTorch's ``torch.get_num_threads()``), onnxruntime's intra-op threads.
+    ``split_batches=True``: a run of several rows is instead cut into up to ``threads`` sub-batches run at the
+    same time, one thread each, on a single-threaded second session (loaded on the first such run: the
+    weights held twice), so that each core runs whole GEMMs with no hand-over between threads. On a 2-core
+    Xeon, ViT-B at batch 8, that was 1.01x (six process pairs) to 1.02-1.05x (paired rounds in one process)
+    the one-run time: within this host's noise, hence off by default."""
 
     sampling_rate = SAMPLE_RATE
     hop_size_in_ms = PATCH * HOP * 1000 / SAMPLE_RATE
 
     def __init__(self, path: str | Path, threads: int | None = None, max_batch: int = 16,
-                 split_batches: bool = True) -> None:
+                 split_batches: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if threads is not None and threads < 1:

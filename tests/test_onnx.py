@@ -119,7 +119,7 @@ def test_onnx_batches_pieces_of_equal_length(exported):
 
 
 def test_onnx_split_batches_run_at_once(exported):
-    """With two threads a batch of 3 runs as sub-batches of 2 and 1 on the single-threaded session, both at
+    """``split_batches``: with two threads a batch of 3 runs as sub-batches of 2 and 1 on the single-threaded session, both at
     the same time (each waits at a barrier for the other: run one after the other, the first would time out),
     and gives the frames of the one-run encoder up to float32 rounding; one row stays on the intra-op session."""
     import threading
@@ -127,8 +127,8 @@ def test_onnx_split_batches_run_at_once(exported):
     from bestrq2.onnx import OnnxEncoder
 
     _, onnx_enc = exported
-    split = OnnxEncoder(onnx_enc.path, threads=2)
-    whole = OnnxEncoder(onnx_enc.path, threads=2, split_batches=False)
+    split = OnnxEncoder(onnx_enc.path, threads=2, split_batches=True)
+    whole = OnnxEncoder(onnx_enc.path, threads=2)
     one = np.random.default_rng(1).standard_normal((1, 20_000)).astype(np.float32) * 0.1
     np.testing.assert_array_equal(split(one), whole(one))
     assert split._serial is None
