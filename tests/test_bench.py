@@ -127,11 +127,14 @@ def test_rows_survive_a_failing_or_killed_piece(tmp_path, monkeypatch, how):
     assert {r["op"] for r in rows} == {"bound", "probe_op"}
 
 
-def test_ort_gemm_compare_runs():
-    """bench.ort_gemm (onnxruntime's GEMM against F.linear, the #19 batch-8 gap) at a toy size."""
+@pytest.mark.parametrize("mode", [[], ["--in-process"]])
+def test_ort_gemm_compare_runs(mode):
+    """bench.ort_gemm (onnxruntime's GEMM against F.linear, the #19 batch-8 gap) at a toy size, each provider in a
+    process of its own (the default) and all in one: a positive ratio per shape, every provider timed."""
     pytest.importorskip("onnxruntime")
-    res = subprocess.run([sys.executable, "-m", "bench.ort_gemm", "--rows", "16", "--rounds", "1", "--reps", "1"],
+    res = subprocess.run([sys.executable, "-m", "bench.ort_gemm", "--rows", "16", "--rounds", "1", "--reps", "1", *mode],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if "ratio" in ln]
-    assert len(lines) == 4 and all(float(ln.split()[-1]) > 0 for ln in lines)
+    assert len(lines) == 4 and all(float(ln.split()[-1]) > 0 for ln in lines), res.stdout
+    assert all("onnxruntime" in ln and "F.linear" in ln for ln in lines), res.stdout
