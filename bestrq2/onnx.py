@@ -42,8 +42,8 @@ class FactoredLogMel(nn.Module):
     [66, 128] matrix over (re | im, n2), giving re and im of the 33 k2 that reach bin 1024 as two contiguous
     halves; the power is their sum of squares and the mel matrix is reordered to (k2, k1). Under onnxruntime
     (CPU, one thread, batch 8 of 10 s) this ran the frontend 1.34x faster than the form it replaced (two
-    matmuls per stage, the window and the twiddles as elementwise passes); the float32 error against
-    ``torch.stft`` is the same."""
+    matmuls per stage, the window and the twiddles as elementwise passes), and its float32 error against a
+    float64 STFT came out a little lower (official batch clip: 0.052 against 0.053 dB at most)."""
 
     def __init__(self, window: torch.Tensor, fb: torch.Tensor) -> None:
         super().__init__()
