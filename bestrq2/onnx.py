@@ -256,10 +256,10 @@ class OnnxEncoder:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.max_batch = max_batch
         self.path = Path(path)
-        self.threads = threads or torch.get_num_threads()
-        self.workers = self.threads if split_batches else 1
+        threads = threads or torch.get_num_threads()
+        self.workers = threads if split_batches else 1
         self._serial = self._pool = None
-        self.session = self._session(self.threads)
+        self.session = self._session(threads)
 
     def _session(self, threads: int):
         import onnxruntime as ort
