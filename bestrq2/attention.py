@@ -149,6 +149,26 @@ def resolve(requested: str, x: torch.Tensor, head_dim: int, max_len: int) -> str
     return chosen
 
 
+_CPU_BF16_SDPA: list[bool] = []
+
+
+@torch.compiler.disable
+def cpu_bf16_sdpa_works() -> bool:
+    """Does PyTorch's CPU attention run bf16 here? On a CPU with AMX its flash kernel packs bf16 with a
+    routine built only into ATen's AVX512 path; with ATen on a narrower one (``ATEN_CPU_CAPABILITY=default``
+    or ``avx2``) it raises "pack_vnni2 is only supported when avx512 is supported" from 64 tokens on
+    (torch 2.13). Probed once per process; where it fails, bf16 attention on the CPU runs in float32."""
+    if not _CPU_BF16_SDPA:
+        q = torch.zeros(1, 1, 64, 16, dtype=torch.bfloat16)
+        try:
+            F.scaled_dot_product_attention(q, q, q)
+            _CPU_BF16_SDPA.append(True)
+        except RuntimeError as err:
+            log.info("bestrq2 attention: CPU bf16 SDPA fails here (%s); bf16 attention runs in float32", err)
+            _CPU_BF16_SDPA.append(False)
+    return _CPU_BF16_SDPA[0]
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
                     key_padding: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v [B, L, H, Dh] -> [B, L, H, Dh]; key_padding bool [B, L] (True = padding) or None."""
@@ -167,7 +187,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, Dh]
     mask = None if key_padding is None else (~key_padding)[:, None, None, :]
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+        if qt.dtype == torch.bfloat16 and qt.device.type == "cpu" and not cpu_bf16_sdpa_works():
+            with torch.autocast("cpu", enabled=False):  # (autocast would cast it back to bf16)
+                out = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(), attn_mask=mask)
+            out = out.to(qt.dtype)
+        else:
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
     elif backend == "math":  # the authors' formulation: scores materialised, softmax, weighted sum
         scores = (qt * d ** -0.5) @ kt.transpose(-2, -1)
         if mask is not None:

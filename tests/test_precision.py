@@ -242,3 +242,32 @@ def test_packed_linear_keeps_a_call_without_bias_bias_free(dtype):
     tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)
     torch.testing.assert_close(bare.float(), xr @ w.t(), **tol)
     torch.testing.assert_close(full.float(), xr @ w.t() + b, **tol)
+
+
+def test_bf16_attention_where_cpu_sdpa_cannot_run_it(monkeypatch):
+    """torch 2.13's CPU attention raises on bf16 from 64 tokens when the CPU has AMX but ATen runs a narrower
+    path (ATEN_CPU_CAPABILITY=default / avx2). Where the probe says so, bf16 attention runs in float32 (with
+    gradients) and is cast back; and a whole bf16 encoder runs under ATEN_CPU_CAPABILITY=default."""
+    import subprocess
+    import sys
+
+    import bestrq2.attention as A
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 70, 3, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    pad = torch.zeros(2, 70, dtype=torch.bool)
+    pad[1, 50:] = True
+    monkeypatch.setattr(A, "_CPU_BF16_SDPA", [False])
+    out = A.dense_attention(q, k, v, "sdpa", pad)
+    ref = F.scaled_dot_product_attention(*(t.detach().float().transpose(1, 2) for t in (q, k, v)),
+                                         attn_mask=(~pad)[:, None, None, :]).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+    code = ("import torch; from bestrq2 import BestRQ2Config, BestRQ2Encoder; "
+            "e = BestRQ2Encoder(BestRQ2Config.preset('tiny', encoder_depth=1), precision='bf16').eval(); "
+            "print(tuple(e(torch.randn(1, 160000) * 0.1).shape))")
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "default"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "(1, 16, 192)" in res.stdout, res.stderr[-2000:]
