@@ -72,18 +72,80 @@ def _embed(args: argparse.Namespace) -> int:
     from .data.folder import load_audio
     from .encoder import BestRQ2Encoder
 
+    inputs = [Path(p) for p in args.inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise ValueError(f"no such file or directory: {', '.join(missing)}")
+    single = len(inputs) == 1 and inputs[0].is_file() and args.out_dir is None
+    if not single and args.out:
+        raise ValueError("--out names the output of one input file; for several files or a folder use --out-dir")
+    if not single and args.out_dir is None:
+        raise ValueError("several files or a folder need --out-dir DIR (one .npy per file is written there)")
     enc = BestRQ2Encoder.from_pretrained(args.model, map_location=args.device, precision=args.precision,
                                          cuda_graphs=args.cuda_graphs)
     print(f"precision: {enc.precision_in_use}")
-    wave = torch.from_numpy(load_audio(args.file))[None]
+    if not single:
+        return _embed_many(enc, inputs, args)
+    wave = torch.from_numpy(load_audio(inputs[0]))[None]
     frames = enc(wave)[0].cpu().numpy()
-    print(f"{args.file}: {wave.shape[1] / SAMPLE_RATE:.2f} s -> {frames.shape[0]} frames x {frames.shape[1]} dims "
+    print(f"{inputs[0]}: {wave.shape[1] / SAMPLE_RATE:.2f} s -> {frames.shape[0]} frames x {frames.shape[1]} dims "
           f"(one per {enc.hop_size_in_ms:g} ms)")
     mean = frames.mean(0)
     print("clip embedding (mean over frames), first 8 dims:", np.array2string(mean[:8], precision=4))
     if args.out:
-        np.save(args.out, frames)
-        print(f"frames saved to {args.out}")
+        np.save(args.out, mean if args.pool == "mean" else frames)
+        print(f"{'clip embedding' if args.pool == 'mean' else 'frames'} saved to {args.out}")
+    return 0
+
+
+def _embed_many(enc, inputs: list[Path], args: argparse.Namespace) -> int:
+    """``bestrq2 embed`` of several files or folders: one .npy per file under --out-dir, in batches; files
+    whose output exists are skipped (a stopped run picks up where it was), failures listed at the end."""
+    import time
+
+    from .data.folder import EXTENSIONS
+    from .embedding import embed_files, output_path, save_npy
+
+    out_dir = Path(args.out_dir)
+    todo: dict[Path, Path] = {}  # audio file -> its .npy
+    for p in inputs:
+        files = [(f, p) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in EXTENSIONS] \
+            if p.is_dir() else [(p, None)]
+        if p.is_dir() and not files:
+            print(f"{p}: no {'/'.join(sorted(e[1:] for e in EXTENSIONS))} files found", file=sys.stderr)
+        for f, root in files:
+            if f in todo:  # the same file named twice (a folder and a file in it)
+                continue
+            dest = output_path(out_dir, f, root)
+            if dest in todo.values():
+                other = next(a for a, d in todo.items() if d == dest)
+                raise ValueError(f"{f} and {other} would both be written to {dest}: pass their common folder "
+                                 "instead, or embed them in separate runs")
+            todo[f] = dest
+    done = {f for f, d in todo.items() if d.exists()} if not args.overwrite else set()
+    files = [f for f in todo if f not in done]
+    if done:
+        print(f"{len(done)} of {len(todo)} files already embedded in {out_dir} (skipped; --overwrite redoes them)")
+    failed: list[tuple[str, str]] = []
+    seconds, t0 = 0.0, time.perf_counter()
+    for res in embed_files(enc, files, batch_size=args.batch_size, pool=args.pool,
+                           progress=not args.no_progress, desc="embed"):
+        if res.error is not None:
+            failed.append((res.path, res.error))
+            continue
+        save_npy(todo[files[res.index]], res.frames.numpy())
+        seconds += res.seconds
+    wall = time.perf_counter() - t0
+    ok = len(files) - len(failed)
+    print(f"embedded {ok} files ({seconds:.1f} s of audio, {seconds / max(wall, 1e-9):.1f}x real time) into {out_dir}")
+    if failed:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = out_dir / "embed_errors.tsv"
+        report.write_text("".join(f"{p}\t{e}\n" for p, e in failed))
+        print(f"{len(failed)} files failed (listed in {report}):", file=sys.stderr)
+        for p, e in failed[:10]:
+            print(f"  {p}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -312,10 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write OUT/encoder.onnx in standard ONNX ops only (any ONNX runtime)")
     ex.set_defaults(func=_export)
 
-    em = sub.add_parser("embed", help="frame embeddings of an audio file")
-    em.add_argument("file")
+    em = sub.add_parser("embed", help="frame embeddings of audio files (one file, several, or folders)")
+    em.add_argument("inputs", nargs="+", metavar="PATH",
+                    help="an audio file, or several files / folders (searched recursively) with --out-dir")
     em.add_argument("--model", default="runs/demo/encoder", help="directory written by pretrain/save_pretrained")
-    em.add_argument("--out", default=None, help="save frames [T', D] as .npy")
+    em.add_argument("--out", default=None, help="one input file: save its frames [T', D] as .npy")
+    em.add_argument("--out-dir", default=None, help="write OUT_DIR/<file path under its folder>.npy per file "
+                    "(files already there are skipped, so a stopped run resumes); failures in embed_errors.tsv")
+    em.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
+                    help="clips of at most 10 s run together (sorted by length); a longer file runs alone")
+    em.add_argument("--pool", default="none", choices=["none", "mean"],
+                    help="none: frames [T', D]; mean: one clip embedding [D] (their mean over time)")
+    em.add_argument("--overwrite", action="store_true", help="with --out-dir: embed files whose .npy exists again")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar")
     em.add_argument("--device", default="cpu")
     em.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32 (frontend always fp32)")

@@ -261,6 +261,12 @@ class OnnxEncoder:
         self._serial = self._pool = None
         self.session = self._session(threads)
 
+    def num_output_frames(self, num_samples: int) -> int:
+        """Frames a clip of ``num_samples`` samples gets (as ``BestRQ2Encoder.num_output_frames``)."""
+        from .encoder import chunk_plan
+
+        return sum(keep for *_, keep in chunk_plan(num_samples))
+
     def _session(self, threads: int):
         import onnxruntime as ort
 

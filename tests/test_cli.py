@@ -58,7 +58,12 @@ def test_cli_main_job(tmp_path, capsys):
 def test_cli_errors_name_the_problem(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # pretrain's default --out (runs/demo) must not find a run left in the checkout
     assert main(["embed", str(tmp_path / "missing.wav"), "--model", str(tmp_path)]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "x.wav"), "--seconds", "1"]) == 0
+    assert main(["embed", str(tmp_path / "x.wav"), "--model", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path), "--model", str(tmp_path)]) == 2  # a folder needs somewhere to write
+    assert "--out-dir" in capsys.readouterr().err
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")
     (tmp_path / "m").mkdir()

@@ -11,13 +11,11 @@ X-ARES attributes (``sampling_rate``, callable on [B, T] waveforms) works.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import SAMPLE_RATE
-from ..data.folder import load_audio
 from ..frontend import LogMel
 from .probe import knn_classify, logistic_probe, xares_probe
 from .stats import accuracy_ci, mean_std, paired_difference
@@ -37,27 +35,25 @@ class ClipFeatures:
 
 
 def clip_features(encoder, paths: list[str], max_seconds: float = 30.0, progress: bool = False,
-                  desc: str = "features") -> ClipFeatures:
-    """Mean-pooled frames of every readable file (a progress bar over clips with ``progress``)."""
-    from tqdm.auto import tqdm
+                  desc: str = "features", batch_size: int = 8) -> ClipFeatures:
+    """Mean-pooled frames of every readable file (a progress bar over clips with ``progress``), run
+    ``batch_size`` clips at a time (``bestrq2.embedding.embed_files``: equal to one at a time up to float32
+    rounding)."""
+    from ..embedding import embed_files
 
-    feats, ok, padded, skipped = [], [], 0, {}
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="clip", disable=not progress, leave=False)):
-        if not os.path.exists(p):
-            skipped[p] = "file not found"
+    feats: dict[int, torch.Tensor] = {}
+    padded, skipped = 0, {}
+    for res in embed_files(encoder, paths, batch_size=batch_size, max_seconds=max_seconds,
+                           min_seconds=SHORTEST / SAMPLE_RATE, pool="mean", progress=progress, desc=desc):
+        if res.error is not None:
+            skipped[res.path] = res.error
+            if res.error != "file not found":
+                log.warning("skipping %s: %s", res.path, res.error)
             continue
-        try:
-            wave = torch.from_numpy(load_audio(p))[: int(max_seconds * SAMPLE_RATE)]
-            if wave.shape[0] < SHORTEST:
-                wave = torch.nn.functional.pad(wave, (0, SHORTEST - wave.shape[0]))
-                padded += 1
-            with torch.no_grad():
-                feats.append(encoder(wave[None]).float().mean(dim=1)[0])
-            ok.append(i)
-        except (ValueError, RuntimeError, OSError) as err:
-            skipped[p] = str(err).splitlines()[0][:200]
-            log.warning("skipping %s: %s", p, err)
-    return ClipFeatures(torch.stack(feats) if feats else torch.empty(0, 0), ok, padded, skipped)
+        feats[res.index] = res.frames
+        padded += res.padded
+    ok = sorted(feats)
+    return ClipFeatures(torch.stack([feats[i] for i in ok]) if ok else torch.empty(0, 0), ok, padded, skipped)
 
 
 class LogMelStats(torch.nn.Module):
