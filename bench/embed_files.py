@@ -2,9 +2,9 @@
 process, interleaved (the order reversed every other round): what ``bestrq2 embed --out-dir`` and the
 evaluation's feature pass gain from batching.
 
-``python -m bench.embed_files [--preset base] [--files 24] [--batch 1 8] [--rounds 3] [--precision auto]``
-writes ``--files`` wav files of 1-12 s (lengths drawn once, seeded; one in six over 10 s, so it runs
-alone) to a temporary folder and prints, per batch size, the wall time of the whole pass (median and
+``python -m bench.embed_files [--preset base] [--files 24] [--batch 1 8] [--rounds 3] [--precision auto]
+[--fixed SECONDS] [--device cpu]`` writes ``--files`` wav files of 1-12 s (lengths drawn once, seeded; one in six
+over 10 s, so it runs alone; or all ``--fixed`` s) to a temporary folder and prints, per batch size, the wall time of the whole pass (median and
 minimum over rounds), the audio rate (seconds of audio per second) and each pass's paired ratio against
 the first batch size (median): above 1.0x batching is faster.
 """
@@ -20,14 +20,15 @@ import numpy as np
 import torch
 
 
-def write_corpus(folder: Path, n: int, seed: int = 0) -> tuple[list[Path], float]:
-    """n wav files of 1-12 s (float32 noise); (paths, seconds of audio in all)."""
+def write_corpus(folder: Path, n: int, seed: int = 0, fixed: float | None = None) -> tuple[list[Path], float]:
+    """n wav files of 1-12 s, or all ``fixed`` s (float32 noise); (paths, seconds of audio in all)."""
     import soundfile as sf
 
     rng = np.random.default_rng(seed)
     paths, total = [], 0.0
     for i in range(n):
         seconds = float(rng.uniform(10.5, 12.0)) if i % 6 == 5 else float(rng.uniform(1.0, 10.0))
+        seconds = fixed if fixed is not None else seconds
         wave = (rng.standard_normal(int(seconds * 16_000)) * 0.1).clip(-1, 1).astype(np.float32)
         paths.append(folder / f"f{i:03d}.wav")
         sf.write(paths[-1], wave, 16_000, subtype="FLOAT")
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fixed", type=float, default=None, help="every file this many seconds long")
     args = ap.parse_args(argv)
     from bestrq2 import BestRQ2Config, BestRQ2Encoder
     from bestrq2.embedding import embed_files
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     enc = BestRQ2Encoder(BestRQ2Config.preset(args.preset), precision=args.precision).eval().to(device)
-    paths, audio = write_corpus(Path(tempfile.mkdtemp()), args.files)
+    paths, audio = write_corpus(Path(tempfile.mkdtemp()), args.files, fixed=args.fixed)
     print(f"{args.preset} encoder ({enc.precision_in_use}) on {device_name(device)}, "
           f"{versions()}, commit {commit()}; {args.files} files, {audio:.0f} s of audio; wall s per pass, "
           f"{args.rounds} rounds interleaved")

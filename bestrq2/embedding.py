@@ -1,12 +1,15 @@
 """Embed many audio files in batches: the next files decode on a background thread while the encoder
 runs, clips of similar length go through it together, and every file gets back its own frames.
 
-One clip at a time leaves most of an accelerator idle and a good part of a CPU too: ViT-B on a 2-core
-Xeon ran 172 ms a clip alone and 126 ms a clip in batches of 8 (float32; bf16 69 vs 42 ms; README). Here
-``batch_size`` clips of at most 10 s run as one padded batch (``lengths`` tells the encoder where each
-ends, so a clip's frames do not depend on its neighbours up to float32 rounding); the files of a window
-of ``4 * batch_size`` are sorted by length first, so that little of a batch is padding. A file longer
-than one 10 s chunk runs alone; the encoder cuts it into chunks and runs those ``batch_size`` at a time.
+One clip at a time leaves most of an accelerator idle (at batch 1 kernel launches set the time) and some of
+a CPU: ViT-B on a 2-core Xeon embedded 10 s files 1.46x faster in batches of 8 than alone in float32, 1.11x
+in bf16 (``python -m bench.embed_files --fixed 10``). Here up to ``batch_size`` clips of at most 10 s run as
+one padded batch (``lengths`` tells the encoder where each ends, so a clip's frames do not depend on its
+neighbours up to float32 rounding). Padding is work too: on that CPU batches of 8 files of 1-10 s drawn at
+random, padded to the longest, ran no faster than one file at a time (0.93-1.00x). So the files of a window
+of ``8 * batch_size`` are sorted by length, and a batch takes the next clip only while its padded time
+patches stay within ``max_padding`` (10%) of its clips' own. A file longer than one 10 s chunk runs alone;
+the encoder cuts it into chunks and runs those ``batch_size`` at a time.
 
 A file that cannot be read, or whose audio the encoder refuses (too short, NaN samples), comes back with
 its ``error`` and the others go on; an encoder that fails on a batch is retried clip by clip, so the
@@ -73,18 +76,26 @@ def _read(index: int, path: str, max_seconds: float | None, min_seconds: float |
         return index, path, None, str(err).splitlines()[0][:300], 0.0, False
 
 
-def _batches(clips: list, batch_size: int, ragged: bool, chunk: int) -> list[list]:
+def _batches(clips: list, batch_size: int, ragged: bool, chunk: int, max_padding: float) -> list[list]:
     """Clips (sorted by length) -> batches: a clip over one chunk alone; otherwise up to ``batch_size``
-    neighbours, of any lengths if the encoder takes ``lengths`` (``ragged``), else of one length."""
+    neighbours: of one length if the encoder takes no ``lengths``; else of any lengths as long as the batch's
+    padded time patches (count x the longest clip's) exceed its clips' own by at most ``max_padding``."""
+    from .frontend import num_time_patches
+
     out: list[list] = []
+    width = 0  # time patches of the clips in out[-1]
     for clip in clips:
         n = clip[2].shape[0]
+        w = num_time_patches(n) if ragged else n
         last = out[-1] if out else None
         if (n <= chunk and last is not None and len(last) < batch_size and last[0][2].shape[0] <= chunk
-                and (ragged or last[0][2].shape[0] == n)):
+                and (last[0][2].shape[0] == n
+                     or (ragged and (len(last) + 1) * w <= (1 + max_padding) * (width + w)))):
             last.append(clip)
+            width += w
         else:
             out.append([clip])
+            width = w
     return out
 
 
@@ -112,17 +123,21 @@ def _run_batch(encoder, batch: list, ragged: bool, batch_size: int) -> list[torc
 
 def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8,
                 max_seconds: float | None = None, min_seconds: float | None = None, pool: str = "none",
-                progress: bool = False, desc: str = "embed") -> Iterator[Embedded]:
+                progress: bool = False, desc: str = "embed", max_padding: float = 0.1,
+                window: int | None = None) -> Iterator[Embedded]:
     """Embed every file of ``paths`` with ``encoder`` (``BestRQ2Encoder``, ``onnx.OnnxEncoder`` or any
     callable on [B, T] 16 kHz waveforms), yielding one ``Embedded`` per file as its batch finishes: in
-    windows of ``4 * batch_size`` files, within a window shortest first (use ``.index`` to put them back
-    in order).
+    windows of ``window`` files (default ``8 * batch_size``), within a window shortest first (use ``.index``
+    to put them back in order). max_padding: how much of a batch may be padding, as a fraction of its clips'
+    own time patches (0: equal widths only).
 
     max_seconds: embed only the first ``max_seconds`` of a file. min_seconds: zero-pad shorter audio to
     that length (``padded``; X-ARES pads clips under 1 s to 1 s). pool: "none" (frames [T', D]) or
     "mean" (their mean over time, [D]). progress: a bar over files with the audio rate."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_padding < 0:
+        raise ValueError(f"max_padding must be >= 0, got {max_padding}")
     if pool not in ("none", "mean"):
         raise ValueError(f"pool must be 'none' or 'mean', got {pool!r}")
     from tqdm.auto import tqdm
@@ -132,7 +147,7 @@ def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8
     paths = [str(p) for p in paths]
     ragged = takes_lengths(encoder)
     chunk = getattr(getattr(encoder, "config", None), "chunk_samples", BestRQ2Config().chunk_samples)
-    window = 4 * batch_size
+    window = window or 8 * batch_size
     starts = range(0, len(paths), window)
 
     def read_window(s: int) -> list:
@@ -149,7 +164,7 @@ def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8
                 bar.update(1)
                 yield Embedded(i, path, error=err)
             ok = sorted((c for c in clips if c[2] is not None), key=lambda c: c[2].shape[0])
-            for batch in _batches(ok, batch_size, ragged, chunk):
+            for batch in _batches(ok, batch_size, ragged, chunk, max_padding):
                 try:
                     results = [(c, f, None) for c, f in zip(batch, _run_batch(encoder, batch, ragged, batch_size))]
                 except (ValueError, RuntimeError) as err:

@@ -66,7 +66,7 @@ def test_batches_of_mixed_lengths_equal_each_clip_alone(tmp_path, enc):
     bad.write_bytes(b"not audio")
     names = [*paths[:3], tmp_path / "missing.wav", bad, *paths[3:]]
     rec = Recording(enc)
-    results = list(embed_files(rec, names, batch_size=3))
+    results = list(embed_files(rec, names, batch_size=3, max_padding=10.0))  # padding allowed: ragged batches
     assert sorted(r.index for r in results) == list(range(len(names)))  # each file once
     by = {r.index: r for r in results}
     assert by[3].error == "file not found" and "cannot read audio" in by[4].error
@@ -81,6 +81,29 @@ def test_batches_of_mixed_lengths_equal_each_clip_alone(tmp_path, enc):
         alone = enc(torch.from_numpy(sf.read(p, dtype="float32")[0])[None])[0]
         assert r.frames.shape == alone.shape == (enc.num_output_frames(n), 192)
         torch.testing.assert_close(r.frames, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_hold_padding_within_max_padding():
+    """Sorted clips join a batch while its padded time patches stay within max_padding of its clips' own;
+    equal lengths always share one; a clip over 10 s runs alone; at most batch_size a batch."""
+    from bestrq2.embedding import _batches
+    from bestrq2.frontend import num_time_patches
+
+    lens = [12_000, 33_000, 48_000, 48_000, 50_000, 54_000, 90_000, 100_000, 160_000, 160_000, 200_000]
+    clips = [(i, "", torch.zeros(n)) for i, n in enumerate(lens)]
+    for pad in (0.0, 0.1, 0.5):
+        batches = _batches(clips, 3, True, 160_000, pad)
+        assert [c[0] for b in batches for c in b] == list(range(len(lens)))
+        for b in batches:
+            w = [num_time_patches(c[2].shape[0]) for c in b]
+            assert len(b) <= 3 and (len(b) == 1 or len(b) * max(w) <= (1 + pad) * sum(w))
+        assert [200_000] in [[c[2].shape[0] for c in b] for b in batches]
+    widths = lambda pad: [[c[2].shape[0] for c in b] for b in _batches(clips, 3, True, 160_000, pad)]
+    assert [48_000, 48_000] in widths(0.0) and [160_000, 160_000] in widths(0.0)
+    assert len(widths(0.5)) < len(widths(0.1)) <= len(widths(0.0))
+    assert all(len(set(b)) == 1 for b in [[c[2].shape[0] for c in b] for b in _batches(clips, 3, False, 160_000, 9)])
+    with pytest.raises(ValueError, match="max_padding"):
+        next(embed_files(object(), ["x.wav"], max_padding=-1))
 
 
 def test_crop_pad_and_mean_pool(tmp_path, enc):
