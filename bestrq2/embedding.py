@@ -2,13 +2,14 @@
 runs, clips of similar length go through it together, and every file gets back its own frames.
 
 One clip at a time leaves most of an accelerator idle (at batch 1 kernel launches set the time) and some of
-a CPU: ViT-B on a 2-core Xeon embedded 10 s files 1.46x faster in batches of 8 than alone in float32, 1.11x
-in bf16 (``python -m bench.embed_files --fixed 10``). Here up to ``batch_size`` clips of at most 10 s run as
+a CPU: ViT-B on a 2-core Xeon embedded 10 s files 1.30-1.46x faster in batches of 8 than alone in float32,
+1.11-1.21x in bf16 (``python -m bench.embed_files --fixed 10``, two runs). Here up to ``batch_size`` clips of at most 10 s run as
 one padded batch (``lengths`` tells the encoder where each ends, so a clip's frames do not depend on its
 neighbours up to float32 rounding). Padding is work too: on that CPU batches of 8 files of 1-10 s drawn at
 random, padded to the longest, ran no faster than one file at a time (0.93-1.00x). So the files of a window
 of ``8 * batch_size`` are sorted by length, and a batch takes the next clip only while its padded time
-patches stay within ``max_padding`` (10%) of its clips' own. A file longer than one 10 s chunk runs alone;
+patches stay within ``max_padding`` (10%) of its clips' own: 1.13x (float32) and 1.01x (bf16) one at a time
+on those random lengths (``bench/results/embed_files.txt``). A file longer than one 10 s chunk runs alone;
 the encoder cuts it into chunks and runs those ``batch_size`` at a time.
 
 A file that cannot be read, or whose audio the encoder refuses (too short, NaN samples), comes back with
