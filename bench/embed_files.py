@@ -3,10 +3,10 @@ process, interleaved (the order reversed every other round): what ``bestrq2 embe
 evaluation's feature pass gain from batching.
 
 ``python -m bench.embed_files [--preset base] [--files 24] [--batch 1 8] [--rounds 3] [--precision auto]
-[--fixed SECONDS] [--device cpu]`` writes ``--files`` wav files of 1-12 s (lengths drawn once, seeded; one in six
-over 10 s, so it runs alone; or all ``--fixed`` s) to a temporary folder and prints, per batch size, the wall time of the whole pass (median and
-minimum over rounds), the audio rate (seconds of audio per second) and each pass's paired ratio against
-the first batch size (median): above 1.0x batching is faster.
+[--fixed SECONDS] [--device cpu]`` writes ``--files`` wav files of 1-12 s (lengths drawn once, seeded; one
+in six over 10 s, so it runs alone; or all ``--fixed`` s) to a temporary folder and prints, per batch size,
+the wall time of the whole pass (median and minimum over rounds), the audio rate (seconds of audio per
+second) and each pass's paired ratio against the first batch size (median): above 1.0x batching is faster.
 """
 from __future__ import annotations
 

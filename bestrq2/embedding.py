@@ -1,16 +1,16 @@
 """Embed many audio files in batches: the next files decode on a background thread while the encoder
 runs, clips of similar length go through it together, and every file gets back its own frames.
 
-One clip at a time leaves most of an accelerator idle (at batch 1 kernel launches set the time) and some of
-a CPU: ViT-B on a 2-core Xeon embedded 10 s files 1.30-1.46x faster in batches of 8 than alone in float32,
-1.11-1.21x in bf16 (``python -m bench.embed_files --fixed 10``, two runs). Here up to ``batch_size`` clips of at most 10 s run as
-one padded batch (``lengths`` tells the encoder where each ends, so a clip's frames do not depend on its
-neighbours up to float32 rounding). Padding is work too: on that CPU batches of 8 files of 1-10 s drawn at
-random, padded to the longest, ran no faster than one file at a time (0.93-1.00x). So the files of a window
-of ``8 * batch_size`` are sorted by length, and a batch takes the next clip only while its padded time
-patches stay within ``max_padding`` (10%) of its clips' own: 1.13x (float32) and 1.01x (bf16) one at a time
-on those random lengths (``bench/results/embed_files.txt``). A file longer than one 10 s chunk runs alone;
-the encoder cuts it into chunks and runs those ``batch_size`` at a time.
+One clip at a time leaves most of an accelerator idle (at batch 1 kernel launches set the time) and some
+of a CPU: ViT-B on a 2-core Xeon embedded 10 s files 1.30-1.46x as fast in batches of 8 as alone in float32,
+1.11-1.21x in bf16 (``python -m bench.embed_files --fixed 10``, two runs). Here up to ``batch_size`` clips of
+at most 10 s run as one padded batch (``lengths`` tells the encoder where each ends, so a clip's frames do not
+depend on its neighbours up to float32 rounding). Padding is work too: on that CPU, batches of 8 files of
+1-10 s drawn at random, padded to the longest, ran no faster than one file at a time (0.93-1.00x). So the
+files of a window of ``8 * batch_size`` are sorted by length, and a batch takes the next clip only while its
+padded time patches stay within ``max_padding`` (10%) of its clips' own: then such batches ran 1.13x
+(float32) and 1.01x (bf16) as fast as one file at a time (``bench/results/embed_files.txt``). A file longer
+than one 10 s chunk runs alone; the encoder cuts it into chunks and runs those ``batch_size`` at a time.
 
 A file that cannot be read, or whose audio the encoder refuses (too short, NaN samples), comes back with
 its ``error`` and the others go on; an encoder that fails on a batch is retried clip by clip, so the
@@ -122,6 +122,20 @@ def _run_batch(encoder, batch: list, ragged: bool, batch_size: int) -> list[torc
     return [out[j, : encoder.num_output_frames(n)] for j, n in enumerate(lens)]
 
 
+def _run_or_each(encoder, batch: list, ragged: bool, batch_size: int) -> list[tuple]:
+    """[(clip, frames or None, error or None)] of one batch; if the encoder fails on the batch, each clip
+    alone, so that the error lands on the clip that causes it."""
+    try:
+        return [(c, f, None) for c, f in zip(batch, _run_batch(encoder, batch, ragged, batch_size))]
+    except (ValueError, RuntimeError) as err:
+        if len(batch) == 1:
+            return [(batch[0], None, str(err).splitlines()[0][:300])]
+    out = []
+    for c in batch:
+        out.extend(_run_or_each(encoder, [c], ragged, batch_size))
+    return out
+
+
 def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8,
                 max_seconds: float | None = None, min_seconds: float | None = None, pool: str = "none",
                 progress: bool = False, desc: str = "embed", max_padding: float = 0.1,
@@ -156,36 +170,28 @@ def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8
 
     bar = tqdm(total=len(paths), desc=desc, unit="file", disable=not progress, leave=False)
     audio = 0.0
-    with ThreadPoolExecutor(max_workers=1) as reader:  # decoding (libsndfile, resampling) overlaps the encoder
-        pending = reader.submit(read_window, starts[0]) if paths else None
-        for k in range(len(starts)):
-            clips = pending.result()
-            pending = reader.submit(read_window, starts[k + 1]) if k + 1 < len(starts) else None
-            for i, path, _, err, _, _ in (c for c in clips if c[2] is None):
-                bar.update(1)
-                yield Embedded(i, path, error=err)
-            ok = sorted((c for c in clips if c[2] is not None), key=lambda c: c[2].shape[0])
-            for batch in _batches(ok, batch_size, ragged, chunk, max_padding):
-                try:
-                    results = [(c, f, None) for c, f in zip(batch, _run_batch(encoder, batch, ragged, batch_size))]
-                except (ValueError, RuntimeError) as err:
-                    if len(batch) == 1:
-                        results = [(batch[0], None, str(err).splitlines()[0][:300])]
-                    else:  # find the clip that fails: each alone
-                        results = []
-                        for c in batch:
-                            try:
-                                results.append((c, _run_batch(encoder, [c], ragged, batch_size)[0], None))
-                            except (ValueError, RuntimeError) as one:
-                                results.append((c, None, str(one).splitlines()[0][:300]))
-                for (i, path, _, _, seconds, padded), frames, err in results:
-                    if frames is not None and pool == "mean":
-                        frames = frames.mean(dim=0)
-                    audio += seconds if err is None else 0.0
+    try:
+        # decoding (libsndfile, resampling) runs on a thread of its own, overlapping the encoder
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(read_window, starts[0]) if paths else None
+            for k in range(len(starts)):
+                clips = pending.result()
+                pending = reader.submit(read_window, starts[k + 1]) if k + 1 < len(starts) else None
+                for i, path, _, err, _, _ in (c for c in clips if c[2] is None):
                     bar.update(1)
-                    bar.set_postfix(audio_s=f"{audio:.0f}", refresh=False)
-                    yield Embedded(i, path, frames, err, seconds if err is None else 0.0, padded)
-    bar.close()
+                    yield Embedded(i, path, error=err)
+                ok = sorted((c for c in clips if c[2] is not None), key=lambda c: c[2].shape[0])
+                for batch in _batches(ok, batch_size, ragged, chunk, max_padding):
+                    for (i, path, _, _, seconds, padded), frames, err in _run_or_each(encoder, batch, ragged,
+                                                                                      batch_size):
+                        if frames is not None and pool == "mean":
+                            frames = frames.mean(dim=0)
+                        audio += seconds if err is None else 0.0
+                        bar.update(1)
+                        bar.set_postfix(audio_s=f"{audio:.0f}", refresh=False)
+                        yield Embedded(i, path, frames, err, seconds if err is None else 0.0, padded)
+    finally:  # (also when the caller stops early)
+        bar.close()
 
 
 def output_path(out_dir: Path, path: Path, root: Path | None) -> Path:
