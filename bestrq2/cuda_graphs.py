@@ -11,6 +11,11 @@ shape into a ``torch.cuda.CUDAGraph`` and afterwards replays it: one launch for 
   buffer's identity, storage and version counter) plus the precision: ``load_state_dict``, ``.to()``
   or an in-place change recaptures instead of replaying stale weights.
 - The ``most`` most recently used shapes are kept (each holds its own activation memory pool).
+- ``first_eager`` (the encoder's ``cuda_graphs="auto"``): a shape is captured the second time it is asked
+  for; the first call runs eagerly. A capture runs the forward three times (two warm-ups and the capture),
+  so capturing every new shape made a stream of shapes that never repeat (a folder of files of different
+  lengths embedded one at a time) about three times slower than eager; now it stays eager, and a shape that
+  repeats pays one eager call before its graph.
 - The output is cloned out of the graph's static buffer, so a later replay does not overwrite it.
 """
 from __future__ import annotations
@@ -35,9 +40,10 @@ class GraphedFrames:
     this wave's shape and ``key`` (anything that changes when what ``fn`` computes with changes).
     A copy (``copy.deepcopy`` of the encoder) starts empty: graphs belong to the module they captured."""
 
-    def __init__(self, most: int = 4) -> None:
-        self.most = most
+    def __init__(self, most: int = 4, remember: int = 64) -> None:
+        self.most, self.remember = most, remember
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # asked for once and run eagerly (first_eager)
         self.captures = 0  # how many graphs were captured (tests, benchmarks)
 
     def __deepcopy__(self, memo) -> "GraphedFrames":
@@ -57,14 +63,21 @@ class GraphedFrames:
         self.captures += 1
         return graph, static, out
 
-    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, key: tuple) -> torch.Tensor:
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, key: tuple,
+                 first_eager: bool = False) -> torch.Tensor:
         full_key = (tuple(wave.shape), wave.dtype, wave.device, key)
         # normal tensors whatever the caller's mode: a graph captured under torch.inference_mode would
         # hold inference tensors that a later call outside it may not copy into, and frames returned
         # as inference tensors could not feed a trained head
         with torch.inference_mode(False), torch.no_grad():
             entry = self.graphs.pop(full_key, None)
+            if entry is None and first_eager and full_key not in self.seen:
+                self.seen[full_key] = None
+                while len(self.seen) > self.remember:
+                    self.seen.popitem(last=False)
+                return fn(wave)
             if entry is None:
+                self.seen.pop(full_key, None)
                 while len(self.graphs) >= self.most:
                     self.graphs.popitem(last=False)
                 entry = self._capture(fn, wave)
@@ -76,3 +89,4 @@ class GraphedFrames:
 
     def clear(self) -> None:
         self.graphs.clear()
+        self.seen.clear()

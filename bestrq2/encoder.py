@@ -172,7 +172,8 @@ class BestRQ2Encoder(nn.Module):
             if self._use_graph(b, lens, t):
                 from .precision import weights_key
 
-                return self._graphed(self._equal_frames, wave, (self.precision, weights_key(self)))
+                return self._graphed(self._equal_frames, wave, (self.precision, weights_key(self)),
+                                     first_eager=self.cuda_graphs == "auto")
             return self._frames(wave[:, : max(lens)], lengths)
         # cut every clip into <= 10 s pieces at its own length, run the pieces as padded batches
         pieces = [(i, *piece) for i, n in enumerate(lens) for piece in chunk_plan(n, chunk)]

@@ -118,8 +118,9 @@ def test_sdpa_kernels(backend):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_encoder_cuda_graph_replay(precision):
-    """The encoder's CUDA-graph path gives the eager path's frames; a shape is captured once and then
-    replayed; new weights, another shape or precision capture anew; padded or large batches stay eager."""
+    """The encoder's CUDA-graph path gives the eager path's frames. auto: a shape's first call runs eagerly,
+    its second is captured, later ones replay; new weights, another shape or precision start anew; padded or
+    large batches stay eager."""
     from bestrq2 import BestRQ2Encoder
 
     torch.manual_seed(0)
@@ -129,25 +130,36 @@ def test_encoder_cuda_graph_replay(precision):
     eager.load_state_dict(graphed.state_dict())
     tol = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
     wave = torch.randn(2, 48_000, device="cuda") * 0.1
-    torch.testing.assert_close(graphed(wave), eager(wave), **tol)
-    assert graphed._graphed.captures == 1
-    other = torch.randn(2, 48_000, device="cuda") * 0.1  # the same shape: replayed with the new input
+    torch.testing.assert_close(graphed(wave), eager(wave), **tol)  # first: eager
+    assert graphed._graphed.captures == 0
+    other = torch.randn(2, 48_000, device="cuda") * 0.1  # second: captured
     torch.testing.assert_close(graphed(other), eager(other), **tol)
     assert graphed._graphed.captures == 1
-    graphed(torch.randn(1, 160_000, device="cuda") * 0.1)
+    torch.testing.assert_close(graphed(wave), eager(wave), **tol)  # replayed with the new input
+    assert graphed._graphed.captures == 1
+    long = torch.randn(1, 160_000, device="cuda") * 0.1
+    graphed(long)
+    assert graphed._graphed.captures == 1
+    graphed(long)
     assert graphed._graphed.captures == 2
     fresh = BestRQ2Encoder(cfg, precision=precision, cuda_graphs="off").cuda()
     graphed.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(graphed(wave), fresh(wave), **tol)  # new weights: eager first
     torch.testing.assert_close(graphed(wave), fresh(wave), **tol)
     assert graphed._graphed.captures == 3
     with torch.inference_mode():  # captured inside inference mode, replayed outside it: normal tensors
+        graphed(torch.randn(3, 48_000, device="cuda") * 0.1)
         captured = graphed(torch.randn(3, 48_000, device="cuda") * 0.1)
     assert not captured.is_inference()
     graphed(torch.randn(3, 48_000, device="cuda") * 0.1)
     assert graphed._graphed.captures == 4
-    graphed(torch.randn(16, 48_000, device="cuda") * 0.1)  # auto: batch > 8 runs eagerly
-    graphed(wave, lengths=torch.tensor([48_000, 30_000]))  # padded: eager
+    for _ in range(2):
+        graphed(torch.randn(16, 48_000, device="cuda") * 0.1)  # auto: batch > 8 runs eagerly
+        graphed(wave, lengths=torch.tensor([48_000, 30_000]))  # padded: eager
     assert graphed._graphed.captures == 4
+    on = BestRQ2Encoder(cfg, precision=precision, cuda_graphs="on").cuda()
+    on(wave)
+    assert on._graphed.captures == 1  # "on": captured at once
 
 
 def test_auto_attention_follows_the_wins_table(monkeypatch):

@@ -212,6 +212,20 @@ def test_graph_cache_bookkeeping_with_a_stand_in_graph(monkeypatch):
     assert g.captures == 3 and len(g.graphs) == 2  # the first entry was evicted
     g(fn, a, ("k",))
     assert g.captures == 4
+    # first_eager (the encoder's "auto"): a shape's first call runs eagerly, its second is captured; shapes
+    # that never repeat are never captured
+    g, calls[:], replays[:] = G.GraphedFrames(most=2, remember=3), [], []
+    for n in range(5, 10):
+        assert torch.equal(g(fn, torch.ones(1, n), ("k",), first_eager=True), torch.ones(1, n) * 2)
+    assert g.captures == 0 and len(calls) == 5 and not replays and len(g.seen) == 3  # the oldest forgotten
+    g(fn, torch.ones(1, 9), ("k",), first_eager=True)
+    assert g.captures == 1 and len(calls) == 8 and len(replays) == 1 and len(g.seen) == 2
+    g(fn, torch.ones(1, 9), ("k",), first_eager=True)
+    assert g.captures == 1 and len(replays) == 2
+    g(fn, torch.ones(1, 5), ("k",), first_eager=True)  # forgotten: eager again
+    assert g.captures == 1 and len(calls) == 9
+    g(fn, torch.ones(1, 9), ("new weights",), first_eager=True)
+    assert g.captures == 1 and len(calls) == 10
     with pytest.raises(ValueError, match="cuda_graphs must be one of"):
         G.check_mode("always")
 
