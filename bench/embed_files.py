@@ -21,18 +21,23 @@ import torch
 
 
 def write_corpus(folder: Path, n: int, seed: int = 0, fixed: float | None = None) -> tuple[list[Path], float]:
-    """n wav files of 1-12 s, or all ``fixed`` s (float32 noise); (paths, seconds of audio in all)."""
-    import soundfile as sf
+    """n wav files of 1-12 s, or all ``fixed`` s (16-bit PCM noise, written with the standard library's
+    ``wave``, so that the GPU machine, which has no soundfile, runs it too); (paths, seconds of audio in all)."""
+    import wave
 
     rng = np.random.default_rng(seed)
     paths, total = [], 0.0
     for i in range(n):
         seconds = float(rng.uniform(10.5, 12.0)) if i % 6 == 5 else float(rng.uniform(1.0, 10.0))
         seconds = fixed if fixed is not None else seconds
-        wave = (rng.standard_normal(int(seconds * 16_000)) * 0.1).clip(-1, 1).astype(np.float32)
+        pcm = (rng.standard_normal(int(seconds * 16_000)) * 3_000).clip(-32768, 32767).astype("<i2")
         paths.append(folder / f"f{i:03d}.wav")
-        sf.write(paths[-1], wave, 16_000, subtype="FLOAT")
-        total += len(wave) / 16_000
+        with wave.open(str(paths[-1]), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16_000)
+            w.writeframes(pcm.tobytes())
+        total += len(pcm) / 16_000
     return paths, total
 
 

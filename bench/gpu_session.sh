@@ -2,7 +2,8 @@
 # The first duty of a session that has a GPU: one script, run through the device tool, e.g.
 #   run(command="BESTRQ2_COMMIT=<git rev-parse --short HEAD here> bash bench/gpu_session.sh", timeout_s=570)
 # (about 9 minutes; name the commit: the device's copy of .git lagged the tree it was sent once);
-# `bash bench/gpu_session.sh sweep` afterwards runs the attention tuning sweep if time is left
+# `bash bench/gpu_session.sh sweep` afterwards runs the attention tuning sweep if time is left, and
+# `bash bench/gpu_session.sh embed` batched file embedding against one file at a time (bench.embed_files)
 # It installs the project over the machine's own torch/triton (no deps, so the pin pulls nothing),
 # runs the GPU tests, then the GPU benchmark suite in pieces (each under its own timeout and each
 # appending its rows to bench/results/gpu.csv, so a piece that overruns loses only itself), and
@@ -27,6 +28,12 @@ PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
 # the training loader's workers (variant (e)) pass batches through /dev/shm: its size and the cores they get
 { echo "cores $(nproc)"; df -h /dev/shm | tail -1; } >>"$OUT/env.txt" 2>&1
+if [ "${1:-}" = "embed" ]; then  # a second call, if device time is left: embed_files' batches on the card
+  echo "== embed_files (limit 150s)" | tee -a "$OUT/embed_files.txt"
+  timeout 150 python -m bench.embed_files --device cuda --files 48 --batch 1 8 32 --rounds 3 2>&1 | tee -a "$OUT/embed_files.txt"
+  timeout 60 python -m bench.embed_files --device cuda --files 32 --fixed 10 --batch 1 8 32 --rounds 3 2>&1 | tee -a "$OUT/embed_files.txt"
+  exit 0
+fi
 if [ "${1:-}" = "sweep" ]; then  # a second call, if device time is left: the attention tuning sweep
   echo "== attention tuning sweep (limit 50s)" | tee -a "$OUT/bench_gpu.txt"
   timeout 50 python -m bench.gpu_probe --wins 2>&1 | tee -a "$OUT/bench_gpu.txt" | tail -14

@@ -190,3 +190,27 @@ def test_embed_files_bench_runs(capsys):
     assert bench_main(["--preset", "tiny", "--files", "6", "--rounds", "1", "--batch", "1", "4"]) == 0
     out = capsys.readouterr().out
     assert "6 files" in out and "batch   4" in out and "x real time" in out
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32"])
+def test_pcm_wav_read_without_soundfile(tmp_path, monkeypatch, subtype):
+    """Without soundfile (a --no-deps install, as on the lent GPU machine) PCM WAV files read through the
+    standard library to the same samples libsndfile gives; other formats say soundfile is needed."""
+    import sys
+
+    from bestrq2.data.folder import load_audio, read_pcm_wav
+
+    g = torch.Generator().manual_seed(1)
+    stereo = (torch.rand(3_000, 2, generator=g) * 1.98 - 0.99).numpy()
+    path = tmp_path / "x.wav"
+    sf.write(path, stereo, 22_050, subtype=subtype)
+    want, sr = sf.read(path, dtype="float32", always_2d=True)
+    got, sr2 = read_pcm_wav(path)
+    assert sr2 == sr == 22_050 and got.shape == want.shape == (3_000, 2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    with_sf = load_audio(path)
+    sf.write(tmp_path / "y.flac", stereo, 16_000)
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # import soundfile now raises ImportError
+    np.testing.assert_allclose(load_audio(path), with_sf, rtol=0, atol=1e-6)  # mono, resampled to 16 kHz
+    with pytest.raises(ValueError, match="soundfile is not installed"):
+        load_audio(tmp_path / "y.flac")

@@ -21,12 +21,43 @@ EXTENSIONS = {".wav", ".flac", ".ogg", ".opus", ".mp3"}  # what libsndfile (>= 1
 log = logging.getLogger(__name__)
 
 
-def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Read a file -> float32 mono [T] at ``target_sr``. Raises ValueError if it cannot be decoded."""
-    import soundfile as sf
+def read_pcm_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A PCM WAV file (8-, 16-, 24- or 32-bit integer samples) through the standard library's ``wave``:
+    (float32 [T, channels] in [-1, 1), sample rate), scaled as libsndfile scales them (by 2^(bits - 1); 8-bit
+    is unsigned around 128). What ``load_audio`` reads where soundfile is not installed (the lent GPU
+    machine had none)."""
+    import wave
 
+    with wave.open(str(path), "rb") as w:
+        channels, width, sr = w.getnchannels(), w.getsampwidth(), w.getframerate()
+        raw = w.readframes(w.getnframes())
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # little-endian 24-bit: widened to int32 with the sign carried
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        x = (((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8) >> 8).astype(np.float32) / 2.0 ** 23
+    elif width in (2, 4):
+        x = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2.0 ** (8 * width - 1)
+    else:
+        raise ValueError(f"{width * 8}-bit PCM is not a WAV sample width this reader knows")
+    return x.reshape(-1, channels), sr
+
+
+def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Read a file -> float32 mono [T] at ``target_sr``. Raises ValueError if it cannot be decoded.
+    Without soundfile (a ``--no-deps`` install) only PCM WAV files are read (``read_pcm_wav``)."""
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        import soundfile as sf
+    except ImportError:
+        sf = None
+    try:
+        if sf is not None:
+            data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        elif Path(path).suffix.lower() == ".wav":
+            data, sr = read_pcm_wav(path)
+        else:
+            raise ValueError("soundfile is not installed (pip install soundfile): without it only PCM .wav "
+                             "files can be read")
     except Exception as err:  # libsndfile's errors vary by format
         raise ValueError(f"cannot read audio file {path}: {err}") from err
     if data.size == 0:
