@@ -108,6 +108,7 @@ def _embed_many(enc, inputs: list[Path], args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out_dir)
     todo: dict[Path, Path] = {}  # audio file -> its .npy
+    source: dict[Path, Path] = {}  # .npy -> its audio file
     for p in inputs:
         files = [(f, p) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in EXTENSIONS] \
             if p.is_dir() else [(p, None)]
@@ -117,11 +118,10 @@ def _embed_many(enc, inputs: list[Path], args: argparse.Namespace) -> int:
             if f in todo:  # the same file named twice (a folder and a file in it)
                 continue
             dest = output_path(out_dir, f, root)
-            if dest in todo.values():
-                other = next(a for a, d in todo.items() if d == dest)
-                raise ValueError(f"{f} and {other} would both be written to {dest}: pass their common folder "
-                                 "instead, or embed them in separate runs")
-            todo[f] = dest
+            if dest in source:
+                raise ValueError(f"{f} and {source[dest]} would both be written to {dest}: pass their common "
+                                 "folder instead, or embed them in separate runs")
+            todo[f], source[dest] = dest, f
     done = {f for f, d in todo.items() if d.exists()} if not args.overwrite else set()
     files = [f for f in todo if f not in done]
     if done:
@@ -138,9 +138,11 @@ def _embed_many(enc, inputs: list[Path], args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     ok = len(files) - len(failed)
     print(f"embedded {ok} files ({seconds:.1f} s of audio, {seconds / max(wall, 1e-9):.1f}x real time) into {out_dir}")
-    if failed:
+    report = out_dir / "embed_errors.tsv"
+    if not failed:
+        report.unlink(missing_ok=True)  # an earlier run's list: those files are done now
+    else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        report = out_dir / "embed_errors.tsv"
         report.write_text("".join(f"{p}\t{e}\n" for p, e in failed))
         print(f"{len(failed)} files failed (listed in {report}):", file=sys.stderr)
         for p, e in failed[:10]:

@@ -169,6 +169,7 @@ def test_cli_embed_folder_writes_resumes_and_reports(tmp_path, enc, capsys):
     (out / "clip0.wav.npy").unlink()
     (audio / "sub" / "broken.flac").unlink()
     assert main(args) == 0  # resumed: only the missing output is made again
+    assert not (out / "embed_errors.tsv").exists()  # the earlier run's failure list is gone with the failure
     text = capsys.readouterr().out
     assert "2 of 3 files already embedded" in text and "embedded 1 files" in text
     assert main(args + ["--pool", "mean", "--overwrite"]) == 0
