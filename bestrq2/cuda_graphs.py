@@ -14,8 +14,8 @@ shape into a ``torch.cuda.CUDAGraph`` and afterwards replays it: one launch for 
 - ``first_eager`` (the encoder's ``cuda_graphs="auto"``): a shape is captured the second time it is asked
   for; the first call runs eagerly. A capture runs the forward three times (two warm-ups and the capture),
   so capturing every new shape made a stream of shapes that never repeat (a folder of files of different
-  lengths embedded one at a time) about three times slower than eager; now it stays eager, and a shape that
-  repeats pays one eager call before its graph.
+  lengths embedded one at a time) do at least three forwards' work per call instead of one (read from the
+  code, not timed); now it stays eager, and a shape that repeats pays one eager call before its graph.
 - The output is cloned out of the graph's static buffer, so a later replay does not overwrite it.
 """
 from __future__ import annotations
