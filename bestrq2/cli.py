@@ -103,15 +103,14 @@ def _embed_many(enc, inputs: list[Path], args: argparse.Namespace) -> int:
     whose output exists are skipped (a stopped run picks up where it was), failures listed at the end."""
     import time
 
-    from .data.folder import EXTENSIONS
+    from .data.folder import EXTENSIONS, audio_files
     from .embedding import embed_files, output_path, save_npy
 
     out_dir = Path(args.out_dir)
     todo: dict[Path, Path] = {}  # audio file -> its .npy
     source: dict[Path, Path] = {}  # .npy -> its audio file
     for p in inputs:
-        files = [(f, p) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in EXTENSIONS] \
-            if p.is_dir() else [(p, None)]
+        files = [(f, p) for f in audio_files(p)] if p.is_dir() else [(p, None)]
         if p.is_dir() and not files:
             print(f"{p}: no {'/'.join(sorted(e[1:] for e in EXTENSIONS))} files found", file=sys.stderr)
         for f, root in files:

@@ -44,16 +44,19 @@ class Embedded:
     padded: bool = False  # shorter than min_seconds, zero-padded to it
 
 
+def _call_parameters(encoder) -> set[str]:
+    """The names ``encoder(...)`` takes (empty where Python cannot say)."""
+    fn = encoder.forward if isinstance(encoder, torch.nn.Module) else encoder.__call__
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def takes_lengths(encoder) -> bool:
     """Can ``encoder`` run a padded batch of clips of different lengths? It must take ``lengths`` and
     say how many frames a clip gets (``num_output_frames``); otherwise only equal lengths share a batch."""
-    if not hasattr(encoder, "num_output_frames"):
-        return False
-    fn = encoder.forward if isinstance(encoder, torch.nn.Module) else encoder.__call__
-    try:
-        return "lengths" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return hasattr(encoder, "num_output_frames") and "lengths" in _call_parameters(encoder)
 
 
 def _read(index: int, path: str, max_seconds: float | None, min_seconds: float | None):
@@ -104,35 +107,31 @@ def _to_tensor(frames) -> torch.Tensor:
     return torch.as_tensor(frames).detach().float().cpu()
 
 
-def _run_batch(encoder, batch: list, ragged: bool, batch_size: int) -> list[torch.Tensor]:
-    """Frames [T'_i, D] of each clip of one batch."""
+def _run_batch(encoder, batch: list, extra: dict) -> list[torch.Tensor]:
+    """Frames [T'_i, D] of each clip of one batch; ``extra``: keyword arguments for every encoder call."""
     lens = [c[2].shape[0] for c in batch]
     wave = torch.zeros(len(batch), max(lens))
     for j, c in enumerate(batch):
         wave[j, : lens[j]] = c[2]
-    kwargs = {}
-    if ragged and "max_batch" in inspect.signature(encoder.forward if isinstance(encoder, torch.nn.Module)
-                                                   else encoder.__call__).parameters:
-        kwargs["max_batch"] = batch_size  # a long file's chunks: batch_size at a time
     with torch.no_grad():
         if len(set(lens)) == 1:
-            out = _to_tensor(encoder(wave, **kwargs))
+            out = _to_tensor(encoder(wave, **extra))
             return [out[j] for j in range(len(batch))]
-        out = _to_tensor(encoder(wave, torch.tensor(lens), **kwargs))
+        out = _to_tensor(encoder(wave, torch.tensor(lens), **extra))
     return [out[j, : encoder.num_output_frames(n)] for j, n in enumerate(lens)]
 
 
-def _run_or_each(encoder, batch: list, ragged: bool, batch_size: int) -> list[tuple]:
+def _run_or_each(encoder, batch: list, extra: dict) -> list[tuple]:
     """[(clip, frames or None, error or None)] of one batch; if the encoder fails on the batch, each clip
     alone, so that the error lands on the clip that causes it."""
     try:
-        return [(c, f, None) for c, f in zip(batch, _run_batch(encoder, batch, ragged, batch_size))]
+        return [(c, f, None) for c, f in zip(batch, _run_batch(encoder, batch, extra))]
     except (ValueError, RuntimeError) as err:
         if len(batch) == 1:
             return [(batch[0], None, str(err).splitlines()[0][:300])]
     out = []
     for c in batch:
-        out.extend(_run_or_each(encoder, [c], ragged, batch_size))
+        out.extend(_run_or_each(encoder, [c], extra))
     return out
 
 
@@ -161,6 +160,8 @@ def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8
 
     paths = [str(p) for p in paths]
     ragged = takes_lengths(encoder)
+    # a long file's chunks go through the encoder batch_size at a time
+    extra = {"max_batch": batch_size} if ragged and "max_batch" in _call_parameters(encoder) else {}
     chunk = getattr(getattr(encoder, "config", None), "chunk_samples", BestRQ2Config().chunk_samples)
     window = window or 8 * batch_size
     starts = range(0, len(paths), window)
@@ -182,8 +183,7 @@ def embed_files(encoder, paths: Sequence[str | os.PathLike], batch_size: int = 8
                     yield Embedded(i, path, error=err)
                 ok = sorted((c for c in clips if c[2] is not None), key=lambda c: c[2].shape[0])
                 for batch in _batches(ok, batch_size, ragged, chunk, max_padding):
-                    for (i, path, _, _, seconds, padded), frames, err in _run_or_each(encoder, batch, ragged,
-                                                                                      batch_size):
+                    for (i, path, _, _, seconds, padded), frames, err in _run_or_each(encoder, batch, extra):
                         if frames is not None and pool == "mean":
                             frames = frames.mean(dim=0)
                         audio += seconds if err is None else 0.0

@@ -32,6 +32,11 @@ def chunk_plan(num_samples: int, chunk: int = 10 * SAMPLE_RATE) -> list[tuple[in
     return plan
 
 
+def frames_of(num_samples: int, chunk: int = 10 * SAMPLE_RATE) -> int:
+    """Frames a clip of ``num_samples`` samples gets: the frames kept of each piece of its ``chunk_plan``."""
+    return sum(keep for *_, keep in chunk_plan(num_samples, chunk))
+
+
 def join_clips(per_clip: list[list[torch.Tensor]]) -> torch.Tensor:
     """Each clip's pieces' frames ([frames kept, D] each, in ``chunk_plan`` order) joined in time and
     zero-padded to the longest clip: [B, T', D]. Shared by ``BestRQ2Encoder`` and ``onnx.OnnxEncoder``."""
@@ -150,7 +155,7 @@ class BestRQ2Encoder(nn.Module):
     # --------------------------------------------------------------- public
     def num_output_frames(self, num_samples: int) -> int:
         """Frames the encoder gives a clip of ``num_samples`` samples."""
-        return sum(keep for *_, keep in chunk_plan(num_samples, self.config.chunk_samples))
+        return frames_of(num_samples, self.config.chunk_samples)
 
     def to_onnx(self, path: str | os.PathLike, portable: bool = False) -> Path:
         """Write this encoder as ONNX (dynamic batch and length; see ``bestrq2.onnx``); run it with

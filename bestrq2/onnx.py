@@ -263,9 +263,9 @@ class OnnxEncoder:
 
     def num_output_frames(self, num_samples: int) -> int:
         """Frames a clip of ``num_samples`` samples gets (as ``BestRQ2Encoder.num_output_frames``)."""
-        from .encoder import chunk_plan
+        from .encoder import frames_of
 
-        return sum(keep for *_, keep in chunk_plan(num_samples))
+        return frames_of(num_samples)
 
     def _session(self, threads: int):
         import onnxruntime as ort

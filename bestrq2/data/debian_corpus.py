@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..config import SAMPLE_RATE
-from .folder import EXTENSIONS
+from .folder import EXTENSIONS, audio_files
 
 # The default set (game and education packages with sound effects, music and spoken words)
 DEFAULT_PACKAGES = ["ktuberling-data", "wesnoth-1.16-music", "supertux-data", "redeclipse-data", "megaglest-data",
@@ -56,7 +56,7 @@ def prepare_debian(packages: list[str], out: str | Path, cache: str | Path | Non
             failed[name] = str(err)[:300]
             print(f"package {name}: skipped ({failed[name]})")
             continue
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        files = audio_files(root)
         if not files:
             failed[name] = f"no audio files ({'/'.join(sorted(e.lstrip('.') for e in EXTENSIONS))})"
             print(f"package {name}: no audio files, skipped")

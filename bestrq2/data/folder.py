@@ -21,6 +21,11 @@ EXTENSIONS = {".wav", ".flac", ".ogg", ".opus", ".mp3"}  # what libsndfile (>= 1
 log = logging.getLogger(__name__)
 
 
+def audio_files(root: Path) -> list[Path]:
+    """Every file under ``root`` (recursively) with an ``EXTENSIONS`` suffix, sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+
+
 def read_pcm_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """A PCM WAV file (8-, 16-, 24- or 32-bit integer samples) through the standard library's ``wave``:
     (float32 [T, channels] in [-1, 1), sample rate), scaled as libsndfile scales them (by 2^(bits - 1); 8-bit
@@ -80,7 +85,7 @@ class AudioFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"--data {root}: not a directory")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        self.files = audio_files(self.root)
         if not self.files:
             raise ValueError(f"--data {root}: no {sorted(EXTENSIONS)} files found")
         self.seconds, self.seed = seconds, seed

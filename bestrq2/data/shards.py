@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import MIN_SAMPLES, SAMPLE_RATE
-from .folder import EXTENSIONS, load_audio
+from .folder import EXTENSIONS, audio_files, load_audio
 
 
 
@@ -78,7 +78,7 @@ def prepare(src: str | Path, out: str | Path, workers: int | None = None, shard_
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ValueError(f"prepare: SRC {src} is not a directory")
-    files = sorted(str(p) for p in src.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    files = [str(p) for p in audio_files(src)]
     if not files:
         raise ValueError(f"prepare: no {sorted(EXTENSIONS)} files under {src}")
     writer = ShardWriter(out, shard_mb)
