@@ -13,5 +13,7 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=25
-	# the official fixtures (and the input checks' reductions) once more on ATen's scalar path: another FFT/BLAS rounding
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_official.py tests/test_frontend.py tests/test_inputs.py
+	# the official fixtures (and the input checks' reductions) once more on ATen's scalar path: another FFT/BLAS rounding;
+	# and --compile there, after the run above filled inductor's cache with AVX512 kernels (they must not be reused)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_official.py tests/test_frontend.py tests/test_inputs.py \
+		tests/test_train.py::test_compile_and_tensorboard

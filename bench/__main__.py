@@ -40,6 +40,9 @@ def main(argv=None) -> int:
         if not args.smoke:
             ap.error("--suite gpu on --device cpu runs only with --smoke (the Triton interpreter is no benchmark)")
         os.environ["TRITON_INTERPRET"] = "1"  # before bestrq2.kernels defines its kernels
+    from bestrq2.env import inductor_cache_per_isa
+
+    inductor_cache_per_isa()  # the compile rows under a narrowed ATEN_CPU_CAPABILITY get a cache of their own
 
     import torch
 

@@ -28,6 +28,10 @@ VARIABLES: dict[str, str] = {
     "WORLD_SIZE": "set by torchrun: the number of processes",
     "LOCAL_RANK": "set by torchrun: this process's GPU on its node",
     "LD_LIBRARY_PATH": "extended, not replaced, for the text-to-speech tools that build the tts_digits eval task",
+    "ATEN_CPU_CAPABILITY": "read, not set: ATen's CPU vector path (default | avx2 | avx512); torch.compile then "
+                           "caches its CPU kernels in a folder of their own (inductor_cache_per_isa)",
+    "TORCHINDUCTOR_CACHE_DIR": "torch.compile's cache folder: set by inductor_cache_per_isa where "
+                               "ATEN_CPU_CAPABILITY is set and this is not",
 }
 
 
@@ -71,3 +75,27 @@ def overridden(name: str, value: str):
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def inductor_cache_per_isa() -> str | None:
+    """Give torch.compile a cache folder of its own for each ``ATEN_CPU_CAPABILITY`` (call before compiling).
+
+    Inductor's CPU code depends on that variable (it vectorises for the ISA it names; ``default``: not at all),
+    but its on-disk caches are not keyed by it (torch 2.13): after a run under AVX512, a run under
+    ``ATEN_CPU_CAPABILITY=default`` reuses the vectorised C++ source and compiles it without the vector
+    headers ("'at::vec' has not been declared"). Where the variable is set and ``TORCHINDUCTOR_CACHE_DIR``
+    is unset or inductor's default, this sets the latter to that default plus ``_aten_<capability>`` and
+    returns it; otherwise (a folder the user chose, or no capability set) it changes nothing and returns None.
+    Inductor reads the variable at each cache access, so this works after torch._dynamo is imported."""
+    capability = read("ATEN_CPU_CAPABILITY").lower()
+    if not capability:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # importing torch._dynamo writes inductor's default folder into the variable, so only another value is the user's
+    chosen, default = read("TORCHINDUCTOR_CACHE_DIR"), default_cache_dir()
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default):
+        return None
+    folder = f"{default}_aten_{capability}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder

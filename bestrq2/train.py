@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .config import MIN_SAMPLES, SAMPLE_RATE, BestRQ2Config
-from .env import read
+from .env import inductor_cache_per_isa, read
 from .flops import pretrain_step_flops
 from .frontend import num_time_patches
 from .masking import sample_mask
@@ -459,6 +459,8 @@ def setup_run(tc: TrainConfig, model_cfg: BestRQ2Config | None, resume: bool) ->
         batch_size=None, num_workers=workers, prefetch_factor=max(2, 4 // workers) if workers else None,
         pin_memory=device.type == "cuda",  # so the wave's copy to the device does not block
         generator=torch.Generator().manual_seed(tc.seed))  # its own seed draw must not move the global RNG
+    if tc.compile:
+        inductor_cache_per_isa()  # a narrowed ATen vector path must not reuse kernels built for a wider one
     forward = torch.compile(wrapped) if tc.compile else wrapped
     return Run(tc, model, wrapped, forward, opt, sched, schedule, mask_gen, source, loader, start, device, rank, world)
 

@@ -15,6 +15,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "official"
 def pytest_configure(config):
     if (config.getoption("markexpr", "") or "").strip() != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from bestrq2.env import inductor_cache_per_isa
+
+    inductor_cache_per_isa()  # `make test` runs again under ATEN_CPU_CAPABILITY=default: no AVX512 kernels reused
 
 
 @pytest.fixture(autouse=True)

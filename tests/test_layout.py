@@ -169,6 +169,30 @@ def test_read_sees_every_write_to_the_environment(monkeypatch):
         read("NOT_BESTRQ2_VAR")
 
 
+def test_inductor_cache_per_aten_capability(monkeypatch):
+    """Under ATEN_CPU_CAPABILITY torch.compile's cache moves to a folder per value (inductor's own cache is not
+    keyed by it: a kernel vectorised under AVX512, reused under ``default``, failed to build), also from the
+    default folder that importing torch._dynamo writes into the variable; a folder the user chose, or no
+    capability set, is left alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from bestrq2.env import inductor_cache_per_isa
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert inductor_cache_per_isa() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    for cap, preset in (("default", None), ("AVX2", default_cache_dir())):  # unset, or the default torch wrote
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
+        if preset is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", preset)
+        want = f"{default_cache_dir()}_aten_{cap.lower()}"
+        assert inductor_cache_per_isa() == want == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
+    assert inductor_cache_per_isa() is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/mine"
+
+
 def test_stage_modules_share_the_encoder():
     """BestRQ2 and BestRQ2Encoder run the same ContextEncoder class; BestRQ2.forward_batch stays short."""
     import inspect
