@@ -236,7 +236,7 @@ def _eval(args: argparse.Namespace) -> int:
     # precision) and log-mel statistics
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     results = evaluate_tasks(tasks, encoders, probe=args.probe, epochs=args.epochs, seed=args.seed, seeds=seeds,
-                             cv=args.cv, progress=not args.no_progress)
+                             cv=args.cv, progress=not args.no_progress, batch_size=args.batch_size)
     if not results:
         raise ValueError("no task could be evaluated")
     compare = ("model", "baseline") if args.baseline else ("model", "random_init")
@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write the markdown report (and a .json beside it)")
     ev.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="encoder precision (see embed --precision); the log-mel floor is always fp32")
+    ev.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
+                    help="clips each encoder runs at a time for the features (same features up to float32 rounding)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
 

@@ -236,9 +236,12 @@ def _tone_noise_task(d, groups=6, per=4, extra_cols=()):
     return rows
 
 
-def test_eval_cli_smoke(tmp_path, capsys):
+def test_eval_cli_smoke(tmp_path, capsys, monkeypatch):
     """Tones vs noise bursts, 6 recording groups, two manifests with their own domains; short clips padded
-    and counted, an unreadable and a missing file skipped and named; intervals in the report; rounded JSON."""
+    and counted, an unreadable and a missing file skipped and named; intervals in the report; rounded JSON;
+    --batch-size reaches every encoder's feature pass."""
+    import bestrq2.eval.suite as S
+
     rows = _tone_noise_task(tmp_path / "a", extra_cols=("source",))
     (tmp_path / "a" / "bad.wav").write_bytes(b"junk")
     rows += [{"path": "bad.wav", "label": "tone", "group": "rec0", "source": "x"},
@@ -266,9 +269,12 @@ def test_eval_cli_smoke(tmp_path, capsys):
     assert "[" in out.read_text()  # intervals in the markdown
     floats = re.findall(r"\d+\.\d+", out.with_suffix(".json").read_text())
     assert floats and all(len(f.split(".")[1]) <= 4 for f in floats)  # rounded, no float32 noise
-    # K-fold over groups
+    # K-fold over groups, 3 clips a batch
+    batch_sizes, features = [], S.clip_features
+    monkeypatch.setattr(S, "clip_features", lambda *a, **k: batch_sizes.append(k.get("batch_size")) or features(*a, **k))
     assert main(["eval", "--model", str(tmp_path / "enc"), "--manifest", str(man_b), "--cv", "3",
-                 "--no-progress", "--out", str(tmp_path / "cv.md")]) == 0
+                 "--no-progress", "--out", str(tmp_path / "cv.md"), "--batch-size", "3"]) == 0
+    assert batch_sizes == [3] * 3  # model, random_init, logmel_stats
     cv = json.loads((tmp_path / "cv.json").read_text())
     assert cv["tasks"][0]["folds"] == 3 and cv["tasks"][0]["n_test"] == 48  # every clip tested once
 

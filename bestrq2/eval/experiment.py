@@ -84,7 +84,7 @@ def builtin_tasks(cache: Path | None = None, names: list[str] | None = None, see
 
 
 def evaluate_tasks(tasks: list, encoders: dict, *, probe: str = "logistic", epochs: int = 1000, seed: int = 0,
-                   seeds: tuple[int, ...] | None = None, cv=None, progress: bool = False) -> list:
+                   seeds: tuple[int, ...] | None = None, cv=None, progress: bool = False, batch_size: int = 8) -> list:
     """Every encoder on every task (``suite.evaluate_task``): TaskScore list. A task that cannot be scored
     (too few clips for its split) is skipped with a line saying why; padded and skipped clips are said."""
     from tqdm.auto import tqdm
@@ -97,7 +97,7 @@ def evaluate_tasks(tasks: list, encoders: dict, *, probe: str = "logistic", epoc
             print(f"[{time.strftime('%H:%M:%S')}] eval seed {seed}: {task.name} ({', '.join(encoders)})", flush=True)
         try:
             res = evaluate_task(task, encoders, epochs=epochs, seed=seed, probe=probe, cv=cv,
-                                seeds=seeds or (seed,), progress=progress)
+                                seeds=seeds or (seed,), progress=progress, batch_size=batch_size)
         except ValueError as err:
             print(f"task {task.name}: skipped ({err})")
             continue

@@ -98,17 +98,18 @@ def _splits(task: ManifestTask, ok: list[int], cv) -> list[tuple[list[int], list
 
 def evaluate_task(task: ManifestTask, encoders: dict[str, object], epochs: int = 1000, seed: int = 0,
                   probe: str = "logistic", cv: int | str | None = None, seeds: tuple[int, ...] | None = None,
-                  progress: bool = False) -> TaskScore:
+                  progress: bool = False, batch_size: int = 8) -> TaskScore:
     """Scores of every encoder on one task. ``probe``: "logistic" (deterministic) or "xares" (run for
     each of ``seeds``, default (seed,); the score is the mean, ``seed_std`` the spread); kNN always.
-    ``cv``: K (folds over groups) or "groups" (leave one group out) instead of the manifest's split."""
+    ``cv``: K (folds over groups) or "groups" (leave one group out) instead of the manifest's split.
+    ``batch_size``: clips an encoder runs at a time for the features (``clip_features``)."""
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     classes = task.classes
     cls = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([cls[it["label"]] for it in task.items], dtype=torch.long)
     paths = [it["path"] for it in task.items]
-    feats = {name: clip_features(enc, paths, progress=progress, desc=f"{task.name}: {name}")
+    feats = {name: clip_features(enc, paths, progress=progress, desc=f"{task.name}: {name}", batch_size=batch_size)
              for name, enc in encoders.items()}
     first = next(iter(feats.values()))
     ok = sorted(set.intersection(*(set(f.ok) for f in feats.values())))
