@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that everything runs")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for gpu, cpu for cpu")
     ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,block,frontend,e2e,inference,memory,pipeline")
-    ap.add_argument("--variants", default="", help="comma list of e2e variants (default all): a_eager_fp32, b_bf16_sdpa, c_fast, "
-                    "d_fast_compile, e_pretrain_loop")
+    ap.add_argument("--variants", default="", help="comma list of e2e variants (default all but b_plain_compile): a_eager_fp32, "
+                    "b_bf16_sdpa, b_plain_compile (torch.compile of plain PyTorch), c_fast, d_fast_compile, e_pretrain_loop")
     ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
     args = ap.parse_args(argv)
     device_kind = args.device or ("cuda" if args.suite == "gpu" else "cpu")

@@ -4,7 +4,9 @@ frontend and quantizer on the device).
 Variants: (a) eager fp32 built like the authors' code (scores written out, unfused head, reference
 ops, ``torch.set_float32_matmul_precision("medium")`` as their training script sets it); (b) bf16
 autocast + SDPA; (c) every fast path (auto attention, Triton gather/scatter/quantizer, fused head);
-(d) (c) under torch.compile. MFU's FLOP count is ``bestrq2.flops.pretrain_step_flops`` (encoder on
+(d) (c) under torch.compile; and, on request (``--variants``; ``gpu_session.sh`` runs it as a piece of its own),
+(b') ``b_plain_compile``: torch.compile of plain PyTorch ((b)'s model: reference ops, SDPA, bf16), the
+baseline the hand-fused (c) has to beat, timed in the same rounds as (c) (``ratio_vs_plain_compile``). MFU's FLOP count is ``bestrq2.flops.pretrain_step_flops`` (encoder on
 visible tokens, predictor on all, head on masked, x3), divided by the bf16 matmul rate measured in the
 same run and against the card's dense bf16 spec. All variants live in one process and are timed
 interleaved, 3 repeats each (median, min-max); inputs come from pinned host memory through
@@ -31,7 +33,10 @@ VARIANTS = {  # kernels: BestRQ2Config.kernels ("fast": every op on its Triton p
     "b_bf16_sdpa": dict(kernels=PLAIN | {"attention": "sdpa"}, bf16=True, compile=False),
     "c_fast": dict(kernels="fast", bf16=True, compile=False),
     "d_fast_compile": dict(kernels="fast", bf16=True, compile=True),
+    # torch.compile of plain PyTorch: what (c) must beat; opt-in, as its compile costs a GPU session ~1.5 min
+    "b_plain_compile": dict(kernels=PLAIN | {"attention": "sdpa"}, bf16=True, compile=True),
 }
+DEFAULT_VARIANTS = ("a_eager_fp32", "b_bf16_sdpa", "c_fast", "d_fast_compile")
 
 
 class Variant:
@@ -54,7 +59,9 @@ class Variant:
         self.wave = wave.pin_memory() if device.type == "cuda" else wave
         self.mask = torch.zeros(128, dtype=torch.bool)
         self.mask[torch.randperm(128)[:64]] = True
-        self.fwd = torch.compile(self.model) if v["compile"] else self.model
+        # on a CPU (smoke checks only) through aot_eager: the variant's wiring, not inductor's C++ build (minutes)
+        backend = "inductor" if device.type == "cuda" else "aot_eager"
+        self.fwd = torch.compile(self.model, backend=backend) if v["compile"] else self.model
         self.out = None
 
     def step(self):
@@ -93,7 +100,10 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
     repeats = repeats or (1 if smoke else 3)
     shape = f"preset={preset},B={batch},10s"
     if variants is None:  # smoke runs skip torch.compile (compiling is what takes the time)
-        variants = [v for v in VARIANTS if not (smoke and VARIANTS[v]["compile"])]
+        variants = [v for v in DEFAULT_VARIANTS if not (smoke and VARIANTS[v]["compile"])]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown e2e variants {unknown}; known: {', '.join(VARIANTS)} (and e_pretrain_loop)")
     built = {name: Variant(name, device, preset, batch) for name in variants}
     for var in built.values():
         var.time(warmup)  # compiles, autotunes, fills caches
@@ -138,6 +148,12 @@ def bench_e2e(rec: Recorder, device, bounds, smoke: bool, variants=None, repeats
         rec.add("pretrain_step", "c_fast", "full", shape, "ratio_vs_dispatcher", med / res["c_fast"]["step_s"])
         print(f"  c_fast through the torch.library dispatcher: {batch / med:9.1f} clips/s "
               f"(the short eager path: {med / res['c_fast']['step_s']:.3f}x)")
+    if "b_plain_compile" in res:  # the hand-fused path (and compile on top of it) against compiled plain PyTorch
+        for name in ("c_fast", "d_fast_compile"):
+            if name in res:
+                ratio = res[name]["clips_per_s"] / res["b_plain_compile"]["clips_per_s"]
+                rec.add("pretrain_step", name, "full", shape, "ratio_vs_plain_compile", ratio)
+                print(f"  {name} / b_plain_compile (torch.compile of plain PyTorch): {ratio:.3f}x")
     if peak_all is not None:
         rec.add("pretrain_step", "all_variants", "full", shape, "peak_mem_bytes", peak_all)
     if device.type == "cuda":  # where the time goes, per variant (committed as rows: op "step_profile")

@@ -59,6 +59,40 @@ def test_gpu_suite_code_under_interpreter(tmp_path):
                                            "e_pretrain_loop")} <= providers
     speed = [r for r in rows if r["metric"] == "speedup_vs_reference"]
     assert speed and all(float(r["value"]) > 0 for r in speed)
+    # the report renders the GPU suite's rows, those without an MFU included (the dispatcher's (c), the loop (e))
+    from bench.report import e2e_table, index
+
+    table = e2e_table(index(rows))
+    for variant in ("a_eager_fp32", "c_fast", "c_fast_dispatcher", "e_pretrain_loop"):
+        assert sum(line.startswith(f"| {variant} |") for line in table) == 1
+
+
+def test_plain_compile_variant_timed_beside_the_fast_path(monkeypatch):
+    """e2e's b_plain_compile (torch.compile of plain PyTorch: reference ops, SDPA) is what the hand-fused (c) must
+    beat: asked for, it is built with the reference ops under torch.compile, timed in the same rounds as c_fast,
+    which gets its ratio to it (d_fast_compile too on a card: the interpreted Triton ops do not run compiled here);
+    an unknown variant name fails before anything is built."""
+    import torch
+
+    from bench.common import Recorder
+    from bench.e2e import VARIANTS, Variant, bench_e2e
+
+    cpu = torch.device("cpu")
+    # c_fast on the reference ops here: its interpreted Triton steps (3 s each) are the GPU smoke test's business
+    monkeypatch.setitem(VARIANTS, "c_fast", VARIANTS["b_bf16_sdpa"])
+    plain = Variant("b_plain_compile", cpu, "tiny", 2)
+    assert plain.fwd is not plain.model and plain.cfg.kernels["rpq"] == "reference"  # compiled, plain ops
+    assert VARIANTS["b_plain_compile"]["bf16"] and plain.cfg.kernels["attention"] == "sdpa"
+    rec = Recorder("gpu", cpu)
+    res = bench_e2e(rec, cpu, {"matmul_tflops": 1.0}, smoke=True,
+                    variants=["b_plain_compile", "c_fast"], with_loop=False)
+    assert set(res) == {"b_plain_compile", "c_fast"}
+    ratios = {r["provider"]: float(r["value"]) for r in rec.rows if r["metric"] == "ratio_vs_plain_compile"}
+    assert set(ratios) == {"c_fast"}
+    for name, ratio in ratios.items():
+        assert ratio == pytest.approx(res[name]["clips_per_s"] / res["b_plain_compile"]["clips_per_s"], rel=1e-5)
+    with pytest.raises(ValueError, match="unknown e2e variants"):
+        bench_e2e(Recorder("gpu", cpu), cpu, {"matmul_tflops": 1.0}, smoke=True, variants=["c_fast", "b_compiled"])
 
 
 def test_bad_arguments_fail_fast():
