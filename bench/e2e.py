@@ -4,9 +4,10 @@ frontend and quantizer on the device).
 Variants: (a) eager fp32 built like the authors' code (scores written out, unfused head, reference
 ops, ``torch.set_float32_matmul_precision("medium")`` as their training script sets it); (b) bf16
 autocast + SDPA; (c) every fast path (auto attention, Triton gather/scatter/quantizer, fused head);
-(d) (c) under torch.compile; and, on request (``--variants``; ``gpu_session.sh`` runs it as a piece of its own),
-(b') ``b_plain_compile``: torch.compile of plain PyTorch ((b)'s model: reference ops, SDPA, bf16), the
-baseline the hand-fused (c) has to beat, timed in the same rounds as (c) (``ratio_vs_plain_compile``). MFU's FLOP count is ``bestrq2.flops.pretrain_step_flops`` (encoder on
+(d) (c) under torch.compile; and on request (``--variants``; ``gpu_session.sh plain`` runs it in a call of
+its own) (b') ``b_plain_compile``: torch.compile of plain PyTorch ((b)'s model: reference ops, SDPA, bf16),
+the baseline the hand-fused (c) has to beat, timed in the same rounds as (c) and (d)
+(``ratio_vs_plain_compile``). MFU's FLOP count is ``bestrq2.flops.pretrain_step_flops`` (encoder on
 visible tokens, predictor on all, head on masked, x3), divided by the bf16 matmul rate measured in the
 same run and against the card's dense bf16 spec. All variants live in one process and are timed
 interleaved, 3 repeats each (median, min-max); inputs come from pinned host memory through
