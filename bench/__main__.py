@@ -25,21 +25,33 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(f"bench: ended by signal {signum}")
 
 
+ONLY_KEYS = ("rpq", "gather", "head", "attention", "block", "frontend", "e2e", "inference", "memory", "pipeline")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", required=True, choices=["cpu", "gpu"])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks that everything runs")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda for gpu, cpu for cpu")
-    ap.add_argument("--only", default="", help="comma list: rpq,gather,head,attention,block,frontend,e2e,inference,memory,pipeline")
+    ap.add_argument("--only", default="", help="comma list: " + ",".join(ONLY_KEYS))
     ap.add_argument("--variants", default="", help="comma list of e2e variants (default all but b_plain_compile): a_eager_fp32, "
                     "b_bf16_sdpa, b_plain_compile (torch.compile of plain PyTorch), c_fast, d_fast_compile, e_pretrain_loop")
     ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
     args = ap.parse_args(argv)
+    # a misspelt piece would measure nothing and say nothing: on a lent GPU that is device time lost
+    unknown = sorted({s.strip() for s in args.only.split(",") if s.strip()} - set(ONLY_KEYS))
+    if unknown:
+        ap.error(f"--only: unknown {unknown}; known: {','.join(ONLY_KEYS)}")
     device_kind = args.device or ("cuda" if args.suite == "gpu" else "cpu")
     if device_kind == "cpu" and args.suite == "gpu":
         if not args.smoke:
             ap.error("--suite gpu on --device cpu runs only with --smoke (the Triton interpreter is no benchmark)")
         os.environ["TRITON_INTERPRET"] = "1"  # before bestrq2.kernels defines its kernels
+    from .e2e import VARIANTS  # (imports bestrq2: after TRITON_INTERPRET is set)
+
+    unknown = sorted({s.strip() for s in args.variants.split(",") if s.strip()} - {*VARIANTS, "e_pretrain_loop"})
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {','.join(VARIANTS)},e_pretrain_loop")
     from bestrq2.env import inductor_cache_per_isa
 
     inductor_cache_per_isa()  # the compile rows under a narrowed ATEN_CPU_CAPABILITY get a cache of their own

@@ -95,6 +95,25 @@ def test_plain_compile_variant_timed_beside_the_fast_path(monkeypatch):
         bench_e2e(Recorder("gpu", cpu), cpu, {"matmul_tflops": 1.0}, smoke=True, variants=["c_fast", "b_compiled"])
 
 
+def test_gpu_session_names_only_known_pieces_and_variants():
+    """Every --only piece and --variants name in bench/gpu_session.sh is one the suite knows (a misspelt one would
+    measure nothing, silently, on a lent card), and the suite refuses unknown ones before measuring anything."""
+    import re
+
+    from bench.__main__ import ONLY_KEYS
+    from bench.e2e import VARIANTS
+
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    only = {k for m in re.findall(r"--only ([\w,]+)", script) for k in m.split(",")}
+    variants = {k for m in re.findall(r"--variants ([\w,]+)", script) for k in m.split(",")}
+    assert {"e2e", "block", "inference"} <= only <= set(ONLY_KEYS)
+    assert "b_plain_compile" in variants and variants <= {*VARIANTS, "e_pretrain_loop"}
+    for bad in (["--only", "e2e,blocks"], ["--only", "e2e", "--variants", "c_fast,d_compile"]):
+        res = subprocess.run([sys.executable, "-m", "bench", "--suite", "gpu", "--smoke", "--device", "cpu", *bad],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 2 and "unknown" in res.stderr and "bounds" not in res.stdout
+
+
 def test_bad_arguments_fail_fast():
     res = subprocess.run([sys.executable, "-m", "bench", "--suite", "gpu", "--device", "cpu"], cwd=ROOT,
                          capture_output=True, text=True)
