@@ -258,6 +258,38 @@ def test_packed_linear_keeps_a_call_without_bias_bias_free(dtype):
     torch.testing.assert_close(full.float(), xr @ w.t() + b, **tol)
 
 
+def test_cpu_bf16_attention_with_gradients_runs_in_float32(monkeypatch):
+    """On a CPU, bf16 attention that needs a gradient (training) runs SDPA on float32 copies (torch's bf16 CPU
+    backward is the slow one) and is cast back: the same output as float32 SDPA rounded to bf16, gradients
+    within 2x the bf16 kernel's own error against float64. Without gradients it stays in bf16."""
+    import bestrq2.attention as A
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(2, 70, 3, 16, generator=g) for _ in range(3)]
+    grad_out = torch.randn(2, 70, 3, 16, generator=g).bfloat16()
+    if A.cpu_bf16_sdpa_works():
+        with torch.no_grad():
+            A.dense_attention(*(t.bfloat16() for t in base), "sdpa")
+        assert seen == [torch.bfloat16]
+    q, k, v = (t.bfloat16().requires_grad_() for t in base)
+    out = A.dense_attention(q, k, v, "sdpa")
+    assert seen[-1] == torch.float32 and out.dtype == torch.bfloat16
+    ref = sdpa(*(t.detach().float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=0, atol=0)
+    out.backward(grad_out)
+    exact = [t.double().requires_grad_() for t in base]
+    sdpa(*(t.transpose(1, 2) for t in exact)).transpose(1, 2).backward(grad_out.double())
+    if A.cpu_bf16_sdpa_works():  # the bf16 kernel's own gradient error, the bound
+        qb, kb, vb = (t.bfloat16().requires_grad_() for t in base)
+        sdpa(*(t.transpose(1, 2) for t in (qb, kb, vb))).transpose(1, 2).backward(grad_out)
+        for mine, theirs, e in zip((q, k, v), (qb, kb, vb), exact):
+            own = (theirs.grad.double() - e.grad).abs().max()
+            assert (mine.grad.double() - e.grad).abs().max() <= 2 * own + 1e-3
+
+
 def test_bf16_attention_where_cpu_sdpa_cannot_run_it(monkeypatch):
     """torch 2.13's CPU attention raises on bf16 from 64 tokens when the CPU has AMX but ATen runs a narrower
     path (ATEN_CPU_CAPABILITY=default / avx2). Where the probe says so, bf16 attention runs in float32 (with

@@ -56,7 +56,28 @@ def test_fused_and_foreach_adamw_agree():
     for a, b in zip(result[True], result[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert not torch.equal(result[True][0], init[0])
-    assert make_optimizer(BestRQ2(tiny()).parameters(), TrainConfig(), torch.device("cpu")).defaults["foreach"]
+    opt = make_optimizer(BestRQ2(tiny()).parameters(), TrainConfig(), torch.device("cpu"))
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]  # fused on a CPU too (5x foreach's speed)
+
+
+def test_resumed_optimizer_steps_the_way_this_machine_builds_it():
+    """A checkpoint's optimizer state carries its groups' fused / foreach flags (a run saved when AdamW was foreach
+    on a CPU): after loading, keep_step_kind puts back this machine's choice, so train_step's skip of a non-finite
+    step (found_inf, fused only) matches the step that runs; the moments load unchanged."""
+    from bestrq2.train import keep_step_kind
+
+    model = BestRQ2(tiny())
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    opt = make_optimizer(model.parameters(), TrainConfig(), torch.device("cpu"))
+    opt.load_state_dict(old.state_dict())
+    assert not opt.param_groups[0]["fused"]  # what loading alone leaves
+    keep_step_kind(opt)
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    first = next(iter(opt.state.values()))
+    torch.testing.assert_close(first["exp_avg"], next(iter(old.state.values()))["exp_avg"])
 
 
 def test_non_finite_step_is_skipped_on_the_device(monkeypatch):
