@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--compile", action="store_true", help="torch.compile the model")
     pt.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with AMX runs ViT-B steps about "
-                         "1.9x as fast as fp32 (tiny: 1.35x); targets always come from the fp32 frontend")
+                         "2x as fast as fp32 (tiny: 1.3x); targets always come from the fp32 frontend")
     pt.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP (under torchrun)")
     pt.add_argument("--no-progress", action="store_true")
     pt.set_defaults(func=_pretrain)

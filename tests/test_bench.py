@@ -114,6 +114,17 @@ def test_gpu_session_names_only_known_pieces_and_variants():
         assert res.returncode == 2 and "unknown" in res.stderr and "bounds" not in res.stdout
 
 
+def test_train_cpu_compare_runs():
+    """bench.train_cpu (CPU training steps, float32 and bf16, now and as before the fused AdamW) at a toy size:
+    every variant timed, a ratio per precision, the losses finite."""
+    res = subprocess.run([sys.executable, "-m", "bench.train_cpu", "--preset", "tiny", "--batch", "2", "--rounds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln for ln in res.stdout.splitlines() if "before / now" in ln]
+    assert [ln.split(":")[0].strip() for ln in lines] == ["fp32", "bf16"], res.stdout
+    assert all(float(ln.split("before / now")[1].split("x")[0]) > 0 and "nan" not in ln for ln in lines)
+
+
 def test_bad_arguments_fail_fast():
     res = subprocess.run([sys.executable, "-m", "bench", "--suite", "gpu", "--device", "cpu"], cwd=ROOT,
                          capture_output=True, text=True)
