@@ -20,11 +20,15 @@ import torch.nn.functional as F
 
 
 def _sdpa_as_before(state: dict):
-    """``bestrq2.attention``'s ``F`` with SDPA that, for a "before" bf16 variant, runs on bf16 again."""
+    """``bestrq2.attention``'s ``F`` with SDPA that, for a "before" bf16 variant, runs on bf16 again (where torch's
+    CPU kernel runs bf16 at all: under a narrowed ATen it ran in float32 before too)."""
+    from bestrq2.attention import cpu_bf16_sdpa_works
+
     shim = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
+    bf16_runs = cpu_bf16_sdpa_works()
 
     def sdpa(q, k, v, **kw):
-        if state["before_bf16"] and q.dtype == torch.float32:
+        if state["before_bf16"] and q.dtype == torch.float32 and bf16_runs:
             return F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw)
         return F.scaled_dot_product_attention(q, k, v, **kw)
 
