@@ -208,7 +208,7 @@ def test_stage_modules_share_the_encoder():
     assert dataclasses.is_dataclass(model.prepare(torch.randn(1, 20_000) * 0.1).plan)
 
 
-@pytest.mark.parametrize("script", ["claim", "dig", "precision", "retest"])
+@pytest.mark.parametrize("script", ["claim", "dig", "precision", "retest", "train_precision"])
 def test_experiment_scripts_import_the_public_api(script):
     """experiments/*.py run as plain scripts on the installed package (no sys.path tricks)."""
     import subprocess
