@@ -25,6 +25,11 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(f"bench: ended by signal {signum}")
 
 
+def _names(text: str) -> list[str]:
+    """A comma list of names (``--only``, ``--variants``), blanks dropped."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 ONLY_KEYS = ("rpq", "gather", "head", "attention", "block", "frontend", "e2e", "inference", "memory", "pipeline")
 
 
@@ -38,8 +43,10 @@ def main(argv=None) -> int:
                     "b_bf16_sdpa, b_plain_compile (torch.compile of plain PyTorch), c_fast, d_fast_compile, e_pretrain_loop")
     ap.add_argument("--out", default=None, help="results CSV (default bench/results/<suite>[-smoke].csv)")
     args = ap.parse_args(argv)
+    only = _names(args.only)
+    chosen = _names(args.variants)  # e2e variants, in the order given
     # a misspelt piece would measure nothing and say nothing: on a lent GPU that is device time lost
-    unknown = sorted({s.strip() for s in args.only.split(",") if s.strip()} - set(ONLY_KEYS))
+    unknown = sorted(set(only) - set(ONLY_KEYS))
     if unknown:
         ap.error(f"--only: unknown {unknown}; known: {','.join(ONLY_KEYS)}")
     device_kind = args.device or ("cuda" if args.suite == "gpu" else "cpu")
@@ -49,7 +56,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before bestrq2.kernels defines its kernels
     from .e2e import VARIANTS  # (imports bestrq2: after TRITON_INTERPRET is set)
 
-    unknown = sorted({s.strip() for s in args.variants.split(",") if s.strip()} - {*VARIANTS, "e_pretrain_loop"})
+    unknown = sorted(set(chosen) - {*VARIANTS, "e_pretrain_loop"})
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {','.join(VARIANTS)},e_pretrain_loop")
     from bestrq2.env import inductor_cache_per_isa
@@ -63,7 +70,6 @@ def main(argv=None) -> int:
     if device_kind == "cuda" and not torch.cuda.is_available():
         ap.error("--suite gpu needs CUDA (or --device cpu --smoke for an interpreter check)")
     device = torch.device(device_kind)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
     want = lambda name: not only or name in only  # noqa: E731
     name = args.suite + ("-smoke" if args.smoke else "")
     rec = Recorder(name, device)
@@ -96,7 +102,6 @@ def main(argv=None) -> int:
         if want("e2e") and args.suite == "gpu":
             from .e2e import bench_e2e
 
-            chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
             bench_e2e(rec, device, bounds, args.smoke, variants=[v for v in chosen if v != "e_pretrain_loop"] or None,
                       with_loop=not chosen or "e_pretrain_loop" in chosen)
         if want("inference"):

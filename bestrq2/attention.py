@@ -190,9 +190,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: 
         # on a CPU, bf16 runs in float32 where torch's kernel cannot run it, and where a gradient is wanted: its
         # bf16 backward is the slow one (forward + backward 20.8 ms against 10.9 in float32 at [8, 12, 64, 64],
         # 44.8 against 24.1 at 128 tokens, 2-core Xeon with AMX; the same error against float64)
-        if qt.dtype == torch.bfloat16 and qt.device.type == "cpu" and (
-                not cpu_bf16_sdpa_works() or (torch.is_grad_enabled() and (qt.requires_grad or kt.requires_grad
-                                                                           or vt.requires_grad))):
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qt, kt, vt))
+        if qt.dtype == torch.bfloat16 and qt.device.type == "cpu" and (wants_grad or not cpu_bf16_sdpa_works()):
             with torch.autocast("cpu", enabled=False):  # (autocast would cast it back to bf16)
                 out = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(), attn_mask=mask)
             out = out.to(qt.dtype)
